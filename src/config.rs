@@ -1,0 +1,1 @@
+//! placeholder until the module lands in this commit series

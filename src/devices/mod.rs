@@ -1,0 +1,6 @@
+//! Emulated devices: the PIO/MMIO bus, legacy serial and i8042, virtio.
+
+pub mod bus;
+pub mod i8042;
+pub mod serial;
+pub mod virtio;
