@@ -1,0 +1,878 @@
+//! The HTTP side of the control socket, served by tiny_http.
+//!
+//! One dispatcher thread takes requests from tiny_http and hands each to a
+//! short-lived thread of its own, so that a client that sends its body slowly,
+//! or a VMM that is slow to answer, holds up only that one request.
+
+use std::fs;
+use std::io::{self, Cursor, Read};
+use std::mem;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError, Sender};
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+use serde_json::Value;
+use tiny_http::{Header, Request, Response, Server};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{ApiAction, ApiError, ApiRequest};
+
+/// Largest request body accepted; larger ones get 413.
+pub const MAX_BODY_LEN: usize = 64 * 1024;
+
+/// How long a request waits for the VMM's answer before getting 504.
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// When a request is dropped with its body unread, tiny_http 0.12 drains the
+/// rest of the body and allocates a buffer of the *declared* remaining length
+/// to do so; a client declaring a terabyte would abort the whole process on
+/// the failed allocation. Requests declaring more than this are therefore
+/// never dropped: they are leaked, connection included (see `handle`).
+const UNDROPPABLE_BODY_LEN: usize = 16 << 20;
+
+/// `sockaddr_un.sun_path` holds 108 bytes including the NUL.
+const MAX_SOCKET_PATH_LEN: usize = 107;
+
+/// Turns the optional JSON body of a matched route into the VMM action.
+type ActionParser = fn(Option<Value>) -> Result<ApiAction, ApiError>;
+
+struct Route {
+    method: &'static str,
+    path: &'static str,
+    action: ActionParser,
+}
+
+/// Every endpoint. Routes that take parameters deserialize them from the body
+/// here (e.g. `serde_json::from_value::<SnapshotParams>`) and report a bad
+/// body with `ApiError::bad_request`.
+const ROUTES: &[Route] = &[
+    Route {
+        method: "GET",
+        path: "/vm",
+        action: |body| without_params(body, ApiAction::GetVm),
+    },
+    Route {
+        method: "PUT",
+        path: "/vm/pause",
+        action: |body| without_params(body, ApiAction::Pause),
+    },
+    Route {
+        method: "PUT",
+        path: "/vm/resume",
+        action: |body| without_params(body, ApiAction::Resume),
+    },
+    Route {
+        method: "PUT",
+        path: "/vm/shutdown",
+        action: |body| without_params(body, ApiAction::Shutdown),
+    },
+];
+
+/// Actions without parameters accept no body, `null` or `{}`; anything else
+/// is more likely a mistake than something to ignore silently.
+fn without_params(body: Option<Value>, action: ApiAction) -> Result<ApiAction, ApiError> {
+    match body {
+        None | Some(Value::Null) => Ok(action),
+        Some(Value::Object(map)) if map.is_empty() => Ok(action),
+        Some(_) => Err(ApiError::bad_request(
+            "this endpoint takes no parameters: send no body, null or {}",
+        )),
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiServerError {
+    #[error("control socket {}: already in use by a running process", path.display())]
+    InUse { path: PathBuf },
+    #[error("control socket {}: the path exists and is not a socket", path.display())]
+    NotASocket { path: PathBuf },
+    #[error(
+        "control socket {}: the path is {len} bytes long, too long for a Unix socket (maximum \
+         {MAX_SOCKET_PATH_LEN})",
+        path.display()
+    )]
+    PathTooLong { path: PathBuf, len: usize },
+    #[error("control socket {}: cannot {action}: {}", path.display(), io_msg(source))]
+    Io {
+        path: PathBuf,
+        action: &'static str,
+        source: io::Error,
+    },
+    #[error("control socket {}: cannot start the HTTP server: {message}", path.display())]
+    Http { path: PathBuf, message: String },
+    #[error("control socket: cannot start its thread: {}", io_msg(.0))]
+    Thread(io::Error),
+}
+
+/// The running control socket. Dropping it stops the server thread and
+/// removes the socket file.
+pub struct ApiServer {
+    path: PathBuf,
+    server: Arc<Server>,
+    stopping: Arc<AtomicBool>,
+    dispatcher: Option<JoinHandle<()>>,
+}
+
+impl ApiServer {
+    /// The socket's path, made absolute.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        self.server.unblock();
+        if let Some(dispatcher) = self.dispatcher.take() {
+            let _ = dispatcher.join();
+        }
+        // Dropping the last `Arc<Server>` next stops tiny_http's accept thread
+        // and removes the socket file (tiny_http's own Drop does both).
+    }
+}
+
+/// Serves the control socket at `path` with the default reply timeout.
+///
+/// The socket file is created with mode 0600. A stale socket left by a dead
+/// process is replaced; a socket something still answers on is an error, and
+/// so is a path that is not a socket.
+pub fn start_api_server(
+    path: &Path,
+    to_vmm: Sender<ApiRequest>,
+    wake: EventFd,
+) -> Result<ApiServer, ApiServerError> {
+    start_api_server_with_timeout(path, to_vmm, wake, REPLY_TIMEOUT)
+}
+
+/// [`start_api_server`] with a chosen time to wait for the VMM's answers.
+pub fn start_api_server_with_timeout(
+    path: &Path,
+    to_vmm: Sender<ApiRequest>,
+    wake: EventFd,
+    reply_timeout: Duration,
+) -> Result<ApiServer, ApiServerError> {
+    // Absolute, so that tiny_http removes the right file on drop even if the
+    // working directory changes meanwhile.
+    let path = std::path::absolute(path).map_err(|source| ApiServerError::Io {
+        path: path.to_path_buf(),
+        action: "resolve the path",
+        source,
+    })?;
+    let len = path.as_os_str().len();
+    if len > MAX_SOCKET_PATH_LEN {
+        return Err(ApiServerError::PathTooLong { path, len });
+    }
+    remove_stale_socket(&path)?;
+    let listener = bind_owner_only(&path).map_err(|source| {
+        if source.kind() == io::ErrorKind::AddrInUse {
+            ApiServerError::InUse { path: path.clone() }
+        } else {
+            ApiServerError::Io {
+                path: path.clone(),
+                action: "bind",
+                source,
+            }
+        }
+    })?;
+    // From here on the socket file is ours: remove it again on any failure.
+    let cleanup = |e: ApiServerError| {
+        let _ = fs::remove_file(&path);
+        e
+    };
+    let server = Server::from_listener(listener, None)
+        .map_err(|e| {
+            cleanup(ApiServerError::Http {
+                path: path.clone(),
+                message: e.to_string(),
+            })
+        })
+        .map(Arc::new)?;
+
+    let context = Arc::new(Context {
+        to_vmm,
+        wake,
+        reply_timeout,
+    });
+    let stopping = Arc::new(AtomicBool::new(false));
+    let dispatcher = {
+        let server = Arc::clone(&server);
+        let stopping = Arc::clone(&stopping);
+        thread::Builder::new()
+            .name("ferry-api".into())
+            .spawn(move || dispatch(&server, &context, &stopping))
+            // The server is dropped with the error, removing the socket file.
+            .map_err(ApiServerError::Thread)?
+    };
+    Ok(ApiServer {
+        path,
+        server,
+        stopping,
+        dispatcher: Some(dispatcher),
+    })
+}
+
+/// A socket file nobody accepts on any more is left over from a process that
+/// died; anything else at the path is not ours to remove.
+fn remove_stale_socket(path: &Path) -> Result<(), ApiServerError> {
+    let io_error = |action, source| ApiServerError::Io {
+        path: path.to_path_buf(),
+        action,
+        source,
+    };
+    match fs::symlink_metadata(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io_error("inspect the path", e)),
+        Ok(meta) if !meta.file_type().is_socket() => Err(ApiServerError::NotASocket {
+            path: path.to_path_buf(),
+        }),
+        Ok(_) => match UnixStream::connect(path) {
+            Ok(_) => Err(ApiServerError::InUse {
+                path: path.to_path_buf(),
+            }),
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => match fs::remove_file(path) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                    Err(io_error("remove the stale socket", e))
+                }
+                _ => Ok(()),
+            },
+            Err(e) => Err(io_error("check whether the socket is in use", e)),
+        },
+    }
+}
+
+/// Binds a listening Unix socket whose file is created with mode 0600.
+///
+/// Linux creates the socket file with the mode of the socket's inode less the
+/// umask. Setting that mode on the descriptor before bind() means the file
+/// never exists with looser permissions, without changing the process-wide
+/// umask under the feet of other threads.
+fn bind_owner_only(path: &Path) -> io::Result<UnixListener> {
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: sockaddr_un is plain old data, for which all zeroes is valid.
+    let mut addr: libc::sockaddr_un = unsafe { mem::zeroed() };
+    if bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not usable as a Unix socket path",
+        ));
+    }
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (dst, src) in addr.sun_path.iter_mut().zip(bytes) {
+        *dst = *src as libc::c_char;
+    }
+    let addr_len = mem::size_of::<libc::sa_family_t>() + bytes.len() + 1;
+
+    // SAFETY: socket() takes no pointers; the result is checked.
+    let raw = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a fresh descriptor that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    // SAFETY: fchmod() on a descriptor we own; no pointers.
+    if unsafe { libc::fchmod(fd.as_raw_fd(), 0o600) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `addr` is an initialized sockaddr_un that outlives the call and
+    // `addr_len` does not exceed its size (checked against sun_path above).
+    let bound = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&addr as *const libc::sockaddr_un).cast::<libc::sockaddr>(),
+            addr_len as libc::socklen_t,
+        )
+    };
+    if bound < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let listener = UnixListener::from(fd);
+    let result = (|| {
+        // SAFETY: listen() on a bound socket we own; no pointers.
+        if unsafe { libc::listen(listener.as_raw_fd(), 128) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // The umask can only have removed bits; give the owner back rw.
+        let mode = fs::symlink_metadata(path)?.permissions().mode() & 0o777;
+        if mode != 0o600 {
+            fs::set_permissions(path, fs::Permissions::from_mode(0o600))?;
+        }
+        Ok(())
+    })();
+    match result {
+        Ok(()) => Ok(listener),
+        Err(e) => {
+            let _ = fs::remove_file(path);
+            Err(e)
+        }
+    }
+}
+
+struct Context {
+    to_vmm: Sender<ApiRequest>,
+    wake: EventFd,
+    reply_timeout: Duration,
+}
+
+fn dispatch(server: &Server, context: &Arc<Context>, stopping: &AtomicBool) {
+    loop {
+        let request = match server.recv() {
+            Ok(request) => request,
+            Err(e) => {
+                // unblock() on drop, or tiny_http's accept loop gave up (it
+                // stops at the first accept() error).
+                if !stopping.load(Ordering::SeqCst) {
+                    eprintln!("ferry: control socket stopped serving: {e}");
+                }
+                return;
+            }
+        };
+        let context = Arc::clone(context);
+        // If the thread cannot start, the request is dropped with the closure
+        // and tiny_http answers it with 500.
+        let _ = thread::Builder::new()
+            .name("ferry-api-req".into())
+            .spawn(move || handle(request, &context));
+    }
+}
+
+fn handle(mut request: Request, context: &Context) {
+    let reply = answer(&mut request, context).unwrap_or_else(Reply::error);
+    let response = reply.into_response();
+    if request
+        .body_length()
+        .is_some_and(|len| len > UNDROPPABLE_BODY_LEN)
+    {
+        // See UNDROPPABLE_BODY_LEN: dropping this request could abort the
+        // process, so neither respond (which drops it) nor drop it. The client
+        // gets no answer; its connection stays open until the process ends.
+        mem::forget(request);
+        return;
+    }
+    let _ = request.respond(response);
+}
+
+/// What to send back; built first, then turned into a tiny_http response.
+struct Reply {
+    status: u16,
+    body: Option<Value>,
+    allow: Option<String>,
+}
+
+impl Reply {
+    fn error(error: ApiError) -> Reply {
+        let status = if (400..=599).contains(&error.status) {
+            error.status
+        } else {
+            500
+        };
+        Reply {
+            status,
+            body: Some(error.to_json()),
+            allow: None,
+        }
+    }
+
+    fn into_response(self) -> Response<Cursor<Vec<u8>>> {
+        let data = match &self.body {
+            Some(value) => serde_json::to_vec(value).unwrap_or_else(|_| {
+                // A Value always serializes; keep a fallback rather than panic.
+                br#"{"error":"cannot encode the reply"}"#.to_vec()
+            }),
+            None => Vec::new(),
+        };
+        // Always Content-Length, never chunked: simpler for every client.
+        let mut response = Response::from_data(data)
+            .with_status_code(self.status)
+            .with_chunked_threshold(usize::MAX);
+        if self.body.is_some() {
+            add_header(&mut response, "Content-Type", "application/json");
+        }
+        if let Some(allow) = &self.allow {
+            add_header(&mut response, "Allow", allow);
+        }
+        response
+    }
+}
+
+fn add_header(response: &mut Response<Cursor<Vec<u8>>>, name: &str, value: &str) {
+    if let Ok(header) = Header::from_bytes(name.as_bytes(), value.as_bytes()) {
+        response.add_header(header);
+    }
+}
+
+fn answer(request: &mut Request, context: &Context) -> Result<Reply, ApiError> {
+    let url = request.url();
+    let path = url.split_once('?').map_or(url, |(path, _query)| path);
+    let method = request.method().as_str();
+    let candidates: Vec<&Route> = ROUTES.iter().filter(|r| r.path == path).collect();
+    if candidates.is_empty() {
+        return Err(ApiError::new(404, format!("no such endpoint: {path}")));
+    }
+    let Some(route) = candidates.iter().find(|r| r.method == method) else {
+        let allow = candidates
+            .iter()
+            .map(|r| r.method)
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut reply = Reply::error(ApiError::new(
+            405,
+            format!("{method} is not allowed on {path} (allowed: {allow})"),
+        ));
+        reply.allow = Some(allow);
+        return Ok(reply);
+    };
+    let action = (route.action)(read_json_body(request)?)?;
+    ask_vmm(action, context)
+}
+
+/// The request body as JSON; `None` when there is none (or only whitespace).
+fn read_json_body(request: &mut Request) -> Result<Option<Value>, ApiError> {
+    let too_large = || {
+        ApiError::new(
+            413,
+            format!("request body too large (maximum {MAX_BODY_LEN} bytes)"),
+        )
+    };
+    if request.body_length().is_some_and(|len| len > MAX_BODY_LEN) {
+        return Err(too_large());
+    }
+    let mut body = Vec::new();
+    request
+        .as_reader()
+        .take(MAX_BODY_LEN as u64 + 1)
+        .read_to_end(&mut body)
+        .map_err(|e| ApiError::bad_request(format!("cannot read the request body: {e}")))?;
+    if body.len() > MAX_BODY_LEN {
+        return Err(too_large());
+    }
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    serde_json::from_slice(&body)
+        .map(Some)
+        .map_err(|e| ApiError::bad_request(format!("malformed JSON body: {e}")))
+}
+
+fn ask_vmm(action: ApiAction, context: &Context) -> Result<Reply, ApiError> {
+    let unavailable = || ApiError::new(503, "the VMM is not running (shutting down?)");
+    let (reply_tx, reply_rx) = mpsc::channel();
+    context
+        .to_vmm
+        .send(ApiRequest {
+            action,
+            reply: reply_tx,
+        })
+        .map_err(|_| unavailable())?;
+    // A failed write means the counter is saturated: the VMM has a wakeup
+    // pending already and will find this request with the others.
+    let _ = context.wake.write(1);
+    match reply_rx.recv_timeout(context.reply_timeout) {
+        Ok(Ok(Value::Null)) => Ok(Reply {
+            status: 204,
+            body: None,
+            allow: None,
+        }),
+        Ok(Ok(value)) => Ok(Reply {
+            status: 200,
+            body: Some(value),
+            allow: None,
+        }),
+        Ok(Err(error)) => Err(error),
+        Err(RecvTimeoutError::Timeout) => Err(ApiError::new(
+            504,
+            format!(
+                "the VMM did not answer within {} s",
+                context.reply_timeout.as_secs_f64()
+            ),
+        )),
+        Err(RecvTimeoutError::Disconnected) => Err(unavailable()),
+    }
+}
+
+/// An io::Error's text without the "(os error N)" suffix std adds.
+fn io_msg(e: &io::Error) -> String {
+    let text = e.to_string();
+    match text.rfind(" (os error ") {
+        Some(i) if text.ends_with(')') => text[..i].to_string(),
+        _ => text,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::client::{error_message, request};
+    use serde_json::json;
+    use std::io::Write;
+    use std::os::unix::fs::MetadataExt;
+    use std::sync::mpsc::Receiver;
+    use tempfile::TempDir;
+
+    /// A fake VMM: answers like the real one would, from the channel.
+    fn fake_vmm(requests: Receiver<ApiRequest>) -> JoinHandle<()> {
+        thread::spawn(move || {
+            let mut paused = false;
+            for request in requests {
+                let reply = match request.action {
+                    ApiAction::GetVm => Ok(json!({
+                        "state": if paused { "paused" } else { "running" }
+                    })),
+                    ApiAction::Pause if paused => {
+                        Err(ApiError::conflict("the VM is already paused"))
+                    }
+                    ApiAction::Resume if !paused => Err(ApiError::conflict("the VM is not paused")),
+                    ApiAction::Pause | ApiAction::Resume => {
+                        paused = !paused;
+                        Ok(Value::Null)
+                    }
+                    ApiAction::Shutdown => Err(ApiError::new(200, "not a valid error status")),
+                };
+                request.respond(reply);
+            }
+        })
+    }
+
+    struct Harness {
+        dir: TempDir,
+        sock: PathBuf,
+        wake: EventFd,
+        server: Option<ApiServer>,
+    }
+
+    impl Harness {
+        /// A server on a fresh socket, answered by `fake_vmm`.
+        fn new() -> Harness {
+            let (tx, rx) = mpsc::channel();
+            fake_vmm(rx);
+            Harness::with_channel(tx, REPLY_TIMEOUT)
+        }
+
+        fn with_channel(tx: Sender<ApiRequest>, timeout: Duration) -> Harness {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let sock = dir.path().join("api.sock");
+            let wake = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
+            let server =
+                start_api_server_with_timeout(&sock, tx, wake.try_clone().expect("clone"), timeout)
+                    .expect("start");
+            Harness {
+                dir,
+                sock,
+                wake,
+                server: Some(server),
+            }
+        }
+
+        fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+            request(&self.sock, method, path, body.as_ref()).expect("request")
+        }
+
+        /// Sends raw bytes, returns the raw response text.
+        fn raw(&self, bytes: &[u8]) -> String {
+            let mut stream = UnixStream::connect(&self.sock).expect("connect");
+            stream
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .expect("timeout");
+            stream.write_all(bytes).expect("write");
+            // Half-close: a server waiting for more body sees the end now.
+            stream
+                .shutdown(std::net::Shutdown::Write)
+                .expect("shutdown");
+            let mut response = Vec::new();
+            let _ = stream.read_to_end(&mut response);
+            String::from_utf8_lossy(&response).into_owned()
+        }
+    }
+
+    #[test]
+    fn get_vm_roundtrip_wakes_the_vmm() {
+        let h = Harness::new();
+        assert_eq!(
+            h.call("GET", "/vm", None),
+            (200, json!({"state": "running"}))
+        );
+        assert!(h.wake.read().expect("the eventfd was written") >= 1);
+        // A query string does not change the route.
+        assert_eq!(h.call("GET", "/vm?verbose=1", None).0, 200);
+        let raw = h.raw(b"GET /vm HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        assert!(raw.starts_with("HTTP/1.1 200 OK\r\n"), "{raw}");
+        assert!(raw.contains("Content-Type: application/json\r\n"), "{raw}");
+        assert!(raw.contains("Content-Length: 19\r\n"), "{raw}");
+        assert!(raw.ends_with("\r\n\r\n{\"state\":\"running\"}"), "{raw}");
+    }
+
+    #[test]
+    fn pause_and_resume() {
+        let h = Harness::new();
+        assert_eq!(h.call("PUT", "/vm/pause", None), (204, Value::Null));
+        assert_eq!(h.call("GET", "/vm", None).1, json!({"state": "paused"}));
+        let (status, body) = h.call("PUT", "/vm/pause", None);
+        assert_eq!(
+            (status, error_message(&body)),
+            (409, Some("the VM is already paused"))
+        );
+        assert_eq!(
+            h.call("PUT", "/vm/resume", Some(json!({}))),
+            (204, Value::Null)
+        );
+        assert_eq!(
+            h.call("PUT", "/vm/pause", Some(Value::Null)),
+            (204, Value::Null)
+        );
+        let (status, body) = h.call("PUT", "/vm/resume", Some(json!({"now": true})));
+        assert_eq!(status, 400);
+        assert!(error_message(&body).is_some_and(|m| m.contains("takes no parameters")));
+        assert_eq!(h.call("GET", "/vm", None).1, json!({"state": "paused"}));
+    }
+
+    #[test]
+    fn vmm_error_with_a_non_error_status_becomes_500() {
+        let h = Harness::new();
+        let (status, body) = h.call("PUT", "/vm/shutdown", None);
+        assert_eq!(
+            (status, error_message(&body)),
+            (500, Some("not a valid error status"))
+        );
+    }
+
+    #[test]
+    fn unknown_path_is_404() {
+        let h = Harness::new();
+        let (status, body) = h.call("GET", "/nope", None);
+        assert_eq!(
+            (status, body),
+            (404, json!({"error": "no such endpoint: /nope"}))
+        );
+        let raw = h.raw(b"PUT /vm/pause/extra HTTP/1.1\r\nContent-Length: 0\r\n\r\n");
+        assert!(raw.starts_with("HTTP/1.1 404 "), "{raw}");
+        assert!(raw.contains("Content-Type: application/json\r\n"), "{raw}");
+    }
+
+    #[test]
+    fn wrong_method_is_405_with_allow() {
+        let h = Harness::new();
+        let (status, body) = h.call("DELETE", "/vm", None);
+        assert_eq!(status, 405);
+        assert_eq!(
+            error_message(&body),
+            Some("DELETE is not allowed on /vm (allowed: GET)")
+        );
+        let raw = h.raw(b"GET /vm/pause HTTP/1.1\r\nConnection: close\r\n\r\n");
+        assert!(raw.starts_with("HTTP/1.1 405 "), "{raw}");
+        assert!(raw.contains("Allow: PUT\r\n"), "{raw}");
+        assert!(raw.contains("Content-Type: application/json\r\n"), "{raw}");
+    }
+
+    #[test]
+    fn malformed_json_is_400() {
+        let h = Harness::new();
+        let raw = h.raw(
+            b"PUT /vm/pause HTTP/1.1\r\nConnection: close\r\nContent-Length: 9\r\n\r\n{not json",
+        );
+        assert!(raw.starts_with("HTTP/1.1 400 "), "{raw}");
+        assert!(raw.contains("{\"error\":\"malformed JSON body: "), "{raw}");
+        // Whitespace only counts as no body.
+        let raw =
+            h.raw(b"PUT /vm/pause HTTP/1.1\r\nConnection: close\r\nContent-Length: 2\r\n\r\n \n");
+        assert!(raw.starts_with("HTTP/1.1 204 "), "{raw}");
+    }
+
+    #[test]
+    fn oversized_body_is_413() {
+        let h = Harness::new();
+        let mut big = format!(
+            "PUT /vm/pause HTTP/1.1\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+            MAX_BODY_LEN + 1
+        )
+        .into_bytes();
+        big.extend(std::iter::repeat_n(b' ', MAX_BODY_LEN + 1));
+        let raw = h.raw(&big);
+        assert!(raw.starts_with("HTTP/1.1 413 "), "{raw}");
+        assert!(
+            raw.contains("request body too large (maximum 65536 bytes)"),
+            "{raw}"
+        );
+
+        // Without Content-Length (chunked), the limit holds while reading.
+        let mut chunked = b"PUT /vm/pause HTTP/1.1\r\nConnection: close\r\n\
+            Transfer-Encoding: chunked\r\n\r\n"
+            .to_vec();
+        for _ in 0..2 {
+            chunked.extend(format!("{:x}\r\n", MAX_BODY_LEN).as_bytes());
+            chunked.extend(std::iter::repeat_n(b' ', MAX_BODY_LEN));
+            chunked.extend(b"\r\n");
+        }
+        chunked.extend(b"0\r\n\r\n");
+        let raw = h.raw(&chunked);
+        assert!(raw.starts_with("HTTP/1.1 413 "), "{raw}");
+
+        // Exactly the limit is fine.
+        let mut fits = format!(
+            "PUT /vm/pause HTTP/1.1\r\nConnection: close\r\nContent-Length: {MAX_BODY_LEN}\r\n\r\n"
+        )
+        .into_bytes();
+        fits.extend(std::iter::repeat_n(b' ', MAX_BODY_LEN - 2));
+        fits.extend(b"{}");
+        let raw = h.raw(&fits);
+        assert!(raw.starts_with("HTTP/1.1 204 "), "{raw}");
+    }
+
+    #[test]
+    fn absurd_content_length_does_not_take_the_process_down() {
+        let h = Harness::new();
+        let mut stream = UnixStream::connect(&h.sock).expect("connect");
+        stream
+            .write_all(b"PUT /vm/pause HTTP/1.1\r\nContent-Length: 1000000000000\r\n\r\n{}")
+            .expect("write");
+        drop(stream);
+        // Dropping that request inside tiny_http would have aborted the test
+        // process; the server keeps serving.
+        thread::sleep(Duration::from_millis(200));
+        assert_eq!(h.call("GET", "/vm", None).0, 200);
+    }
+
+    #[test]
+    fn garbage_does_not_stop_the_server() {
+        let h = Harness::new();
+        let raw = h.raw(b"\x00\xff garbage\r\n\r\n");
+        assert!(raw.is_empty() || raw.starts_with("HTTP/1.1 400"), "{raw}");
+        let raw = h.raw(b"GET /vm HTTP/1.1\r\nbad header line\r\n\r\n");
+        assert!(raw.starts_with("HTTP/1.1 400"), "{raw}");
+        let raw = h.raw(b"PUT /vm/pause HTTP/1.1\r\nContent-Length: 50\r\n\r\n{}");
+        // The client stopped sending: the body read fails, or ends short.
+        assert!(raw.is_empty() || raw.starts_with("HTTP/1.1 400"), "{raw}");
+        assert_eq!(h.call("GET", "/vm", None).0, 200);
+    }
+
+    #[test]
+    fn socket_is_owner_only() {
+        let h = Harness::new();
+        let meta = fs::symlink_metadata(&h.sock).expect("socket exists");
+        assert!(meta.file_type().is_socket());
+        assert_eq!(meta.mode() & 0o777, 0o600);
+        assert_eq!(
+            h.server.as_ref().map(ApiServer::path),
+            Some(h.sock.as_path())
+        );
+    }
+
+    #[test]
+    fn drop_removes_the_socket() {
+        let mut h = Harness::new();
+        assert!(h.sock.exists());
+        h.server = None;
+        assert!(!h.sock.exists());
+        let err = request(&h.sock, "GET", "/vm", None).expect_err("server gone");
+        assert!(
+            err.to_string().contains("is ferry running with --api-sock"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn stale_socket_is_replaced() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sock = dir.path().join("api.sock");
+        drop(UnixListener::bind(&sock).expect("bind"));
+        assert!(sock.exists(), "a closed listener leaves its file behind");
+        let (tx, rx) = mpsc::channel();
+        fake_vmm(rx);
+        let wake = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
+        let _server = start_api_server(&sock, tx, wake).expect("stale socket replaced");
+        assert_eq!(request(&sock, "GET", "/vm", None).expect("request").0, 200);
+    }
+
+    #[test]
+    fn live_socket_is_refused() {
+        let h = Harness::new();
+        let (tx, _rx) = mpsc::channel();
+        let wake = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
+        let err = start_api_server(&h.sock, tx, wake).err().expect("in use");
+        assert!(matches!(err, ApiServerError::InUse { .. }));
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "control socket {}: already in use by a running process",
+                h.sock.display()
+            )
+        );
+        // The first server is untouched.
+        assert_eq!(h.call("GET", "/vm", None).0, 200);
+    }
+
+    #[test]
+    fn non_socket_path_is_left_alone() {
+        let h = Harness::new();
+        let file = h.dir.path().join("notes.txt");
+        fs::write(&file, b"keep me").expect("write");
+        let (tx, _rx) = mpsc::channel();
+        let wake = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
+        let err = start_api_server(&file, tx, wake)
+            .err()
+            .expect("not a socket");
+        assert!(matches!(err, ApiServerError::NotASocket { .. }), "{err}");
+        assert_eq!(fs::read(&file).expect("read"), b"keep me");
+
+        let (tx, _rx) = mpsc::channel();
+        let wake = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
+        let long = h.dir.path().join("x".repeat(120));
+        let err = start_api_server(&long, tx, wake).err().expect("too long");
+        assert!(matches!(err, ApiServerError::PathTooLong { .. }), "{err}");
+    }
+
+    #[test]
+    fn vmm_gone_is_503() {
+        let (tx, rx) = mpsc::channel();
+        drop(rx);
+        let h = Harness::with_channel(tx, REPLY_TIMEOUT);
+        let (status, body) = h.call("PUT", "/vm/pause", None);
+        assert_eq!(status, 503);
+        assert!(error_message(&body).is_some_and(|m| m.contains("not running")));
+
+        // Dropping a request without answering it is the same.
+        let (tx, rx) = mpsc::channel::<ApiRequest>();
+        thread::spawn(move || rx.into_iter().for_each(drop));
+        let h = Harness::with_channel(tx, REPLY_TIMEOUT);
+        assert_eq!(h.call("GET", "/vm", None).0, 503);
+    }
+
+    #[test]
+    fn slow_vmm_is_504() {
+        let (tx, rx) = mpsc::channel::<ApiRequest>();
+        // Holds on to every request without answering.
+        let holder = thread::spawn(move || rx.into_iter().collect::<Vec<_>>());
+        let h = Harness::with_channel(tx, Duration::from_millis(100));
+        let (status, body) = h.call("GET", "/vm", None);
+        assert_eq!(status, 504);
+        assert_eq!(
+            error_message(&body),
+            Some("the VMM did not answer within 0.1 s")
+        );
+        drop(h);
+        let held = holder.join().expect("holder");
+        assert_eq!(held.len(), 1);
+        assert_eq!(held[0].action, ApiAction::GetVm);
+    }
+
+    #[test]
+    fn concurrent_clients() {
+        let h = Harness::new();
+        let sock = h.sock.clone();
+        let clients: Vec<_> = (0..8)
+            .map(|_| {
+                let sock = sock.clone();
+                thread::spawn(move || request(&sock, "GET", "/vm", None).map(|r| r.0))
+            })
+            .collect();
+        for client in clients {
+            assert_eq!(client.join().expect("join").expect("request"), 200);
+        }
+    }
+}
