@@ -1,1 +1,123 @@
-fn main(){}
+//! The `ferry` command line: run a VM, or talk to a running one.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use ferry::config::VmConfig;
+use ferry::vmm::{self, VmExit};
+
+#[derive(Parser)]
+#[command(
+    name = "ferry",
+    version,
+    about = "A small KVM VMM with live and storage migration"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Boot a VM from a JSON config and run it until it resets or shuts down.
+    Run {
+        /// The VM config (JSON).
+        #[arg(long)]
+        config: PathBuf,
+        /// Serve the control API on this Unix socket (overrides the config).
+        #[arg(long)]
+        api_sock: Option<PathBuf>,
+    },
+    /// Send a request to a running VM's control socket.
+    Ctl {
+        /// The VM's control socket.
+        #[arg(long)]
+        sock: PathBuf,
+        #[command(subcommand)]
+        action: CtlAction,
+    },
+}
+
+#[derive(Subcommand, Clone, Copy)]
+enum CtlAction {
+    /// Print the VM's state.
+    State,
+    /// Pause the vCPUs.
+    Pause,
+    /// Resume paused vCPUs.
+    Resume,
+    /// Stop the VM.
+    Shutdown,
+}
+
+const EXIT_RUNTIME: u8 = 1;
+const EXIT_BAD_INPUT: u8 = 2;
+
+fn run(config: PathBuf, api_sock: Option<PathBuf>) -> ExitCode {
+    let config = match VmConfig::from_file(&config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("ferry: invalid config:\n{e}");
+            return ExitCode::from(EXIT_BAD_INPUT);
+        }
+    };
+    let api_sock = api_sock.or_else(|| config.api_socket.clone());
+    match vmm::run(config, api_sock) {
+        Ok(VmExit::Reset) | Ok(VmExit::GuestShutdown) | Ok(VmExit::Requested) => ExitCode::SUCCESS,
+        Ok(VmExit::Error(why)) => {
+            eprintln!("ferry: the VM stopped on an error: {why}");
+            ExitCode::from(EXIT_RUNTIME)
+        }
+        Err(e) => {
+            eprintln!("ferry: {e}");
+            ExitCode::from(if e.is_bad_input() {
+                EXIT_BAD_INPUT
+            } else {
+                EXIT_RUNTIME
+            })
+        }
+    }
+}
+
+fn ctl(sock: PathBuf, action: CtlAction) -> ExitCode {
+    let (method, path) = match action {
+        CtlAction::State => ("GET", "/vm"),
+        CtlAction::Pause => ("PUT", "/vm/pause"),
+        CtlAction::Resume => ("PUT", "/vm/resume"),
+        CtlAction::Shutdown => ("PUT", "/vm/shutdown"),
+    };
+    match ferry::api::client::request(&sock, method, path, None) {
+        Ok((status, body)) if (200..300).contains(&status) => {
+            if !body.is_null() {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&body).unwrap_or_else(|_| body.to_string())
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Ok((status, body)) => {
+            let msg = body
+                .get("error")
+                .and_then(|m| m.as_str())
+                .map(str::to_string)
+                .unwrap_or_else(|| body.to_string());
+            eprintln!("ferry: {method} {path} failed ({status}): {msg}");
+            ExitCode::from(EXIT_RUNTIME)
+        }
+        Err(e) => {
+            eprintln!("ferry: {e}");
+            ExitCode::from(EXIT_RUNTIME)
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run { config, api_sock } => run(config, api_sock),
+        Command::Ctl { sock, action } => ctl(sock, action),
+    }
+}

@@ -1,1 +1,383 @@
-//! placeholder until the module lands in this commit series
+//! The Vmm: builds the VM from a config (memory, devices, boot state, vCPU
+//! threads), then runs the event loop (device queues, console input, the
+//! control socket) until the guest or a request ends it.
+
+use std::fs::File;
+use std::io::{LineWriter, Read, Write};
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::sync::mpsc::{self, Receiver};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
+use linux_loader::loader::Cmdline;
+use vm_memory::GuestAddress;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::api::{ApiAction, ApiError, ApiReply, ApiRequest, ApiServer};
+use crate::arch::x86_64::layout::*;
+use crate::arch::x86_64::{boot, cpuid, mptable, regs};
+use crate::config::{SerialConfig, VmConfig};
+use crate::devices::bus::Bus;
+use crate::devices::i8042::I8042;
+use crate::devices::serial::SerialDevice;
+use crate::devices::virtio::block::{Block, BlockError};
+use crate::devices::virtio::mmio::MmioTransport;
+use crate::devices::virtio::VirtioDevice;
+use crate::vstate::memory::create_guest_memory;
+pub use crate::vstate::vcpu::VmExit;
+use crate::vstate::vcpu::{
+    install_kick_handler, ExitSignal, Vcpu, VcpuContext, VcpuControl, VcpuHandle,
+};
+use crate::vstate::vm::Vm;
+
+/// Offset of QueueNotify in a virtio-mmio window.
+const VIRTIO_MMIO_QUEUE_NOTIFY: u64 = 0x50;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    #[error("{0}")]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Vm(#[from] crate::vstate::vm::VmError),
+    #[error("guest memory: {0}")]
+    Memory(#[from] crate::vstate::memory::MemoryError),
+    #[error("kernel: {0}")]
+    Boot(#[from] boot::BootError),
+    #[error("boot state: {0}")]
+    Regs(#[from] regs::RegsError),
+    #[error("CPUID: {0}")]
+    Cpuid(#[from] cpuid::CpuidError),
+    #[error("MP table: {0}")]
+    Mptable(#[from] mptable::MptableError),
+    #[error(transparent)]
+    Vcpu(#[from] crate::vstate::vcpu::VcpuError),
+    #[error("drive {id}: {source}")]
+    Drive { id: String, source: BlockError },
+    #[error("kernel command line: {0}")]
+    Cmdline(linux_loader::cmdline::Error),
+    #[error("serial output {path}: {source}")]
+    SerialFile {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("device bus: {0}")]
+    Bus(#[from] crate::devices::bus::BusError),
+    #[error("control socket: {0}")]
+    Api(#[from] crate::api::ApiServerError),
+    #[error("event loop: {0}")]
+    EventLoop(String),
+    #[error("cannot create an eventfd: {0}")]
+    EventFd(std::io::Error),
+}
+
+impl VmmError {
+    /// Errors caused by what the user gave us (exit code 2), as opposed to
+    /// failures of the host or the VMM (exit code 1).
+    pub fn is_bad_input(&self) -> bool {
+        match self {
+            VmmError::Config(_) | VmmError::Cmdline(_) => true,
+            VmmError::Boot(e) => !matches!(e, boot::BootError::BootParams(_)),
+            VmmError::Drive { source, .. } => matches!(
+                source,
+                BlockError::Open { .. }
+                    | BlockError::NotRegularFile(_)
+                    | BlockError::UnalignedSize { .. }
+            ),
+            _ => false,
+        }
+    }
+}
+
+fn eventfd() -> Result<EventFd, VmmError> {
+    EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)
+}
+
+fn serial_output(cfg: &SerialConfig) -> Result<Box<dyn Write + Send>, VmmError> {
+    Ok(match cfg {
+        SerialConfig::Stdout => Box::new(std::io::stdout()),
+        SerialConfig::File(path) => {
+            let f = File::create(path).map_err(|source| VmmError::SerialFile {
+                path: path.display().to_string(),
+                source,
+            })?;
+            Box::new(LineWriter::new(f))
+        }
+    })
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum RunState {
+    Running,
+    Paused,
+}
+
+/// The event-loop side of the VM: exits, resets, API requests, console input.
+struct Controller {
+    exit: Arc<ExitSignal>,
+    reset_evt: EventFd,
+    api_evt: EventFd,
+    api_rx: Receiver<ApiRequest>,
+    control: Arc<VcpuControl>,
+    handles: Vec<VcpuHandle>,
+    serial: Arc<Mutex<SerialDevice>>,
+    stdin_open: bool,
+    config: VmConfig,
+    started: Instant,
+    done: bool,
+}
+
+const TOKEN_EXIT: u32 = 1;
+const TOKEN_RESET: u32 = 2;
+const TOKEN_API: u32 = 3;
+const TOKEN_STDIN: u32 = 4;
+
+impl Controller {
+    fn state(&self) -> RunState {
+        if self.control.is_paused() {
+            RunState::Paused
+        } else {
+            RunState::Running
+        }
+    }
+
+    fn handle_api(&mut self, action: ApiAction) -> ApiReply {
+        match action {
+            ApiAction::GetVm => Ok(serde_json::json!({
+                "state": self.state(),
+                "vcpus": self.config.vcpus,
+                "memory_mib": self.config.memory_mib,
+                "uptime_ms": self.started.elapsed().as_millis() as u64,
+                "drives": self.config.drives.iter().map(|d| &d.id).collect::<Vec<_>>(),
+            })),
+            ApiAction::Pause => {
+                self.control
+                    .pause(&self.handles)
+                    .map_err(|e| ApiError::new(500, e.to_string()))?;
+                Ok(serde_json::json!({ "state": self.state() }))
+            }
+            ApiAction::Resume => {
+                self.control.resume();
+                Ok(serde_json::json!({ "state": self.state() }))
+            }
+            ApiAction::Shutdown => {
+                self.exit.exit(VmExit::Requested);
+                Ok(serde_json::json!({ "state": "ShuttingDown" }))
+            }
+        }
+    }
+
+    fn drain_api(&mut self) {
+        let _ = self.api_evt.read();
+        while let Ok(req) = self.api_rx.try_recv() {
+            let reply = self.handle_api(req.action);
+            let _ = req.reply.send(reply);
+        }
+    }
+
+    fn read_stdin(&mut self, ops: &mut EventOps) {
+        let mut buf = [0u8; 64];
+        match std::io::stdin().lock().read(&mut buf) {
+            Ok(0) | Err(_) => {
+                let _ = ops.remove(Events::empty_raw(libc::STDIN_FILENO));
+                self.stdin_open = false;
+            }
+            Ok(n) => {
+                let mut serial = self.serial.lock().unwrap_or_else(|e| e.into_inner());
+                // The guest's FIFO may be full; drop what does not fit rather
+                // than block the event loop.
+                serial.enqueue_input(&buf[..n]);
+            }
+        }
+    }
+}
+
+impl MutEventSubscriber for Controller {
+    fn init(&mut self, ops: &mut EventOps) {
+        let _ = ops.add(Events::with_data(self.exit.evt(), TOKEN_EXIT, EventSet::IN));
+        let _ = ops.add(Events::with_data(
+            &self.reset_evt,
+            TOKEN_RESET,
+            EventSet::IN,
+        ));
+        let _ = ops.add(Events::with_data(&self.api_evt, TOKEN_API, EventSet::IN));
+        if self.stdin_open {
+            let _ = ops.add(Events::with_data_raw(
+                libc::STDIN_FILENO,
+                TOKEN_STDIN,
+                EventSet::IN,
+            ));
+        }
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        match events.data() {
+            TOKEN_EXIT => {
+                let _ = self.exit.evt().read();
+                self.done = true;
+            }
+            TOKEN_RESET => {
+                let _ = self.reset_evt.read();
+                self.exit.exit(VmExit::Reset);
+                self.done = true;
+            }
+            TOKEN_API => self.drain_api(),
+            TOKEN_STDIN => self.read_stdin(ops),
+            _ => {}
+        }
+    }
+}
+
+/// Builds the VM described by `config`, runs it, and returns how it ended.
+pub fn run(config: VmConfig, api_socket: Option<PathBuf>) -> Result<VmExit, VmmError> {
+    let started = Instant::now();
+    config.create_missing_drives()?;
+    install_kick_handler()?;
+
+    let vm = Vm::new()?;
+    let mem_size = config.memory_mib << 20;
+    let (_memfd, mem) = create_guest_memory(mem_size)?;
+    vm.set_memory(&mem, false)?;
+
+    let mut pio = Bus::new();
+    let mut mmio = Bus::new();
+    let mut event_manager = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new()
+        .map_err(|e| VmmError::EventLoop(format!("{e:?}")))?;
+
+    // Legacy devices.
+    let serial_irq = eventfd()?;
+    vm.register_irqfd(&serial_irq, SERIAL_IRQ)?;
+    let serial = Arc::new(Mutex::new(SerialDevice::new(
+        serial_irq,
+        serial_output(&config.serial)?,
+    )));
+    pio.insert(serial.clone(), SERIAL_PORT, 8)?;
+    let reset_evt = eventfd()?;
+    let i8042 = Arc::new(Mutex::new(I8042::new(
+        reset_evt.try_clone().map_err(VmmError::EventFd)?,
+    )));
+    pio.insert(i8042, I8042_PORT, 5)?;
+
+    // virtio-blk drives, announced on the command line.
+    let mut cmdline =
+        Cmdline::try_from(&config.cmdline, CMDLINE_MAX_SIZE).map_err(VmmError::Cmdline)?;
+    for (i, drive) in config.drives.iter().enumerate() {
+        let block =
+            Block::new(drive.id.clone(), &drive.path, drive.read_only).map_err(|source| {
+                VmmError::Drive {
+                    id: drive.id.clone(),
+                    source,
+                }
+            })?;
+        let base = MMIO_DEVICES_START + i as u64 * MMIO_DEVICE_SIZE;
+        let irq = FIRST_VIRTIO_IRQ + i as u32;
+        for (q, evt) in block.queue_events().iter().enumerate() {
+            vm.register_mmio_ioevent(evt, base + VIRTIO_MMIO_QUEUE_NOTIFY, q as u32)?;
+        }
+        vm.register_irqfd(block.interrupt().evt(), irq)?;
+        let block = Arc::new(Mutex::new(block));
+        let transport = MmioTransport::new(mem.clone(), block.clone());
+        mmio.insert(Arc::new(Mutex::new(transport)), base, MMIO_DEVICE_SIZE)?;
+        event_manager.add_subscriber(block);
+        cmdline
+            .add_virtio_mmio_device(MMIO_DEVICE_SIZE, GuestAddress(base), irq, None)
+            .map_err(VmmError::Cmdline)?;
+    }
+
+    // Boot state in guest memory.
+    regs::write_boot_tables(&mem)?;
+    mptable::setup_mptable(&mem, config.vcpus)?;
+    let entry = boot::configure_linux_boot(
+        &mem,
+        mem_size,
+        &config.kernel,
+        config.initrd.as_deref(),
+        &cmdline,
+    )?;
+
+    // vCPUs.
+    let supported = vm.supported_cpuid()?;
+    let mut vcpus = Vec::with_capacity(config.vcpus as usize);
+    for index in 0..config.vcpus {
+        let fd = vm
+            .fd()
+            .create_vcpu(index as u64)
+            .map_err(|source| crate::vstate::vcpu::VcpuError::Create { index, source })?;
+        let tsc_khz = fd.get_tsc_khz().ok();
+        let cpuid = cpuid::vcpu_cpuid(&supported, index, config.vcpus, tsc_khz)?;
+        fd.set_cpuid2(&cpuid)
+            .map_err(|source| regs::RegsError::Kvm {
+                op: "set",
+                what: "CPUID",
+                source,
+            })?;
+        regs::setup_msrs(&fd)?;
+        regs::setup_fpu(&fd)?;
+        regs::setup_regs(&fd, entry)?;
+        regs::setup_sregs(&fd)?;
+        regs::setup_lint(&fd)?;
+        vcpus.push(Vcpu { index, fd });
+    }
+
+    // Control socket.
+    let (api_tx, api_rx) = mpsc::channel();
+    let api_evt = eventfd()?;
+    let _api_server: Option<ApiServer> = match &api_socket {
+        Some(path) => Some(crate::api::start_api_server(
+            path,
+            api_tx,
+            api_evt.try_clone().map_err(VmmError::EventFd)?,
+        )?),
+        None => None,
+    };
+
+    let exit = Arc::new(ExitSignal::new().map_err(VmmError::EventFd)?);
+    let control = Arc::new(VcpuControl::new());
+    let ctx = VcpuContext {
+        pio: Arc::new(pio),
+        mmio: Arc::new(mmio),
+        control: control.clone(),
+        exit: exit.clone(),
+    };
+    // SAFETY: isatty only inspects the descriptor.
+    let interactive = unsafe { libc::isatty(std::io::stdin().as_raw_fd()) } == 1;
+    let controller = Arc::new(Mutex::new(Controller {
+        exit: exit.clone(),
+        reset_evt,
+        api_evt,
+        api_rx,
+        control: control.clone(),
+        handles: Vec::new(),
+        serial: serial.clone(),
+        stdin_open: interactive,
+        config: config.clone(),
+        started,
+        done: false,
+    }));
+    event_manager.add_subscriber(controller.clone());
+
+    let mut handles = Vec::with_capacity(vcpus.len());
+    for vcpu in vcpus {
+        handles.push(vcpu.start(ctx.clone())?);
+    }
+    controller.lock().unwrap_or_else(|e| e.into_inner()).handles = handles;
+
+    let loop_result = loop {
+        if let Err(e) = event_manager.run() {
+            break Err(VmmError::EventLoop(format!("{e:?}")));
+        }
+        if controller.lock().unwrap_or_else(|e| e.into_inner()).done {
+            break Ok(());
+        }
+    };
+
+    let handles = std::mem::take(&mut controller.lock().unwrap_or_else(|e| e.into_inner()).handles);
+    let stop = control.stop(handles);
+    serial.lock().unwrap_or_else(|e| e.into_inner()).flush();
+    loop_result?;
+    stop?;
+    Ok(exit
+        .reason()
+        .unwrap_or_else(|| VmExit::Error("the VM stopped for no known reason".into())))
+}

@@ -1,1 +1,3 @@
-//! placeholder until the module lands in this commit series
+//! Architecture support. Ferry runs on x86_64 only.
+
+pub mod x86_64;

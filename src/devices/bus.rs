@@ -47,7 +47,9 @@ impl Bus {
         if len == 0 {
             return Err(BusError::ZeroLength(base));
         }
-        let end = base.checked_add(len).ok_or(BusError::Overlap { base, len })?;
+        let end = base
+            .checked_add(len)
+            .ok_or(BusError::Overlap { base, len })?;
         if let Some((&b, r)) = self.ranges.range(..end).next_back() {
             if b + r.len > base {
                 return Err(BusError::Overlap { base, len });
@@ -106,15 +108,23 @@ mod tests {
     #[test]
     fn dispatch_and_overlap() {
         let mut bus = Bus::new();
-        bus.insert(Arc::new(Mutex::new(Echo(1))), 0x10, 0x8).unwrap();
-        bus.insert(Arc::new(Mutex::new(Echo(5))), 0x20, 0x8).unwrap();
+        bus.insert(Arc::new(Mutex::new(Echo(1))), 0x10, 0x8)
+            .unwrap();
+        bus.insert(Arc::new(Mutex::new(Echo(5))), 0x20, 0x8)
+            .unwrap();
         assert_eq!(
             bus.insert(Arc::new(Mutex::new(Echo(0))), 0x14, 0x8),
-            Err(BusError::Overlap { base: 0x14, len: 0x8 })
+            Err(BusError::Overlap {
+                base: 0x14,
+                len: 0x8
+            })
         );
         assert_eq!(
             bus.insert(Arc::new(Mutex::new(Echo(0))), 0x8, 0x9),
-            Err(BusError::Overlap { base: 0x8, len: 0x9 })
+            Err(BusError::Overlap {
+                base: 0x8,
+                len: 0x9
+            })
         );
         let mut b = [0u8; 1];
         assert!(bus.read(0x12, &mut b));

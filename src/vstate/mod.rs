@@ -1,1 +1,6 @@
-//! placeholder until the module lands in this commit series
+//! The thin KVM layer: guest memory, the VM (memory slots, irqchip, PIT,
+//! dirty log) and vCPUs (run loop, pause, boot state).
+
+pub mod memory;
+pub mod vcpu;
+pub mod vm;
