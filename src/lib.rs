@@ -6,5 +6,6 @@ pub mod api;
 pub mod arch;
 pub mod config;
 pub mod devices;
+pub mod snapshot;
 pub mod vmm;
 pub mod vstate;

@@ -21,11 +21,15 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Boot a VM from a JSON config and run it until it resets or shuts down.
+    /// Boot a VM from a JSON config (or restore a snapshot) and run it until
+    /// it resets or shuts down.
     Run {
         /// The VM config (JSON).
+        #[arg(long, required_unless_present = "restore", conflicts_with = "restore")]
+        config: Option<PathBuf>,
+        /// Restore the snapshot in this directory instead of booting.
         #[arg(long)]
-        config: PathBuf,
+        restore: Option<PathBuf>,
         /// Serve the control API on this Unix socket (overrides the config).
         #[arg(long)]
         api_sock: Option<PathBuf>,
@@ -40,7 +44,7 @@ enum Command {
     },
 }
 
-#[derive(Subcommand, Clone, Copy)]
+#[derive(Subcommand, Clone)]
 enum CtlAction {
     /// Print the VM's state.
     State,
@@ -50,21 +54,37 @@ enum CtlAction {
     Resume,
     /// Stop the VM.
     Shutdown,
+    /// Pause the VM (if running) and write a snapshot into DIR; the VM stays
+    /// paused.
+    Snapshot {
+        /// Directory for the snapshot (created if missing).
+        dir: PathBuf,
+    },
 }
 
 const EXIT_RUNTIME: u8 = 1;
 const EXIT_BAD_INPUT: u8 = 2;
 
-fn run(config: PathBuf, api_sock: Option<PathBuf>) -> ExitCode {
-    let config = match VmConfig::from_file(&config) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("ferry: invalid config:\n{e}");
+fn run(config: Option<PathBuf>, restore: Option<PathBuf>, api_sock: Option<PathBuf>) -> ExitCode {
+    let result = match (config, restore) {
+        (Some(config), _) => {
+            let config = match VmConfig::from_file(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("ferry: invalid config:\n{e}");
+                    return ExitCode::from(EXIT_BAD_INPUT);
+                }
+            };
+            let api_sock = api_sock.or_else(|| config.api_socket.clone());
+            vmm::run(config, api_sock)
+        }
+        (None, Some(dir)) => vmm::restore(&dir, api_sock),
+        (None, None) => {
+            eprintln!("ferry: give --config FILE or --restore DIR");
             return ExitCode::from(EXIT_BAD_INPUT);
         }
     };
-    let api_sock = api_sock.or_else(|| config.api_socket.clone());
-    match vmm::run(config, api_sock) {
+    match result {
         Ok(VmExit::Reset) | Ok(VmExit::GuestShutdown) | Ok(VmExit::Requested) => ExitCode::SUCCESS,
         Ok(VmExit::Error(why)) => {
             eprintln!("ferry: the VM stopped on an error: {why}");
@@ -82,13 +102,23 @@ fn run(config: PathBuf, api_sock: Option<PathBuf>) -> ExitCode {
 }
 
 fn ctl(sock: PathBuf, action: CtlAction) -> ExitCode {
-    let (method, path) = match action {
-        CtlAction::State => ("GET", "/vm"),
-        CtlAction::Pause => ("PUT", "/vm/pause"),
-        CtlAction::Resume => ("PUT", "/vm/resume"),
-        CtlAction::Shutdown => ("PUT", "/vm/shutdown"),
+    let (method, path, body) = match &action {
+        CtlAction::State => ("GET", "/vm", None),
+        CtlAction::Pause => ("PUT", "/vm/pause", None),
+        CtlAction::Resume => ("PUT", "/vm/resume", None),
+        CtlAction::Shutdown => ("PUT", "/vm/shutdown", None),
+        CtlAction::Snapshot { dir } => {
+            // The VMM resolves relative paths against its own directory, not
+            // ours: send an absolute one.
+            let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.clone());
+            (
+                "PUT",
+                "/snapshot/create",
+                Some(serde_json::json!({ "dir": dir })),
+            )
+        }
     };
-    match ferry::api::client::request(&sock, method, path, None) {
+    match ferry::api::client::request(&sock, method, path, body.as_ref()) {
         Ok((status, body)) if (200..300).contains(&status) => {
             if !body.is_null() {
                 println!(
@@ -117,7 +147,11 @@ fn ctl(sock: PathBuf, action: CtlAction) -> ExitCode {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Run { config, api_sock } => run(config, api_sock),
+        Command::Run {
+            config,
+            restore,
+            api_sock,
+        } => run(config, restore, api_sock),
         Command::Ctl { sock, action } => ctl(sock, action),
     }
 }

@@ -5,7 +5,7 @@
 use std::fs::File;
 use std::io::{LineWriter, Read, Write};
 use std::os::fd::AsRawFd;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -25,10 +25,12 @@ use crate::devices::serial::SerialDevice;
 use crate::devices::virtio::block::{Block, BlockError};
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::VirtioDevice;
-use crate::vstate::memory::create_guest_memory;
+use crate::snapshot::{self, DriveState, SnapshotError, VmState};
+use crate::vstate::memory::{create_guest_memory, GuestMemoryMmap};
+use crate::vstate::state;
 pub use crate::vstate::vcpu::VmExit;
 use crate::vstate::vcpu::{
-    install_kick_handler, ExitSignal, Vcpu, VcpuContext, VcpuControl, VcpuHandle,
+    install_kick_handler, ExitSignal, Vcpu, VcpuContext, VcpuControl, VcpuError, VcpuHandle,
 };
 use crate::vstate::vm::Vm;
 
@@ -37,6 +39,17 @@ const VIRTIO_MMIO_QUEUE_NOTIFY: u64 = 0x50;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmmError {
+    #[error("snapshot: {0}")]
+    Snapshot(#[from] SnapshotError),
+    #[error("VM state: {0}")]
+    State(#[from] crate::vstate::state::StateError),
+    #[error("drive {id}: cannot restore its virtio transport: {source}")]
+    Transport {
+        id: String,
+        source: crate::devices::virtio::mmio::MmioError,
+    },
+    #[error("serial: {0}")]
+    Serial(String),
     #[error("{0}")]
     Config(#[from] crate::config::ConfigError),
     #[error(transparent)]
@@ -78,6 +91,7 @@ impl VmmError {
     pub fn is_bad_input(&self) -> bool {
         match self {
             VmmError::Config(_) | VmmError::Cmdline(_) => true,
+            VmmError::Snapshot(e) => e.is_bad_input(),
             VmmError::Boot(e) => !matches!(e, boot::BootError::BootParams(_)),
             VmmError::Drive { source, .. } => matches!(
                 source,
@@ -121,9 +135,8 @@ struct Controller {
     api_rx: Receiver<ApiRequest>,
     control: Arc<VcpuControl>,
     handles: Vec<VcpuHandle>,
-    serial: Arc<Mutex<SerialDevice>>,
+    machine: Machine,
     stdin_open: bool,
-    config: VmConfig,
     started: Instant,
     done: bool,
 }
@@ -146,10 +159,10 @@ impl Controller {
         match action {
             ApiAction::GetVm => Ok(serde_json::json!({
                 "state": self.state(),
-                "vcpus": self.config.vcpus,
-                "memory_mib": self.config.memory_mib,
+                "vcpus": self.machine.config.vcpus,
+                "memory_mib": self.machine.config.memory_mib,
                 "uptime_ms": self.started.elapsed().as_millis() as u64,
-                "drives": self.config.drives.iter().map(|d| &d.id).collect::<Vec<_>>(),
+                "drives": self.machine.config.drives.iter().map(|d| &d.id).collect::<Vec<_>>(),
             })),
             ApiAction::Pause => {
                 self.control
@@ -164,6 +177,53 @@ impl Controller {
             ApiAction::Shutdown => {
                 self.exit.exit(VmExit::Requested);
                 Ok(serde_json::json!({ "state": "ShuttingDown" }))
+            }
+            ApiAction::SnapshotCreate { dir } => self.snapshot(&dir),
+        }
+    }
+
+    /// Pauses the guest (if running), writes a snapshot of it into `dir`,
+    /// and leaves it paused. On failure a running guest is resumed.
+    fn snapshot(&mut self, dir: &Path) -> ApiReply {
+        let t0 = Instant::now();
+        let was_paused = self.control.is_paused();
+        self.control
+            .pause(&self.handles)
+            .map_err(|e| ApiError::new(500, e.to_string()))?;
+        let paused_at = t0.elapsed();
+        let result = self.machine.save_state().and_then(|st| {
+            snapshot::write_snapshot(dir, &st, &self.machine.mem, self.machine.memfd.as_ref())
+                .map_err(VmmError::from)
+        });
+        match result {
+            Ok(stats) => Ok(serde_json::json!({
+                "dir": dir,
+                "state": self.state(),
+                "state_bytes": stats.state_bytes,
+                "memory_bytes_written": stats.memory_bytes_written,
+                "pause_ms": paused_at.as_secs_f64() * 1000.0,
+                "total_ms": t0.elapsed().as_secs_f64() * 1000.0,
+            })),
+            Err(e) => {
+                if !was_paused {
+                    self.control.resume();
+                }
+                let status = match &e {
+                    VmmError::Snapshot(SnapshotError::Io { source, .. })
+                        if matches!(
+                            source.kind(),
+                            std::io::ErrorKind::NotFound
+                                | std::io::ErrorKind::PermissionDenied
+                                | std::io::ErrorKind::NotADirectory
+                                | std::io::ErrorKind::AlreadyExists
+                                | std::io::ErrorKind::ReadOnlyFilesystem
+                        ) =>
+                    {
+                        400
+                    }
+                    _ => 500,
+                };
+                Err(ApiError::new(status, format!("snapshot not written: {e}")))
             }
         }
     }
@@ -184,7 +244,7 @@ impl Controller {
                 self.stdin_open = false;
             }
             Ok(n) => {
-                let mut serial = self.serial.lock().unwrap_or_else(|e| e.into_inner());
+                let mut serial = lock(&self.machine.serial);
                 // The guest's FIFO may be full; drop what does not fit rather
                 // than block the event loop.
                 serial.enqueue_input(&buf[..n]);
@@ -229,16 +289,109 @@ impl MutEventSubscriber for Controller {
     }
 }
 
-/// Builds the VM described by `config`, runs it, and returns how it ended.
+fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A virtio-blk drive: its transport on the MMIO bus and the device behind it.
+type Drive = (Arc<Mutex<MmioTransport>>, Arc<Mutex<Block>>);
+
+/// Everything that makes up the running VM, as needed to save its state.
+struct Machine {
+    config: VmConfig,
+    vm: Vm,
+    mem: GuestMemoryMmap,
+    /// The memfd behind guest RAM on a fresh boot (None when RAM maps a
+    /// snapshot file).
+    memfd: Option<File>,
+    vcpus: Vec<Arc<Mutex<kvm_ioctls::VcpuFd>>>,
+    serial: Arc<Mutex<SerialDevice>>,
+    drives: Vec<Drive>,
+    /// The MSRs this host lets us read, found on first use.
+    msrs: Option<Vec<u32>>,
+}
+
+impl Machine {
+    /// The whole VM state. The vCPUs must be paused.
+    fn save_state(&mut self) -> Result<VmState, VmmError> {
+        let msrs = match &self.msrs {
+            Some(m) => m.clone(),
+            None => {
+                let m = state::saveable_msrs(self.vm.kvm(), &lock(&self.vcpus[0]))?;
+                self.msrs = Some(m.clone());
+                m
+            }
+        };
+        let vcpus = self
+            .vcpus
+            .iter()
+            .enumerate()
+            .map(|(i, fd)| state::save_vcpu(i as u8, &lock(fd), &msrs))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut serial = lock(&self.serial);
+        serial.flush();
+        Ok(VmState {
+            config: self.config.clone(),
+            memory_size: self.config.memory_mib << 20,
+            vm: state::save_vm(self.vm.fd())?,
+            vcpus,
+            serial: serial.state(),
+            drives: self
+                .drives
+                .iter()
+                .map(|(t, b)| DriveState {
+                    transport: lock(t).state(),
+                    block: lock(b).state(),
+                })
+                .collect(),
+        })
+    }
+}
+
+/// How the VM comes to life: booted from its kernel, or restored.
+enum Boot {
+    Fresh,
+    Restore(Box<VmState>, File),
+}
+
+/// Builds the VM described by `config`, boots it, runs it, and returns how
+/// it ended.
 pub fn run(config: VmConfig, api_socket: Option<PathBuf>) -> Result<VmExit, VmmError> {
-    let started = Instant::now();
     config.create_missing_drives()?;
+    run_vm(config, Boot::Fresh, api_socket)
+}
+
+/// Restores the snapshot in `dir` and runs the guest from where it was.
+pub fn restore(dir: &Path, api_socket: Option<PathBuf>) -> Result<VmExit, VmmError> {
+    let (state, memory) = snapshot::read_snapshot(dir)?;
+    let config = state.config.clone();
+    run_vm(config, Boot::Restore(Box::new(state), memory), api_socket)
+}
+
+fn run_vm(config: VmConfig, boot: Boot, api_socket: Option<PathBuf>) -> Result<VmExit, VmmError> {
+    let started = Instant::now();
     install_kick_handler()?;
 
     let vm = Vm::new()?;
     let mem_size = config.memory_mib << 20;
-    let (_memfd, mem) = create_guest_memory(mem_size)?;
+    let (memfd, mem) = match &boot {
+        Boot::Fresh => {
+            let (fd, mem) = create_guest_memory(mem_size)?;
+            (Some(fd), mem)
+        }
+        Boot::Restore(_, file) => (
+            None,
+            snapshot::memory::map_private(file, mem_size).map_err(|source| SnapshotError::Io {
+                path: PathBuf::from(snapshot::MEMORY_FILE),
+                source,
+            })?,
+        ),
+    };
     vm.set_memory(&mem, false)?;
+    let saved = match &boot {
+        Boot::Fresh => None,
+        Boot::Restore(state, _) => Some(state.as_ref()),
+    };
 
     let mut pio = Bus::new();
     let mut mmio = Bus::new();
@@ -248,10 +401,14 @@ pub fn run(config: VmConfig, api_socket: Option<PathBuf>) -> Result<VmExit, VmmE
     // Legacy devices.
     let serial_irq = eventfd()?;
     vm.register_irqfd(&serial_irq, SERIAL_IRQ)?;
-    let serial = Arc::new(Mutex::new(SerialDevice::new(
-        serial_irq,
-        serial_output(&config.serial)?,
-    )));
+    let out = serial_output(&config.serial)?;
+    let serial = match saved {
+        None => SerialDevice::new(serial_irq, out),
+        Some(st) => {
+            SerialDevice::from_state(&st.serial, serial_irq, out).map_err(VmmError::Serial)?
+        }
+    };
+    let serial = Arc::new(Mutex::new(serial));
     pio.insert(serial.clone(), SERIAL_PORT, 8)?;
     let reset_evt = eventfd()?;
     let i8042 = Arc::new(Mutex::new(I8042::new(
@@ -262,14 +419,18 @@ pub fn run(config: VmConfig, api_socket: Option<PathBuf>) -> Result<VmExit, VmmE
     // virtio-blk drives, announced on the command line.
     let mut cmdline =
         Cmdline::try_from(&config.cmdline, CMDLINE_MAX_SIZE).map_err(VmmError::Cmdline)?;
+    let mut drives = Vec::with_capacity(config.drives.len());
     for (i, drive) in config.drives.iter().enumerate() {
-        let block =
-            Block::new(drive.id.clone(), &drive.path, drive.read_only).map_err(|source| {
-                VmmError::Drive {
-                    id: drive.id.clone(),
-                    source,
-                }
-            })?;
+        let drive_err = |source| VmmError::Drive {
+            id: drive.id.clone(),
+            source,
+        };
+        let block = match saved {
+            None => {
+                Block::new(drive.id.clone(), &drive.path, drive.read_only).map_err(drive_err)?
+            }
+            Some(st) => Block::restore(&st.drives[i].block).map_err(drive_err)?,
+        };
         let base = MMIO_DEVICES_START + i as u64 * MMIO_DEVICE_SIZE;
         let irq = FIRST_VIRTIO_IRQ + i as u32;
         for (q, evt) in block.queue_events().iter().enumerate() {
@@ -277,24 +438,42 @@ pub fn run(config: VmConfig, api_socket: Option<PathBuf>) -> Result<VmExit, VmmE
         }
         vm.register_irqfd(block.interrupt().evt(), irq)?;
         let block = Arc::new(Mutex::new(block));
-        let transport = MmioTransport::new(mem.clone(), block.clone());
-        mmio.insert(Arc::new(Mutex::new(transport)), base, MMIO_DEVICE_SIZE)?;
-        event_manager.add_subscriber(block);
+        let mut transport = MmioTransport::new(mem.clone(), block.clone());
+        if let Some(st) = saved {
+            transport
+                .restore(&st.drives[i].transport)
+                .map_err(|source| VmmError::Transport {
+                    id: drive.id.clone(),
+                    source,
+                })?;
+        }
+        let transport = Arc::new(Mutex::new(transport));
+        mmio.insert(transport.clone(), base, MMIO_DEVICE_SIZE)?;
+        event_manager.add_subscriber(block.clone());
+        drives.push((transport, block));
         cmdline
             .add_virtio_mmio_device(MMIO_DEVICE_SIZE, GuestAddress(base), irq, None)
             .map_err(VmmError::Cmdline)?;
     }
 
-    // Boot state in guest memory.
-    regs::write_boot_tables(&mem)?;
-    mptable::setup_mptable(&mem, config.vcpus)?;
-    let entry = boot::configure_linux_boot(
-        &mem,
-        mem_size,
-        &config.kernel,
-        config.initrd.as_deref(),
-        &cmdline,
-    )?;
+    // Boot state in guest memory (a restored guest has its own).
+    let entry = match saved {
+        None => {
+            regs::write_boot_tables(&mem)?;
+            mptable::setup_mptable(&mem, config.vcpus)?;
+            Some(boot::configure_linux_boot(
+                &mem,
+                mem_size,
+                &config.kernel,
+                config.initrd.as_deref(),
+                &cmdline,
+            )?)
+        }
+        Some(st) => {
+            state::restore_vm(vm.fd(), &st.vm)?;
+            None
+        }
+    };
 
     // vCPUs.
     let supported = vm.supported_cpuid()?;
@@ -303,21 +482,35 @@ pub fn run(config: VmConfig, api_socket: Option<PathBuf>) -> Result<VmExit, VmmE
         let fd = vm
             .fd()
             .create_vcpu(index as u64)
-            .map_err(|source| crate::vstate::vcpu::VcpuError::Create { index, source })?;
-        let tsc_khz = fd.get_tsc_khz().ok();
-        let cpuid = cpuid::vcpu_cpuid(&supported, index, config.vcpus, tsc_khz)?;
-        fd.set_cpuid2(&cpuid)
-            .map_err(|source| regs::RegsError::Kvm {
-                op: "set",
-                what: "CPUID",
-                source,
-            })?;
-        regs::setup_msrs(&fd)?;
-        regs::setup_fpu(&fd)?;
-        regs::setup_regs(&fd, entry)?;
-        regs::setup_sregs(&fd)?;
-        regs::setup_lint(&fd)?;
-        vcpus.push(Vcpu { index, fd });
+            .map_err(|source| VcpuError::Create { index, source })?;
+        match (saved, entry) {
+            (Some(st), _) => {
+                let refused = state::restore_vcpu(&fd, &st.vcpus[index as usize])?;
+                if !refused.is_empty() {
+                    eprintln!(
+                        "ferry: vCPU {index}: KVM refused to restore MSRs {:x?}; they keep this host's values",
+                        refused
+                    );
+                }
+            }
+            (None, Some(entry)) => {
+                let tsc_khz = fd.get_tsc_khz().ok();
+                let cpuid = cpuid::vcpu_cpuid(&supported, index, config.vcpus, tsc_khz)?;
+                fd.set_cpuid2(&cpuid)
+                    .map_err(|source| regs::RegsError::Kvm {
+                        op: "set",
+                        what: "CPUID",
+                        source,
+                    })?;
+                regs::setup_msrs(&fd)?;
+                regs::setup_fpu(&fd)?;
+                regs::setup_regs(&fd, entry)?;
+                regs::setup_sregs(&fd)?;
+                regs::setup_lint(&fd)?;
+            }
+            (None, None) => unreachable!("a fresh boot always has an entry point"),
+        }
+        vcpus.push(Vcpu::new(index, fd));
     }
 
     // Control socket.
@@ -342,6 +535,16 @@ pub fn run(config: VmConfig, api_socket: Option<PathBuf>) -> Result<VmExit, VmmE
     };
     // SAFETY: isatty only inspects the descriptor.
     let interactive = unsafe { libc::isatty(std::io::stdin().as_raw_fd()) } == 1;
+    let machine = Machine {
+        config,
+        vm,
+        mem,
+        memfd,
+        vcpus: vcpus.iter().map(|v| v.fd.clone()).collect(),
+        serial: serial.clone(),
+        drives,
+        msrs: None,
+    };
     let controller = Arc::new(Mutex::new(Controller {
         exit: exit.clone(),
         reset_evt,
@@ -349,9 +552,8 @@ pub fn run(config: VmConfig, api_socket: Option<PathBuf>) -> Result<VmExit, VmmE
         api_rx,
         control: control.clone(),
         handles: Vec::new(),
-        serial: serial.clone(),
+        machine,
         stdin_open: interactive,
-        config: config.clone(),
         started,
         done: false,
     }));
@@ -361,20 +563,20 @@ pub fn run(config: VmConfig, api_socket: Option<PathBuf>) -> Result<VmExit, VmmE
     for vcpu in vcpus {
         handles.push(vcpu.start(ctx.clone())?);
     }
-    controller.lock().unwrap_or_else(|e| e.into_inner()).handles = handles;
+    lock(&controller).handles = handles;
 
     let loop_result = loop {
         if let Err(e) = event_manager.run() {
             break Err(VmmError::EventLoop(format!("{e:?}")));
         }
-        if controller.lock().unwrap_or_else(|e| e.into_inner()).done {
+        if lock(&controller).done {
             break Ok(());
         }
     };
 
-    let handles = std::mem::take(&mut controller.lock().unwrap_or_else(|e| e.into_inner()).handles);
+    let handles = std::mem::take(&mut lock(&controller).handles);
     let stop = control.stop(handles);
-    serial.lock().unwrap_or_else(|e| e.into_inner()).flush();
+    lock(&serial).flush();
     loop_result?;
     stop?;
     Ok(exit

@@ -17,6 +17,7 @@
 //! | PUT    | `/vm/pause`    | `Pause`    | 204 (or 200 if VMM sends a value) |
 //! | PUT    | `/vm/resume`   | `Resume`   | 204                          |
 //! | PUT    | `/vm/shutdown` | `Shutdown` | 204                          |
+//! | PUT    | `/snapshot/create` | `SnapshotCreate` (`{"dir": "..."}`) | 200 with what was written |
 //!
 //! To add an endpoint: add a variant to [`ApiAction`] and a line to the route
 //! table in `server.rs`.
@@ -40,6 +41,10 @@ pub enum ApiAction {
     Pause,
     Resume,
     Shutdown,
+    /// Pause (if running), write a snapshot into `dir`, stay paused.
+    SnapshotCreate {
+        dir: std::path::PathBuf,
+    },
 }
 
 /// One action on its way to the VMM, with the channel to answer on.

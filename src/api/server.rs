@@ -73,7 +73,31 @@ const ROUTES: &[Route] = &[
         path: "/vm/shutdown",
         action: |body| without_params(body, ApiAction::Shutdown),
     },
+    Route {
+        method: "PUT",
+        path: "/snapshot/create",
+        action: snapshot_create,
+    },
 ];
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SnapshotCreateBody {
+    dir: PathBuf,
+}
+
+/// `{"dir": "..."}`: where to write the snapshot.
+fn snapshot_create(body: Option<Value>) -> Result<ApiAction, ApiError> {
+    let body = body.ok_or_else(|| {
+        ApiError::bad_request("send a JSON body {\"dir\": \"<directory for the snapshot>\"}")
+    })?;
+    let SnapshotCreateBody { dir } = serde_json::from_value(body)
+        .map_err(|e| ApiError::bad_request(format!("invalid snapshot request: {e}")))?;
+    if dir.as_os_str().is_empty() {
+        return Err(ApiError::bad_request("\"dir\" must not be empty"));
+    }
+    Ok(ApiAction::SnapshotCreate { dir })
+}
 
 /// Actions without parameters accept no body, `null` or `{}`; anything else
 /// is more likely a mistake than something to ignore silently.
@@ -521,7 +545,7 @@ mod tests {
         thread::spawn(move || {
             let mut paused = false;
             for request in requests {
-                let reply = match request.action {
+                let reply = match request.action.clone() {
                     ApiAction::GetVm => Ok(json!({
                         "state": if paused { "paused" } else { "running" }
                     })),
@@ -534,6 +558,7 @@ mod tests {
                         Ok(Value::Null)
                     }
                     ApiAction::Shutdown => Err(ApiError::new(200, "not a valid error status")),
+                    ApiAction::SnapshotCreate { dir } => Ok(json!({ "dir": dir })),
                 };
                 request.respond(reply);
             }

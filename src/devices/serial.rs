@@ -3,6 +3,7 @@
 
 use std::io::Write;
 
+use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -29,8 +30,57 @@ impl Trigger for EventFdTrigger {
     }
 }
 
+/// The UART's registers and unread input, for snapshots.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SerialDeviceState {
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    pub in_buffer: Vec<u8>,
+}
+
+impl From<SerialState> for SerialDeviceState {
+    fn from(s: SerialState) -> Self {
+        Self {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+}
+
+impl From<&SerialDeviceState> for SerialState {
+    fn from(s: &SerialDeviceState) -> Self {
+        Self {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer.clone(),
+        }
+    }
+}
+
 pub struct SerialDevice {
-    serial: Serial<EventFdTrigger, vm_superio::serial::NoEvents, Box<dyn Write + Send>>,
+    serial: Serial<EventFdTrigger, NoEvents, Box<dyn Write + Send>>,
 }
 
 impl SerialDevice {
@@ -38,6 +88,17 @@ impl SerialDevice {
         Self {
             serial: Serial::new(EventFdTrigger::new(irq), out),
         }
+    }
+
+    /// A UART in the state `state` describes.
+    pub fn from_state(
+        state: &SerialDeviceState,
+        irq: EventFd,
+        out: Box<dyn Write + Send>,
+    ) -> Result<Self, String> {
+        let serial = Serial::from_state(&state.into(), EventFdTrigger::new(irq), NoEvents, out)
+            .map_err(|e| format!("invalid serial state: {e:?}"))?;
+        Ok(Self { serial })
     }
 
     pub fn irq_evt(&self) -> &EventFd {
@@ -49,8 +110,8 @@ impl SerialDevice {
         self.serial.enqueue_raw_bytes(bytes).unwrap_or(0)
     }
 
-    pub fn state(&self) -> vm_superio::serial::SerialState {
-        self.serial.state()
+    pub fn state(&self) -> SerialDeviceState {
+        self.serial.state().into()
     }
 
     pub fn flush(&mut self) {

@@ -2,5 +2,6 @@
 //! dirty log) and vCPUs (run loop, pause, boot state).
 
 pub mod memory;
+pub mod state;
 pub mod vcpu;
 pub mod vm;

@@ -125,9 +125,12 @@ pub fn install_kick_handler() -> Result<(), VcpuError> {
     register_signal_handler(kick_signal(), kick_handler).map_err(VcpuError::Signal)
 }
 
+/// A vCPU. The fd is locked by its thread only for the length of one
+/// `KVM_RUN` and the exit handling, so while the vCPUs are paused the VMM can
+/// lock it to read or write the vCPU's state.
 pub struct Vcpu {
     pub index: u8,
-    pub fd: VcpuFd,
+    pub fd: Arc<Mutex<VcpuFd>>,
 }
 
 /// A running vCPU thread.
@@ -283,12 +286,19 @@ pub struct VcpuContext {
 }
 
 impl Vcpu {
-    pub fn start(mut self, ctx: VcpuContext) -> Result<VcpuHandle, VcpuError> {
+    pub fn new(index: u8, fd: VcpuFd) -> Self {
+        Self {
+            index,
+            fd: Arc::new(Mutex::new(fd)),
+        }
+    }
+
+    pub fn start(self, ctx: VcpuContext) -> Result<VcpuHandle, VcpuError> {
         let index = self.index;
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
             .spawn(move || {
-                let run: *mut kvm_run = self.fd.get_kvm_run();
+                let run: *mut kvm_run = lock(&self.fd).get_kvm_run();
                 KVM_RUN.with(|p| p.set(run));
                 self.run_loop(&ctx);
                 KVM_RUN.with(|p| p.set(std::ptr::null_mut()));
@@ -297,89 +307,94 @@ impl Vcpu {
         Ok(VcpuHandle { thread })
     }
 
-    fn run_loop(&mut self, ctx: &VcpuContext) {
+    fn run_loop(&self, ctx: &VcpuContext) {
         while ctx.control.checkpoint() {
-            if let Some(reason) = self.run_once(ctx) {
+            let reason = run_once(self.index, &mut lock(&self.fd), ctx);
+            if let Some(reason) = reason {
                 ctx.exit.exit(reason);
                 // Park until the VMM stops us: the guest must not go on.
                 ctx.control.lock().want = Want::Pause;
             }
         }
     }
+}
 
-    /// One `KVM_RUN`; Some when the VM must end.
-    fn run_once(&mut self, ctx: &VcpuContext) -> Option<VmExit> {
-        let index = self.index;
-        match self.fd.run() {
-            Ok(exit) => match exit {
-                VcpuExit::IoIn(port, data) => {
-                    if !ctx.pio.read(port as u64, data) {
-                        data.fill(0xff);
-                    }
-                    None
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// One `KVM_RUN`; Some when the VM must end.
+fn run_once(index: u8, fd: &mut VcpuFd, ctx: &VcpuContext) -> Option<VmExit> {
+    match fd.run() {
+        Ok(exit) => match exit {
+            VcpuExit::IoIn(port, data) => {
+                if !ctx.pio.read(port as u64, data) {
+                    data.fill(0xff);
                 }
-                VcpuExit::IoOut(port, data) => {
-                    ctx.pio.write(port as u64, data);
-                    None
-                }
-                VcpuExit::MmioRead(addr, data) => {
-                    if !ctx.mmio.read(addr, data) {
-                        data.fill(0xff);
-                    }
-                    None
-                }
-                VcpuExit::MmioWrite(addr, data) => {
-                    ctx.mmio.write(addr, data);
-                    None
-                }
-                VcpuExit::Hlt => None,
-                VcpuExit::SystemEvent(kind, _) => Some(match kind {
-                    kvm_bindings::KVM_SYSTEM_EVENT_RESET => VmExit::Reset,
-                    kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => VmExit::GuestShutdown,
-                    other => VmExit::Error(format!("vCPU {index}: system event {other}")),
-                }),
-                VcpuExit::Shutdown => Some(VmExit::Error(format!(
-                    "vCPU {index}: the guest triple-faulted (KVM_EXIT_SHUTDOWN); {}",
-                    self.describe()
-                ))),
-                VcpuExit::InternalError => {
-                    let suberror = self.fd.get_kvm_run().__bindgen_anon_1;
-                    // SAFETY: KVM filled the internal-error member of the union
-                    // for this exit reason.
-                    let sub = unsafe { suberror.internal.suberror };
-                    Some(VmExit::Error(format!(
-                        "vCPU {index}: KVM internal error (suberror {sub}{}); {}",
-                        if sub == 1 {
-                            ": instruction emulation failed"
-                        } else {
-                            ""
-                        },
-                        self.describe()
-                    )))
-                }
-                VcpuExit::FailEntry(reason, cpu) => Some(VmExit::Error(format!(
-                    "vCPU {index}: VM entry failed (hardware reason {reason:#x} on host CPU {cpu}); {}",
-                    self.describe()
-                ))),
-                other => {
-                    let what = format!("{other:?}");
-                    Some(VmExit::Error(format!(
-                        "vCPU {index}: unexpected exit {what}; {}",
-                        self.describe()
-                    )))
-                }
-            },
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                self.fd.set_kvm_immediate_exit(0);
                 None
             }
-            Err(e) => Some(VmExit::Error(format!("vCPU {index}: KVM_RUN failed: {e}"))),
+            VcpuExit::IoOut(port, data) => {
+                ctx.pio.write(port as u64, data);
+                None
+            }
+            VcpuExit::MmioRead(addr, data) => {
+                if !ctx.mmio.read(addr, data) {
+                    data.fill(0xff);
+                }
+                None
+            }
+            VcpuExit::MmioWrite(addr, data) => {
+                ctx.mmio.write(addr, data);
+                None
+            }
+            VcpuExit::Hlt => None,
+            VcpuExit::SystemEvent(kind, _) => Some(match kind {
+                kvm_bindings::KVM_SYSTEM_EVENT_RESET => VmExit::Reset,
+                kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => VmExit::GuestShutdown,
+                other => VmExit::Error(format!("vCPU {index}: system event {other}")),
+            }),
+            VcpuExit::Shutdown => Some(VmExit::Error(format!(
+                "vCPU {index}: the guest triple-faulted (KVM_EXIT_SHUTDOWN); {}",
+                describe(fd)
+            ))),
+            VcpuExit::InternalError => {
+                let suberror = fd.get_kvm_run().__bindgen_anon_1;
+                // SAFETY: KVM filled the internal-error member of the union
+                // for this exit reason.
+                let sub = unsafe { suberror.internal.suberror };
+                Some(VmExit::Error(format!(
+                    "vCPU {index}: KVM internal error (suberror {sub}{}); {}",
+                    if sub == 1 {
+                        ": instruction emulation failed"
+                    } else {
+                        ""
+                    },
+                    describe(fd)
+                )))
+            }
+            VcpuExit::FailEntry(reason, cpu) => Some(VmExit::Error(format!(
+                "vCPU {index}: VM entry failed (hardware reason {reason:#x} on host CPU {cpu}); {}",
+                describe(fd)
+            ))),
+            other => {
+                let what = format!("{other:?}");
+                Some(VmExit::Error(format!(
+                    "vCPU {index}: unexpected exit {what}; {}",
+                    describe(fd)
+                )))
+            }
+        },
+        Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+            fd.set_kvm_immediate_exit(0);
+            None
         }
+        Err(e) => Some(VmExit::Error(format!("vCPU {index}: KVM_RUN failed: {e}"))),
     }
+}
 
-    /// Registers worth seeing when the guest dies.
-    fn describe(&self) -> String {
-        match (self.fd.get_regs(), self.fd.get_sregs()) {
+/// Registers worth seeing when the guest dies.
+fn describe(fd: &VcpuFd) -> String {
+    match (fd.get_regs(), fd.get_sregs()) {
             (Ok(r), Ok(s)) => format!(
                 "rip={:#x} rsp={:#x} rflags={:#x} rax={:#x} rbx={:#x} rcx={:#x} rdx={:#x} rsi={:#x} rdi={:#x} cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x} cs={:#x}",
                 r.rip, r.rsp, r.rflags, r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, s.cr0, s.cr2,
@@ -387,5 +402,4 @@ impl Vcpu {
             ),
             _ => "registers unavailable".to_string(),
         }
-    }
 }

@@ -1,0 +1,219 @@
+//! Boots the test kernel under KVM with the real `ferry` binary.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+const BOOT: Duration = Duration::from_secs(20);
+
+fn booted_line(f: &Ferry) -> String {
+    f.wait_line(BOOT, |l| l.starts_with("testkernel: booted"))
+}
+
+#[test]
+fn boot_line_reports_cpus_memory_and_cmdline() {
+    if !kvm_available("boot_line_reports_cpus_memory_and_cmdline") {
+        return;
+    }
+    let dir = tempdir();
+    let mut f = Ferry::run(
+        dir.path(),
+        &config(1, 64, "testkernel.workload=idle hello=world"),
+    );
+    let line = booted_line(&f);
+    assert_eq!(
+        line,
+        "testkernel: booted cpus=1 mem=64 cmdline=\"testkernel.workload=idle hello=world\""
+    );
+    f.wait_api(BOOT);
+    let (status, _) = f.api("PUT", "/vm/shutdown");
+    assert_eq!(status, 200);
+    assert!(f.wait_exit(BOOT).success());
+}
+
+#[test]
+fn two_vcpus_and_memory_above_the_mmio_hole() {
+    if !kvm_available("two_vcpus_and_memory_above_the_mmio_hole") {
+        return;
+    }
+    let dir = tempdir();
+    // 3584 MiB: 3 GiB below the hole, 512 MiB above 4 GiB.
+    let f = Ferry::run(dir.path(), &config(2, 3584, "testkernel.workload=idle"));
+    let line = booted_line(&f);
+    assert!(
+        line.starts_with("testkernel: booted cpus=2 mem=3584 "),
+        "{line}"
+    );
+    f.wait_api(BOOT);
+    let (status, body) = f.api("GET", "/vm");
+    assert_eq!(status, 200);
+    assert_eq!(body["vcpus"], 2);
+    assert_eq!(body["memory_mib"], 3584);
+}
+
+#[test]
+fn blk_roundtrip_writes_the_documented_blocks() {
+    if !kvm_available("blk_roundtrip_writes_the_documented_blocks") {
+        return;
+    }
+    let dir = tempdir();
+    let image = dir.path().join("disk.img");
+    let mut cfg = config(1, 64, "testkernel.workload=blk testkernel.blk_seed=7");
+    cfg["drives"] = serde_json::json!([
+        { "id": "scratch", "path": image, "create_size_mib": 4 }
+    ]);
+    let mut f = Ferry::run(dir.path(), &cfg);
+    let line = booted_line(&f);
+    assert!(
+        line.contains("virtio_mmio.device=4K@0xd0000000:5"),
+        "{line}"
+    );
+    f.wait_line(BOOT, |l| l == "testkernel: blk id=scratch");
+    f.wait_line(BOOT, |l| l == "testkernel: blk ok blocks=256");
+    f.wait_line(BOOT, |l| l == "testkernel: done");
+    let status = f.wait_exit(BOOT);
+    assert!(status.success(), "{status:?} {}", f.stderr());
+    // The image was created sparse at the requested size, and holds exactly
+    // what the guest wrote.
+    let meta = std::fs::metadata(&image).unwrap();
+    assert_eq!(meta.len(), 4 << 20);
+    verify_blk_image(&image, 256, 7).unwrap();
+    let data = std::fs::read(&image).unwrap();
+    assert!(data[256 * 4096..].iter().all(|&b| b == 0));
+}
+
+#[test]
+fn read_only_drive_refuses_writes() {
+    if !kvm_available("read_only_drive_refuses_writes") {
+        return;
+    }
+    let dir = tempdir();
+    let image = dir.path().join("ro.img");
+    let original: Vec<u8> = (0..(1 << 20)).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&image, &original).unwrap();
+    let mut cfg = config(1, 64, "testkernel.workload=blk");
+    cfg["drives"] = serde_json::json!([{ "id": "ro", "path": image, "read_only": true }]);
+    let mut f = Ferry::run(dir.path(), &cfg);
+    f.wait_line(BOOT, |l| l == "testkernel: blk FAIL write status=1 block=0");
+    f.wait_line(BOOT, |l| l == "testkernel: done");
+    assert!(f.wait_exit(BOOT).success());
+    assert_eq!(std::fs::read(&image).unwrap(), original);
+}
+
+#[test]
+fn pause_stops_the_heartbeat_and_resume_restarts_it() {
+    if !kvm_available("pause_stops_the_heartbeat_and_resume_restarts_it") {
+        return;
+    }
+    let dir = tempdir();
+    let f = Ferry::run(dir.path(), &config(1, 64, "testkernel.workload=idle"));
+    f.wait_line(BOOT, |l| l == "testkernel: tick 1");
+    let (status, body) = f.api("PUT", "/vm/pause");
+    assert_eq!(status, 200, "{body}");
+    let (_, state) = f.api("GET", "/vm");
+    assert_eq!(state["state"], "Paused");
+    let before = f.lines().len();
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(
+        f.lines().len(),
+        before,
+        "ticks while paused: {:?}",
+        f.lines()
+    );
+    let (status, _) = f.api("PUT", "/vm/resume");
+    assert_eq!(status, 200);
+    let (_, state) = f.api("GET", "/vm");
+    assert_eq!(state["state"], "Running");
+    let (_, line) = f.wait_line_from(before, Duration::from_secs(10), |l| {
+        l.starts_with("testkernel: tick ")
+    });
+    let n: u64 = line["testkernel: tick ".len()..].parse().unwrap();
+    assert!(n >= 2, "{line}");
+}
+
+#[test]
+fn api_errors_leave_the_vm_running() {
+    if !kvm_available("api_errors_leave_the_vm_running") {
+        return;
+    }
+    let dir = tempdir();
+    let mut f = Ferry::run(dir.path(), &config(1, 64, "testkernel.workload=idle"));
+    f.wait_api(BOOT);
+    let sock = f.api_sock.clone().unwrap();
+    let (status, body) = f.api("GET", "/nope");
+    assert_eq!(status, 404);
+    assert!(body["error"].is_string());
+    let (status, _) = f.api("POST", "/vm/pause");
+    assert_eq!(status, 405);
+    // Malformed JSON body, sent raw.
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    s.write_all(b"PUT /vm/pause HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 5\r\nConnection: close\r\n\r\n{nope")
+        .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    assert!(resp.starts_with("HTTP/1.1 400"), "{resp}");
+    let (_, state) = f.api("GET", "/vm");
+    assert_eq!(state["state"], "Running");
+    let ticks = f.lines().len();
+    f.wait_line_from(ticks, Duration::from_secs(10), |l| {
+        l.starts_with("testkernel: tick")
+    });
+    // Socket is private to the owner.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    f.api("PUT", "/vm/shutdown");
+    assert!(f.wait_exit(BOOT).success());
+}
+
+#[test]
+fn ctl_cli_drives_the_vm() {
+    if !kvm_available("ctl_cli_drives_the_vm") {
+        return;
+    }
+    let dir = tempdir();
+    let mut f = Ferry::run(dir.path(), &config(1, 64, "testkernel.workload=idle"));
+    f.wait_api(BOOT);
+    let sock = f.api_sock.clone().unwrap();
+    let ctl = |action: &str| {
+        std::process::Command::new(FERRY)
+            .args(["ctl", "--sock", sock.to_str().unwrap(), action])
+            .output()
+            .unwrap()
+    };
+    let out = ctl("pause");
+    assert!(out.status.success());
+    let out = ctl("state");
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["state"], "Paused");
+    assert!(ctl("resume").status.success());
+    assert!(ctl("shutdown").status.success());
+    assert!(f.wait_exit(BOOT).success());
+    // The socket is gone with the VM, and ctl says so clearly.
+    let out = ctl("state");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot connect"));
+}
+
+#[test]
+fn serial_to_file() {
+    if !kvm_available("serial_to_file") {
+        return;
+    }
+    let dir = tempdir();
+    let log = dir.path().join("serial.log");
+    let mut cfg = config(1, 64, "testkernel.workload=nonesuch");
+    cfg["serial"] = serde_json::json!(log);
+    let mut f = Ferry::run(dir.path(), &cfg);
+    assert!(f.wait_exit(BOOT).success(), "{}", f.stderr());
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("testkernel: FAIL unknown workload nonesuch"),
+        "{text}"
+    );
+    assert!(text.ends_with("testkernel: done\n"), "{text}");
+}

@@ -1,0 +1,276 @@
+//! Shared helpers for the integration tests: a per-test temp dir, configs,
+//! a ferry child process whose serial lines are collected as they arrive,
+//! and which is killed (SIGKILL as a last resort) on every exit path.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+pub const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
+pub const TESTKERNEL: &str = env!("FERRY_TESTKERNEL");
+
+/// True when /dev/kvm is usable; otherwise says why the test is skipped.
+pub fn kvm_available(test: &str) -> bool {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => true,
+        Err(e) => {
+            eprintln!("SKIPPED {test}: /dev/kvm is not usable here ({e})");
+            false
+        }
+    }
+}
+
+pub fn tempdir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("ferry-test-")
+        .tempdir()
+        .expect("create temp dir")
+}
+
+/// A VM config for the test kernel.
+pub fn config(vcpus: u8, memory_mib: u64, cmdline: &str) -> serde_json::Value {
+    serde_json::json!({
+        "vcpus": vcpus,
+        "memory_mib": memory_mib,
+        "kernel": TESTKERNEL,
+        "cmdline": cmdline,
+    })
+}
+
+pub fn write_config(dir: &Path, value: &serde_json::Value) -> PathBuf {
+    let path = dir.join("vm.json");
+    std::fs::write(&path, serde_json::to_vec_pretty(value).unwrap()).unwrap();
+    path
+}
+
+#[derive(Default)]
+struct Output {
+    lines: Vec<String>,
+    closed: bool,
+}
+
+/// A running `ferry` process with its stdout (the guest's serial) and stderr
+/// collected line by line.
+pub struct Ferry {
+    child: Child,
+    out: Arc<(Mutex<Output>, Condvar)>,
+    stderr: Arc<Mutex<String>>,
+    pub api_sock: Option<PathBuf>,
+}
+
+impl Ferry {
+    pub fn spawn(args: &[&str]) -> Ferry {
+        let mut child = Command::new(FERRY)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn ferry");
+        let out = Arc::new((Mutex::new(Output::default()), Condvar::new()));
+        let stdout = child.stdout.take().unwrap();
+        let o = out.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                o.0.lock().unwrap().lines.push(line);
+                o.1.notify_all();
+            }
+            o.0.lock().unwrap().closed = true;
+            o.1.notify_all();
+        });
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let mut child_err = child.stderr.take().unwrap();
+        let e = stderr.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = child_err.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                e.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        Ferry {
+            child,
+            out,
+            stderr,
+            api_sock: None,
+        }
+    }
+
+    /// `ferry run --config <config> --api-sock <dir>/api.sock`.
+    pub fn run(dir: &Path, config: &serde_json::Value) -> Ferry {
+        let cfg = write_config(dir, config);
+        let sock = dir.join("api.sock");
+        let mut f = Ferry::spawn(&[
+            "run",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--api-sock",
+            sock.to_str().unwrap(),
+        ]);
+        f.api_sock = Some(sock);
+        f
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn lines(&self) -> Vec<String> {
+        self.out.0.lock().unwrap().lines.clone()
+    }
+
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Waits for a line matching `pred` at index >= `from`; returns its index
+    /// and text. Panics with everything seen on timeout.
+    pub fn wait_line_from(
+        &self,
+        from: usize,
+        timeout: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> (usize, String) {
+        let deadline = Instant::now() + timeout;
+        let (lock, cond) = &*self.out;
+        let mut out = lock.lock().unwrap();
+        loop {
+            if let Some((i, l)) = out
+                .lines
+                .iter()
+                .enumerate()
+                .skip(from)
+                .find(|(_, l)| pred(l))
+            {
+                return (i, l.clone());
+            }
+            let now = Instant::now();
+            if out.closed || now >= deadline {
+                let lines = out.lines.clone();
+                drop(out);
+                panic!(
+                    "no matching serial line ({}); lines: {:#?}\nstderr: {}",
+                    if now >= deadline {
+                        "timeout"
+                    } else {
+                        "output closed"
+                    },
+                    lines,
+                    self.stderr()
+                );
+            }
+            out = cond.wait_timeout(out, deadline - now).unwrap().0;
+        }
+    }
+
+    pub fn wait_line(&self, timeout: Duration, pred: impl Fn(&str) -> bool) -> String {
+        self.wait_line_from(0, timeout, pred).1
+    }
+
+    /// Waits for the process to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                // Let the reader threads drain what is left.
+                let (lock, cond) = &*self.out;
+                let out = lock.lock().unwrap();
+                let _ = cond
+                    .wait_timeout_while(out, Duration::from_secs(2), |o| !o.closed)
+                    .unwrap();
+                std::thread::sleep(Duration::from_millis(20));
+                return status;
+            }
+            if Instant::now() >= deadline {
+                let _ = self.child.kill();
+                panic!(
+                    "ferry did not exit within {timeout:?}; lines: {:#?}\nstderr: {}",
+                    self.lines(),
+                    self.stderr()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// A control-socket request.
+    pub fn api(&self, method: &str, path: &str) -> (u16, serde_json::Value) {
+        ferry::api::client::request(self.api_sock.as_ref().unwrap(), method, path, None)
+            .expect("api request")
+    }
+
+    /// Waits until the control socket answers.
+    pub fn wait_api(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        let sock = self.api_sock.as_ref().unwrap();
+        while Instant::now() < deadline {
+            if ferry::api::client::request(sock, "GET", "/vm", None).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("control socket never answered; stderr: {}", self.stderr());
+    }
+}
+
+impl Drop for Ferry {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            // SAFETY: plain kill(2) on our own child's pid.
+            unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_millis(500);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// The testkernel's block header (docs/testkernel.md).
+pub fn blk_header(block: u64, seed: u64) -> [u64; 4] {
+    let w0 = 0x4b4c_4259_5252_4546u64;
+    let w3 =
+        (w0 ^ block.rotate_left(17) ^ seed.rotate_left(31)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    [w0, block, seed, w3]
+}
+
+/// Checks the first `blocks` 4 KiB blocks of `image` against the block
+/// format; returns the first bad block.
+pub fn verify_blk_image(image: &Path, blocks: u64, seed: u64) -> Result<(), String> {
+    let data = std::fs::read(image).map_err(|e| e.to_string())?;
+    for b in 0..blocks {
+        let off = (b * 4096) as usize;
+        let block = data
+            .get(off..off + 4096)
+            .ok_or_else(|| format!("image too short for block {b}"))?;
+        let want = blk_header(b, seed);
+        for (i, w) in want.iter().enumerate() {
+            let got = u64::from_le_bytes(block[i * 8..i * 8 + 8].try_into().unwrap());
+            if got != *w {
+                return Err(format!("block {b} word {i}: {got:#x} != {w:#x}"));
+            }
+        }
+        if block[32..].iter().any(|&x| x != 0) {
+            return Err(format!("block {b}: bytes past the header are not zero"));
+        }
+    }
+    Ok(())
+}
