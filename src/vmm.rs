@@ -387,131 +387,143 @@ fn run_vm(config: VmConfig, boot: Boot, api_socket: Option<PathBuf>) -> Result<V
             })?,
         ),
     };
-    vm.set_memory(&mem, false)?;
     let saved = match &boot {
         Boot::Fresh => None,
         Boot::Restore(state, _) => Some(state.as_ref()),
     };
 
-    let mut pio = Bus::new();
-    let mut mmio = Bus::new();
-    let mut event_manager = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new()
-        .map_err(|e| VmmError::EventLoop(format!("{e:?}")))?;
+    // Registering the first memory slot costs this host's KVM several
+    // milliseconds whatever the size; do it while the rest is built.
+    let built = std::thread::scope(|scope| -> Result<_, VmmError> {
+        let slots = scope.spawn(|| vm.set_memory(&mem, false));
+        let built = (|| -> Result<_, VmmError> {
+            let mut pio = Bus::new();
+            let mut mmio = Bus::new();
+            let mut event_manager =
+                EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new()
+                    .map_err(|e| VmmError::EventLoop(format!("{e:?}")))?;
 
-    // Legacy devices.
-    let serial_irq = eventfd()?;
-    vm.register_irqfd(&serial_irq, SERIAL_IRQ)?;
-    let out = serial_output(&config.serial)?;
-    let serial = match saved {
-        None => SerialDevice::new(serial_irq, out),
-        Some(st) => {
-            SerialDevice::from_state(&st.serial, serial_irq, out).map_err(VmmError::Serial)?
-        }
-    };
-    let serial = Arc::new(Mutex::new(serial));
-    pio.insert(serial.clone(), SERIAL_PORT, 8)?;
-    let reset_evt = eventfd()?;
-    let i8042 = Arc::new(Mutex::new(I8042::new(
-        reset_evt.try_clone().map_err(VmmError::EventFd)?,
-    )));
-    pio.insert(i8042, I8042_PORT, 5)?;
+            // Legacy devices.
+            let serial_irq = eventfd()?;
+            vm.register_irqfd(&serial_irq, SERIAL_IRQ)?;
+            let out = serial_output(&config.serial)?;
+            let serial = match saved {
+                None => SerialDevice::new(serial_irq, out),
+                Some(st) => SerialDevice::from_state(&st.serial, serial_irq, out)
+                    .map_err(VmmError::Serial)?,
+            };
+            let serial = Arc::new(Mutex::new(serial));
+            pio.insert(serial.clone(), SERIAL_PORT, 8)?;
+            let reset_evt = eventfd()?;
+            let i8042 = Arc::new(Mutex::new(I8042::new(
+                reset_evt.try_clone().map_err(VmmError::EventFd)?,
+            )));
+            pio.insert(i8042, I8042_PORT, 5)?;
 
-    // virtio-blk drives, announced on the command line.
-    let mut cmdline =
-        Cmdline::try_from(&config.cmdline, CMDLINE_MAX_SIZE).map_err(VmmError::Cmdline)?;
-    let mut drives = Vec::with_capacity(config.drives.len());
-    for (i, drive) in config.drives.iter().enumerate() {
-        let drive_err = |source| VmmError::Drive {
-            id: drive.id.clone(),
-            source,
-        };
-        let block = match saved {
-            None => {
-                Block::new(drive.id.clone(), &drive.path, drive.read_only).map_err(drive_err)?
-            }
-            Some(st) => Block::restore(&st.drives[i].block).map_err(drive_err)?,
-        };
-        let base = MMIO_DEVICES_START + i as u64 * MMIO_DEVICE_SIZE;
-        let irq = FIRST_VIRTIO_IRQ + i as u32;
-        for (q, evt) in block.queue_events().iter().enumerate() {
-            vm.register_mmio_ioevent(evt, base + VIRTIO_MMIO_QUEUE_NOTIFY, q as u32)?;
-        }
-        vm.register_irqfd(block.interrupt().evt(), irq)?;
-        let block = Arc::new(Mutex::new(block));
-        let mut transport = MmioTransport::new(mem.clone(), block.clone());
-        if let Some(st) = saved {
-            transport
-                .restore(&st.drives[i].transport)
-                .map_err(|source| VmmError::Transport {
+            // virtio-blk drives, announced on the command line.
+            let mut cmdline =
+                Cmdline::try_from(&config.cmdline, CMDLINE_MAX_SIZE).map_err(VmmError::Cmdline)?;
+            let mut drives = Vec::with_capacity(config.drives.len());
+            for (i, drive) in config.drives.iter().enumerate() {
+                let drive_err = |source| VmmError::Drive {
                     id: drive.id.clone(),
                     source,
-                })?;
-        }
-        let transport = Arc::new(Mutex::new(transport));
-        mmio.insert(transport.clone(), base, MMIO_DEVICE_SIZE)?;
-        event_manager.add_subscriber(block.clone());
-        drives.push((transport, block));
-        cmdline
-            .add_virtio_mmio_device(MMIO_DEVICE_SIZE, GuestAddress(base), irq, None)
-            .map_err(VmmError::Cmdline)?;
-    }
-
-    // Boot state in guest memory (a restored guest has its own).
-    let entry = match saved {
-        None => {
-            regs::write_boot_tables(&mem)?;
-            mptable::setup_mptable(&mem, config.vcpus)?;
-            Some(boot::configure_linux_boot(
-                &mem,
-                mem_size,
-                &config.kernel,
-                config.initrd.as_deref(),
-                &cmdline,
-            )?)
-        }
-        Some(st) => {
-            state::restore_vm(vm.fd(), &st.vm)?;
-            None
-        }
-    };
-
-    // vCPUs.
-    let supported = vm.supported_cpuid()?;
-    let mut vcpus = Vec::with_capacity(config.vcpus as usize);
-    for index in 0..config.vcpus {
-        let fd = vm
-            .fd()
-            .create_vcpu(index as u64)
-            .map_err(|source| VcpuError::Create { index, source })?;
-        match (saved, entry) {
-            (Some(st), _) => {
-                let refused = state::restore_vcpu(&fd, &st.vcpus[index as usize])?;
-                if !refused.is_empty() {
-                    eprintln!(
-                        "ferry: vCPU {index}: KVM refused to restore MSRs {:x?}; they keep this host's values",
-                        refused
-                    );
+                };
+                let block = match saved {
+                    None => Block::new(drive.id.clone(), &drive.path, drive.read_only)
+                        .map_err(drive_err)?,
+                    Some(st) => Block::restore(&st.drives[i].block).map_err(drive_err)?,
+                };
+                let base = MMIO_DEVICES_START + i as u64 * MMIO_DEVICE_SIZE;
+                let irq = FIRST_VIRTIO_IRQ + i as u32;
+                for (q, evt) in block.queue_events().iter().enumerate() {
+                    vm.register_mmio_ioevent(evt, base + VIRTIO_MMIO_QUEUE_NOTIFY, q as u32)?;
                 }
+                vm.register_irqfd(block.interrupt().evt(), irq)?;
+                let block = Arc::new(Mutex::new(block));
+                let mut transport = MmioTransport::new(mem.clone(), block.clone());
+                if let Some(st) = saved {
+                    transport
+                        .restore(&st.drives[i].transport)
+                        .map_err(|source| VmmError::Transport {
+                            id: drive.id.clone(),
+                            source,
+                        })?;
+                }
+                let transport = Arc::new(Mutex::new(transport));
+                mmio.insert(transport.clone(), base, MMIO_DEVICE_SIZE)?;
+                event_manager.add_subscriber(block.clone());
+                drives.push((transport, block));
+                cmdline
+                    .add_virtio_mmio_device(MMIO_DEVICE_SIZE, GuestAddress(base), irq, None)
+                    .map_err(VmmError::Cmdline)?;
             }
-            (None, Some(entry)) => {
-                let tsc_khz = fd.get_tsc_khz().ok();
-                let cpuid = cpuid::vcpu_cpuid(&supported, index, config.vcpus, tsc_khz)?;
-                fd.set_cpuid2(&cpuid)
-                    .map_err(|source| regs::RegsError::Kvm {
-                        op: "set",
-                        what: "CPUID",
-                        source,
-                    })?;
-                regs::setup_msrs(&fd)?;
-                regs::setup_fpu(&fd)?;
-                regs::setup_regs(&fd, entry)?;
-                regs::setup_sregs(&fd)?;
-                regs::setup_lint(&fd)?;
+
+            // Boot state in guest memory (a restored guest has its own).
+            let entry = match saved {
+                None => {
+                    regs::write_boot_tables(&mem)?;
+                    mptable::setup_mptable(&mem, config.vcpus)?;
+                    Some(boot::configure_linux_boot(
+                        &mem,
+                        mem_size,
+                        &config.kernel,
+                        config.initrd.as_deref(),
+                        &cmdline,
+                    )?)
+                }
+                Some(st) => {
+                    state::restore_vm(vm.fd(), &st.vm)?;
+                    None
+                }
+            };
+
+            // vCPUs.
+            let supported = vm.supported_cpuid()?;
+            let mut vcpus = Vec::with_capacity(config.vcpus as usize);
+            for index in 0..config.vcpus {
+                let fd = vm
+                    .fd()
+                    .create_vcpu(index as u64)
+                    .map_err(|source| VcpuError::Create { index, source })?;
+                match (saved, entry) {
+                    (Some(st), _) => {
+                        let refused = state::restore_vcpu(&fd, &st.vcpus[index as usize])?;
+                        if !refused.is_empty() {
+                            eprintln!(
+                                "ferry: vCPU {index}: KVM refused to restore MSRs {:x?}; they keep this host's values",
+                                refused
+                            );
+                        }
+                    }
+                    (None, Some(entry)) => {
+                        let tsc_khz = fd.get_tsc_khz().ok();
+                        let cpuid = cpuid::vcpu_cpuid(&supported, index, config.vcpus, tsc_khz)?;
+                        fd.set_cpuid2(&cpuid)
+                            .map_err(|source| regs::RegsError::Kvm {
+                                op: "set",
+                                what: "CPUID",
+                                source,
+                            })?;
+                        regs::setup_msrs(&fd)?;
+                        regs::setup_fpu(&fd)?;
+                        regs::setup_regs(&fd, entry)?;
+                        regs::setup_sregs(&fd)?;
+                        regs::setup_lint(&fd)?;
+                    }
+                    (None, None) => unreachable!("a fresh boot always has an entry point"),
+                }
+                vcpus.push(Vcpu::new(index, fd));
             }
-            (None, None) => unreachable!("a fresh boot always has an entry point"),
-        }
-        vcpus.push(Vcpu::new(index, fd));
-    }
+
+            Ok((pio, mmio, event_manager, serial, reset_evt, drives, vcpus))
+        })();
+        slots
+            .join()
+            .map_err(|_| VmmError::EventLoop("the memory slot thread panicked".into()))??;
+        built
+    })?;
+    let (pio, mmio, mut event_manager, serial, reset_evt, drives, vcpus) = built;
 
     // Control socket.
     let (api_tx, api_rx) = mpsc::channel();
