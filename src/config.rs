@@ -29,10 +29,12 @@ pub const MAX_VCPUS: u8 = 254;
 /// More vCPU threads than this per host CPU only adds scheduling overhead.
 pub const MAX_VCPUS_PER_HOST_CPU: usize = 4;
 /// The kernel's x86 limit is 2048 bytes including the NUL; the VMM appends its
-/// own parameters (console, virtio-mmio devices), which need the rest.
+/// own parameters (the virtio-mmio devices), which need the rest.
 pub const MAX_CMDLINE_LEN: usize = 1536;
 /// virtio-blk `VIRTIO_BLK_T_GET_ID` answers with at most 20 bytes.
 pub const MAX_DRIVE_ID_LEN: usize = 20;
+/// Drives get one IOAPIC line each, GSI 5 to 23.
+pub const MAX_DRIVES: usize = 19;
 /// Largest image `create_size_mib` creates: 16 TiB.
 pub const MAX_CREATE_SIZE_MIB: u64 = 1 << 24;
 /// `sockaddr_un.sun_path` holds 108 bytes including the NUL.
@@ -281,6 +283,12 @@ impl VmConfig {
         // For duplicate detection: the file each drive names, canonical when
         // it exists so that two spellings of one file are caught too.
         let mut seen_files: Vec<PathBuf> = Vec::new();
+        if self.drives.len() > MAX_DRIVES {
+            problems.push(format!(
+                "drives: {} drives, at most {MAX_DRIVES} are supported (one interrupt line each)",
+                self.drives.len()
+            ));
+        }
         for (i, drive) in self.drives.iter().enumerate() {
             let label = format!("drives[{i}]");
             if drive.id.is_empty() {
@@ -680,6 +688,25 @@ mod tests {
                 other => panic!("expected validation problems, got {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn too_many_drives() {
+        let f = Fixture::new();
+        let drives: Vec<String> = (0..=MAX_DRIVES)
+            .map(|i| {
+                fs::write(f.path(&format!("d{i}.img")), [0u8; 512]).unwrap();
+                format!(r#"{{"id": "d{i}", "path": "d{i}.img"}}"#)
+            })
+            .collect();
+        let problems = f.problems(&format!(
+            r#"{{"kernel": "vmlinux", "drives": [{}]}}"#,
+            drives.join(",")
+        ));
+        assert_eq!(
+            only_problem(&problems),
+            "drives: 20 drives, at most 19 are supported (one interrupt line each)"
+        );
     }
 
     fn only_problem(problems: &[String]) -> &str {

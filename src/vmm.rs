@@ -108,14 +108,22 @@ fn eventfd() -> Result<EventFd, VmmError> {
     EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)
 }
 
-fn serial_output(cfg: &SerialConfig) -> Result<Box<dyn Write + Send>, VmmError> {
+/// Where the guest's console goes. A restored guest appends to its log file:
+/// its earlier output is part of the same story.
+fn serial_output(cfg: &SerialConfig, append: bool) -> Result<Box<dyn Write + Send>, VmmError> {
     Ok(match cfg {
         SerialConfig::Stdout => Box::new(std::io::stdout()),
         SerialConfig::File(path) => {
-            let f = File::create(path).map_err(|source| VmmError::SerialFile {
-                path: path.display().to_string(),
-                source,
-            })?;
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .write(true)
+                .append(append)
+                .truncate(!append)
+                .open(path)
+                .map_err(|source| VmmError::SerialFile {
+                    path: path.display().to_string(),
+                    source,
+                })?;
             Box::new(LineWriter::new(f))
         }
     })
@@ -406,7 +414,7 @@ fn run_vm(config: VmConfig, boot: Boot, api_socket: Option<PathBuf>) -> Result<V
             // Legacy devices.
             let serial_irq = eventfd()?;
             vm.register_irqfd(&serial_irq, SERIAL_IRQ)?;
-            let out = serial_output(&config.serial)?;
+            let out = serial_output(&config.serial, saved.is_some())?;
             let serial = match saved {
                 None => SerialDevice::new(serial_irq, out),
                 Some(st) => SerialDevice::from_state(&st.serial, serial_irq, out)

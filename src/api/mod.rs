@@ -14,9 +14,9 @@
 //! | method | path           | action     | success                      |
 //! |--------|----------------|------------|------------------------------|
 //! | GET    | `/vm`          | `GetVm`    | 200 with the VMM's JSON      |
-//! | PUT    | `/vm/pause`    | `Pause`    | 204 (or 200 if VMM sends a value) |
-//! | PUT    | `/vm/resume`   | `Resume`   | 204                          |
-//! | PUT    | `/vm/shutdown` | `Shutdown` | 204                          |
+//! | PUT    | `/vm/pause`    | `Pause`    | 200 `{"state": "Paused"}` |
+//! | PUT    | `/vm/resume`   | `Resume`   | 200 `{"state": "Running"}` |
+//! | PUT    | `/vm/shutdown` | `Shutdown` | 200 `{"state": "ShuttingDown"}` |
 //! | PUT    | `/snapshot/create` | `SnapshotCreate` (`{"dir": "..."}`) | 200 with what was written |
 //!
 //! To add an endpoint: add a variant to [`ApiAction`] and a line to the route

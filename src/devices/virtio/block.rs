@@ -51,7 +51,9 @@ pub enum BlockError {
         #[source]
         source: io::Error,
     },
-    #[error("disk image {0} is not a regular file; give the path of a raw image file")]
+    #[error(
+        "disk image {0} is neither a regular file nor a block device; give the path of a raw image"
+    )]
     NotRegularFile(PathBuf),
     #[error("disk image {path} is {size} bytes, not a multiple of 512; pad or truncate it")]
     UnalignedSize { path: PathBuf, size: u64 },
@@ -427,8 +429,10 @@ impl Block {
             path: path.to_path_buf(),
             source,
         };
+        use std::os::unix::fs::FileTypeExt;
+        let is_disk = |m: &std::fs::Metadata| m.is_file() || m.file_type().is_block_device();
         // Checked before opening: opening a FIFO would block.
-        if !std::fs::metadata(path).map_err(open_err)?.is_file() {
+        if !is_disk(&std::fs::metadata(path).map_err(open_err)?) {
             return Err(BlockError::NotRegularFile(path.to_path_buf()));
         }
         let file = OpenOptions::new()
@@ -437,10 +441,16 @@ impl Block {
             .open(path)
             .map_err(open_err)?;
         let meta = file.metadata().map_err(open_err)?;
-        if !meta.is_file() {
+        if !is_disk(&meta) {
             return Err(BlockError::NotRegularFile(path.to_path_buf()));
         }
-        let size = meta.len();
+        // A block device's metadata says 0 bytes; its end says its size.
+        let size = if meta.is_file() {
+            meta.len()
+        } else {
+            use std::io::Seek;
+            (&file).seek(std::io::SeekFrom::End(0)).map_err(open_err)?
+        };
         if !size.is_multiple_of(SECTOR_SIZE) {
             return Err(BlockError::UnalignedSize {
                 path: path.to_path_buf(),
