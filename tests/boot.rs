@@ -217,3 +217,39 @@ fn serial_to_file() {
     );
     assert!(text.ends_with("testkernel: done\n"), "{text}");
 }
+
+#[test]
+fn block_device_as_a_drive() {
+    if !kvm_available("block_device_as_a_drive") {
+        return;
+    }
+    let dir = tempdir();
+    let image = dir.path().join("backing.img");
+    std::fs::write(&image, vec![0u8; 2 << 20]).unwrap();
+    let out = std::process::Command::new("losetup")
+        .args(["-f", "--show", image.to_str().unwrap()])
+        .output();
+    let loopdev = match out {
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim().to_string(),
+        other => {
+            eprintln!("SKIPPED block_device_as_a_drive: cannot set up a loop device: {other:?}");
+            return;
+        }
+    };
+    struct Detach(String);
+    impl Drop for Detach {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("losetup")
+                .args(["-d", &self.0])
+                .status();
+        }
+    }
+    let _detach = Detach(loopdev.clone());
+    let mut cfg = config(1, 64, "testkernel.workload=blk testkernel.blk_blocks=100");
+    cfg["drives"] = serde_json::json!([{ "id": "loop", "path": loopdev }]);
+    let mut f = Ferry::run(dir.path(), &cfg);
+    f.wait_line(BOOT, |l| l == "testkernel: blk ok blocks=100");
+    assert!(f.wait_exit(BOOT).success(), "{}", f.stderr());
+    drop(_detach);
+    verify_blk_image(&image, 100, 1).unwrap();
+}
