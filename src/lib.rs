@@ -9,3 +9,15 @@ pub mod devices;
 pub mod snapshot;
 pub mod vmm;
 pub mod vstate;
+
+/// When this process started, as near as Rust code can tell: `main` calls
+/// [`mark_process_start`] first thing. Start-up figures are measured from it.
+static PROCESS_START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+
+pub fn mark_process_start() {
+    PROCESS_START.get_or_init(std::time::Instant::now);
+}
+
+pub fn process_start() -> std::time::Instant {
+    *PROCESS_START.get_or_init(std::time::Instant::now)
+}

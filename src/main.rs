@@ -145,6 +145,7 @@ fn ctl(sock: PathBuf, action: CtlAction) -> ExitCode {
 }
 
 fn main() -> ExitCode {
+    ferry::mark_process_start();
     let cli = Cli::parse();
     match cli.command {
         Command::Run {

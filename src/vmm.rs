@@ -8,7 +8,7 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use linux_loader::loader::Cmdline;
@@ -146,6 +146,9 @@ struct Controller {
     machine: Machine,
     stdin_open: bool,
     started: Instant,
+    /// From process start to the vCPUs running (booted or restored).
+    startup: Duration,
+    restored: bool,
     done: bool,
 }
 
@@ -170,6 +173,8 @@ impl Controller {
                 "vcpus": self.machine.config.vcpus,
                 "memory_mib": self.machine.config.memory_mib,
                 "uptime_ms": self.started.elapsed().as_millis() as u64,
+                "startup_ms": self.startup.as_secs_f64() * 1000.0,
+                "restored": self.restored,
                 "drives": self.machine.config.drives.iter().map(|d| &d.id).collect::<Vec<_>>(),
             })),
             ApiAction::Pause => {
@@ -575,6 +580,8 @@ fn run_vm(config: VmConfig, boot: Boot, api_socket: Option<PathBuf>) -> Result<V
         machine,
         stdin_open: interactive,
         started,
+        startup: Duration::ZERO,
+        restored: saved.is_some(),
         done: false,
     }));
     event_manager.add_subscriber(controller.clone());
@@ -583,7 +590,11 @@ fn run_vm(config: VmConfig, boot: Boot, api_socket: Option<PathBuf>) -> Result<V
     for vcpu in vcpus {
         handles.push(vcpu.start(ctx.clone())?);
     }
-    lock(&controller).handles = handles;
+    {
+        let mut c = lock(&controller);
+        c.handles = handles;
+        c.startup = crate::process_start().elapsed();
+    }
 
     let loop_result = loop {
         if let Err(e) = event_manager.run() {
