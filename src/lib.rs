@@ -6,6 +6,7 @@ pub mod api;
 pub mod arch;
 pub mod config;
 pub mod devices;
+pub mod migration;
 pub mod snapshot;
 pub mod vmm;
 pub mod vstate;

@@ -25,6 +25,9 @@ use crate::devices::serial::SerialDevice;
 use crate::devices::virtio::block::{Block, BlockError};
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::VirtioDevice;
+use crate::migration::destination::{self, Incoming};
+use crate::migration::source::{MigratableVm, Migration, SourceContext};
+use crate::migration::{Phase, SendRequest};
 use crate::snapshot::{self, DriveState, SnapshotError, VmState};
 use crate::vstate::memory::{create_guest_memory, GuestMemoryMmap};
 use crate::vstate::state;
@@ -39,6 +42,8 @@ const VIRTIO_MMIO_QUEUE_NOTIFY: u64 = 0x50;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmmError {
+    #[error("migration: {0}")]
+    Receive(destination::DestinationError),
     #[error("snapshot: {0}")]
     Snapshot(#[from] SnapshotError),
     #[error("VM state: {0}")]
@@ -143,14 +148,21 @@ struct Controller {
     api_rx: Receiver<ApiRequest>,
     control: Arc<VcpuControl>,
     handles: Vec<VcpuHandle>,
-    machine: Machine,
+    machine: Arc<Mutex<Machine>>,
+    /// The migration in progress or the last one, if any.
+    migration: Option<Migration>,
     stdin_open: bool,
     started: Instant,
     /// From process start to the vCPUs running (booted or restored).
     startup: Duration,
     restored: bool,
     done: bool,
+    /// After a migration, when to stop at the latest.
+    linger_until: Option<Instant>,
 }
+
+/// How long a migrated-away source keeps its control socket up.
+const MIGRATED_LINGER: Duration = Duration::from_secs(1);
 
 const TOKEN_EXIT: u32 = 1;
 const TOKEN_RESET: u32 = 2;
@@ -168,22 +180,38 @@ impl Controller {
 
     fn handle_api(&mut self, action: ApiAction) -> ApiReply {
         match action {
-            ApiAction::GetVm => Ok(serde_json::json!({
-                "state": self.state(),
-                "vcpus": self.machine.config.vcpus,
-                "memory_mib": self.machine.config.memory_mib,
-                "uptime_ms": self.started.elapsed().as_millis() as u64,
-                "startup_ms": self.startup.as_secs_f64() * 1000.0,
-                "restored": self.restored,
-                "drives": self.machine.config.drives.iter().map(|d| &d.id).collect::<Vec<_>>(),
-            })),
+            ApiAction::GetVm => {
+                let m = lock(&self.machine);
+                Ok(serde_json::json!({
+                    "state": self.state(),
+                    "vcpus": m.config.vcpus,
+                    "memory_mib": m.config.memory_mib,
+                    "uptime_ms": self.started.elapsed().as_millis() as u64,
+                    "startup_ms": self.startup.as_secs_f64() * 1000.0,
+                    "restored": self.restored,
+                    "drives": m.config.drives.iter().map(|d| &d.id).collect::<Vec<_>>(),
+                }))
+            }
             ApiAction::Pause => {
                 self.control
-                    .pause(&self.handles)
+                    .pause()
                     .map_err(|e| ApiError::new(500, e.to_string()))?;
                 Ok(serde_json::json!({ "state": self.state() }))
             }
             ApiAction::Resume => {
+                let migration = self.migration.as_ref().map(|m| m.status());
+                if let Some(m) = migration {
+                    if m.handed_over {
+                        return Err(ApiError::conflict(
+                            "the guest was handed over to the migration destination; it must not run here too",
+                        ));
+                    }
+                    if m.phase == Phase::StopAndCopy {
+                        return Err(ApiError::conflict(
+                            "the guest is paused for the last phase of a migration",
+                        ));
+                    }
+                }
                 self.control.resume();
                 Ok(serde_json::json!({ "state": self.state() }))
             }
@@ -191,8 +219,77 @@ impl Controller {
                 self.exit.exit(VmExit::Requested);
                 Ok(serde_json::json!({ "state": "ShuttingDown" }))
             }
-            ApiAction::SnapshotCreate { dir } => self.snapshot(&dir),
+            ApiAction::SnapshotCreate { dir } => {
+                if self.migration_active() {
+                    return Err(ApiError::conflict("a migration is in progress"));
+                }
+                self.snapshot(&dir)
+            }
+            ApiAction::MigrationSend(req) => self.migrate(req),
+            ApiAction::MigrationStatus => {
+                if let Some(until) = self.linger_until.as_mut() {
+                    // The final status has been read: leave right after.
+                    *until = (*until).min(Instant::now() + Duration::from_millis(100));
+                }
+                Ok(self.migration_status())
+            }
+            ApiAction::MigrationCancel => {
+                let Some(m) = self.migration.as_ref().filter(|m| m.status().is_active()) else {
+                    return Err(ApiError::conflict("no migration is in progress"));
+                };
+                m.cancel();
+                // The migration thread notices at once; wait for it to have
+                // put the guest back as it was.
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while m.status().is_active() && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                Ok(self.migration_status())
+            }
         }
+    }
+
+    fn migration_active(&self) -> bool {
+        self.migration
+            .as_ref()
+            .is_some_and(|m| m.status().is_active())
+    }
+
+    fn migration_status(&self) -> serde_json::Value {
+        let status = self
+            .migration
+            .as_ref()
+            .map(|m| m.status())
+            .unwrap_or_default();
+        serde_json::to_value(status).unwrap_or(serde_json::Value::Null)
+    }
+
+    fn migrate(&mut self, req: SendRequest) -> ApiReply {
+        if self.migration_active() {
+            return Err(ApiError::conflict("a migration is already in progress"));
+        }
+        let ctx = {
+            let m = lock(&self.machine);
+            SourceContext {
+                vm: m.vm.clone(),
+                mem: m.mem.clone(),
+                memfd: m.memfd.clone(),
+                control: self.control.clone(),
+                vcpus: m.config.vcpus,
+                machine: Arc::new(MachineHandle {
+                    machine: self.machine.clone(),
+                    exit: self.exit.clone(),
+                    cpuid: m.guest_cpuid.clone(),
+                }),
+            }
+        };
+        // Drop (and join) a finished earlier migration first.
+        self.migration = None;
+        let m = Migration::start(ctx, req)
+            .map_err(|e| ApiError::new(500, format!("cannot start the migration thread: {e}")))?;
+        let status = m.status();
+        self.migration = Some(m);
+        Ok(serde_json::to_value(status).unwrap_or(serde_json::Value::Null))
     }
 
     /// Pauses the guest (if running), writes a snapshot of it into `dir`,
@@ -201,13 +298,16 @@ impl Controller {
         let t0 = Instant::now();
         let was_paused = self.control.is_paused();
         self.control
-            .pause(&self.handles)
+            .pause()
             .map_err(|e| ApiError::new(500, e.to_string()))?;
         let paused_at = t0.elapsed();
-        let result = self.machine.save_state().and_then(|st| {
-            snapshot::write_snapshot(dir, &st, &self.machine.mem, self.machine.memfd.as_ref())
-                .map_err(VmmError::from)
-        });
+        let result = {
+            let mut m = lock(&self.machine);
+            m.save_state().and_then(|st| {
+                snapshot::write_snapshot(dir, &st, &m.mem, m.memfd.as_deref())
+                    .map_err(VmmError::from)
+            })
+        };
         match result {
             Ok(stats) => Ok(serde_json::json!({
                 "dir": dir,
@@ -257,7 +357,8 @@ impl Controller {
                 self.stdin_open = false;
             }
             Ok(n) => {
-                let mut serial = lock(&self.machine.serial);
+                let serial = lock(&self.machine).serial.clone();
+                let mut serial = lock(&serial);
                 // The guest's FIFO may be full; drop what does not fit rather
                 // than block the event loop.
                 serial.enqueue_input(&buf[..n]);
@@ -288,7 +389,13 @@ impl MutEventSubscriber for Controller {
         match events.data() {
             TOKEN_EXIT => {
                 let _ = self.exit.evt().read();
-                self.done = true;
+                if let Some(VmExit::Migrated { .. }) = self.exit.reason() {
+                    // Keep answering GET /migration a moment, so that whoever
+                    // drives the migration can read how it ended.
+                    self.linger_until = Some(Instant::now() + MIGRATED_LINGER);
+                } else {
+                    self.done = true;
+                }
             }
             TOKEN_RESET => {
                 let _ = self.reset_evt.read();
@@ -312,11 +419,12 @@ type Drive = (Arc<Mutex<MmioTransport>>, Arc<Mutex<Block>>);
 /// Everything that makes up the running VM, as needed to save its state.
 struct Machine {
     config: VmConfig,
-    vm: Vm,
+    vm: Arc<Vm>,
     mem: GuestMemoryMmap,
-    /// The memfd behind guest RAM on a fresh boot (None when RAM maps a
-    /// snapshot file).
-    memfd: Option<File>,
+    /// The memfd behind guest RAM (None when RAM maps a snapshot file).
+    memfd: Option<Arc<File>>,
+    /// The CPUID vCPU 0 was given, which a migration destination checks.
+    guest_cpuid: Vec<kvm_bindings::kvm_cpuid_entry2>,
     vcpus: Vec<Arc<Mutex<kvm_ioctls::VcpuFd>>>,
     serial: Arc<Mutex<SerialDevice>>,
     drives: Vec<Drive>,
@@ -325,6 +433,17 @@ struct Machine {
 }
 
 impl Machine {
+    /// Completes every device request in flight. The vCPUs must be paused,
+    /// so that no new ones come.
+    fn quiesce(&self) -> Result<(), String> {
+        for (i, (_, block)) in self.drives.iter().enumerate() {
+            lock(block)
+                .process_queue()
+                .map_err(|e| format!("drive {}: {e}", self.config.drives[i].id))?;
+        }
+        Ok(())
+    }
+
     /// The whole VM state. The vCPUs must be paused.
     fn save_state(&mut self) -> Result<VmState, VmmError> {
         let msrs = match &self.msrs {
@@ -361,10 +480,40 @@ impl Machine {
     }
 }
 
-/// How the VM comes to life: booted from its kernel, or restored.
+/// What a migration needs of the VMM, kept out of the migration module.
+struct MachineHandle {
+    machine: Arc<Mutex<Machine>>,
+    exit: Arc<ExitSignal>,
+    cpuid: Vec<kvm_bindings::kvm_cpuid_entry2>,
+}
+
+impl MigratableVm for MachineHandle {
+    fn quiesce(&self) -> Result<(), String> {
+        lock(&self.machine).quiesce()
+    }
+
+    fn save_state(&self) -> Result<VmState, String> {
+        lock(&self.machine).save_state().map_err(|e| e.to_string())
+    }
+
+    fn guest_cpuid(&self) -> Vec<kvm_bindings::kvm_cpuid_entry2> {
+        self.cpuid.clone()
+    }
+
+    fn migrated(&self, destination: &str, downtime: Duration) {
+        self.exit.exit(VmExit::Migrated {
+            destination: destination.to_string(),
+            downtime_ms: downtime.as_secs_f64() * 1000.0,
+        });
+    }
+}
+
+/// How the VM comes to life: booted from its kernel, restored from a
+/// snapshot, or received from a migration source.
 enum Boot {
     Fresh,
     Restore(Box<VmState>, File),
+    Incoming(Box<Incoming>),
 }
 
 /// Builds the VM described by `config`, boots it, runs it, and returns how
@@ -372,6 +521,22 @@ enum Boot {
 pub fn run(config: VmConfig, api_socket: Option<PathBuf>) -> Result<VmExit, VmmError> {
     config.create_missing_drives()?;
     run_vm(config, Boot::Fresh, api_socket)
+}
+
+/// Waits on `listen` for a migration, then runs the guest it brings.
+pub fn receive(listen: &str, api_socket: Option<PathBuf>) -> Result<VmExit, VmmError> {
+    let listener = destination::bind(listen).map_err(VmmError::Receive)?;
+    eprintln!(
+        "ferry: waiting for a migration on {}",
+        listener
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|_| listen.to_string())
+    );
+    let incoming = destination::accept_migration(&listener).map_err(VmmError::Receive)?;
+    drop(listener);
+    let config = incoming.state.config.clone();
+    run_vm(config, Boot::Incoming(Box::new(incoming)), api_socket)
 }
 
 /// Restores the snapshot in `dir` and runs the guest from where it was.
@@ -385,30 +550,51 @@ fn run_vm(config: VmConfig, boot: Boot, api_socket: Option<PathBuf>) -> Result<V
     let started = Instant::now();
     install_kick_handler()?;
 
-    let vm = Vm::new()?;
     let mem_size = config.memory_mib << 20;
-    let (memfd, mem) = match &boot {
+    let mut incoming = None;
+    let mut saved_state = None;
+    let (vm, memfd, mem, slots_registered) = match boot {
         Boot::Fresh => {
             let (fd, mem) = create_guest_memory(mem_size)?;
-            (Some(fd), mem)
+            (Vm::new()?, Some(fd), mem, false)
         }
-        Boot::Restore(_, file) => (
-            None,
-            snapshot::memory::map_private(file, mem_size).map_err(|source| SnapshotError::Io {
-                path: PathBuf::from(snapshot::MEMORY_FILE),
-                source,
-            })?,
-        ),
+        Boot::Restore(state, file) => {
+            saved_state = Some(state);
+            let mem = snapshot::memory::map_private(&file, mem_size).map_err(|source| {
+                SnapshotError::Io {
+                    path: PathBuf::from(snapshot::MEMORY_FILE),
+                    source,
+                }
+            })?;
+            (Vm::new()?, None, mem, false)
+        }
+        Boot::Incoming(inc) => {
+            let destination::Incoming {
+                stream,
+                peer,
+                hello,
+                vm,
+                memfd,
+                mem,
+                state,
+            } = *inc;
+            saved_state = Some(Box::new(state));
+            incoming = Some((stream, peer, hello));
+            (vm, Some(memfd), mem, true)
+        }
     };
-    let saved = match &boot {
-        Boot::Fresh => None,
-        Boot::Restore(state, _) => Some(state.as_ref()),
-    };
+    let saved = saved_state.as_deref();
 
     // Registering the first memory slot costs this host's KVM several
     // milliseconds whatever the size; do it while the rest is built.
     let built = std::thread::scope(|scope| -> Result<_, VmmError> {
-        let slots = scope.spawn(|| vm.set_memory(&mem, false));
+        let slots = scope.spawn(|| {
+            if slots_registered {
+                Ok(())
+            } else {
+                vm.set_memory(&mem, false)
+            }
+        });
         let built = (|| -> Result<_, VmmError> {
             let mut pio = Bus::new();
             let mut mmio = Bus::new();
@@ -494,6 +680,7 @@ fn run_vm(config: VmConfig, boot: Boot, api_socket: Option<PathBuf>) -> Result<V
             // vCPUs.
             let supported = vm.supported_cpuid()?;
             let mut vcpus = Vec::with_capacity(config.vcpus as usize);
+            let mut guest_cpuid = Vec::new();
             for index in 0..config.vcpus {
                 let fd = vm
                     .fd()
@@ -501,6 +688,9 @@ fn run_vm(config: VmConfig, boot: Boot, api_socket: Option<PathBuf>) -> Result<V
                     .map_err(|source| VcpuError::Create { index, source })?;
                 match (saved, entry) {
                     (Some(st), _) => {
+                        if index == 0 {
+                            guest_cpuid = st.vcpus[0].cpuid.clone();
+                        }
                         let refused = state::restore_vcpu(&fd, &st.vcpus[index as usize])?;
                         if !refused.is_empty() {
                             eprintln!(
@@ -512,6 +702,9 @@ fn run_vm(config: VmConfig, boot: Boot, api_socket: Option<PathBuf>) -> Result<V
                     (None, Some(entry)) => {
                         let tsc_khz = fd.get_tsc_khz().ok();
                         let cpuid = cpuid::vcpu_cpuid(&supported, index, config.vcpus, tsc_khz)?;
+                        if index == 0 {
+                            guest_cpuid = cpuid.as_slice().to_vec();
+                        }
                         fd.set_cpuid2(&cpuid)
                             .map_err(|source| regs::RegsError::Kvm {
                                 op: "set",
@@ -524,19 +717,32 @@ fn run_vm(config: VmConfig, boot: Boot, api_socket: Option<PathBuf>) -> Result<V
                         regs::setup_sregs(&fd)?;
                         regs::setup_lint(&fd)?;
                     }
-                    (None, None) => unreachable!("a fresh boot always has an entry point"),
+                    (None, None) => {
+                        return Err(VmmError::EventLoop(
+                            "neither a kernel entry point nor a saved state to start from".into(),
+                        ))
+                    }
                 }
                 vcpus.push(Vcpu::new(index, fd));
             }
 
-            Ok((pio, mmio, event_manager, serial, reset_evt, drives, vcpus))
+            Ok((
+                pio,
+                mmio,
+                event_manager,
+                serial,
+                reset_evt,
+                drives,
+                vcpus,
+                guest_cpuid,
+            ))
         })();
         slots
             .join()
             .map_err(|_| VmmError::EventLoop("the memory slot thread panicked".into()))??;
         built
     })?;
-    let (pio, mmio, mut event_manager, serial, reset_evt, drives, vcpus) = built;
+    let (pio, mmio, mut event_manager, serial, reset_evt, drives, vcpus, guest_cpuid) = built;
 
     // Control socket.
     let (api_tx, api_rx) = mpsc::channel();
@@ -562,9 +768,10 @@ fn run_vm(config: VmConfig, boot: Boot, api_socket: Option<PathBuf>) -> Result<V
     let interactive = unsafe { libc::isatty(std::io::stdin().as_raw_fd()) } == 1;
     let machine = Machine {
         config,
-        vm,
+        vm: Arc::new(vm),
         mem,
-        memfd,
+        memfd: memfd.map(Arc::new),
+        guest_cpuid,
         vcpus: vcpus.iter().map(|v| v.fd.clone()).collect(),
         serial: serial.clone(),
         drives,
@@ -577,15 +784,22 @@ fn run_vm(config: VmConfig, boot: Boot, api_socket: Option<PathBuf>) -> Result<V
         api_rx,
         control: control.clone(),
         handles: Vec::new(),
-        machine,
+        machine: Arc::new(Mutex::new(machine)),
+        migration: None,
         stdin_open: interactive,
         started,
         startup: Duration::ZERO,
         restored: saved.is_some(),
         done: false,
+        linger_until: None,
     }));
     event_manager.add_subscriber(controller.clone());
 
+    // A migrated guest runs only once the source has let go of it.
+    if let Some((stream, _, _)) = incoming.as_mut() {
+        destination::ready_and_wait_go(stream)
+            .map_err(|e| VmmError::Receive(destination::DestinationError::Protocol(e)))?;
+    }
     let mut handles = Vec::with_capacity(vcpus.len());
     for vcpu in vcpus {
         handles.push(vcpu.start(ctx.clone())?);
@@ -595,12 +809,25 @@ fn run_vm(config: VmConfig, boot: Boot, api_socket: Option<PathBuf>) -> Result<V
         c.handles = handles;
         c.startup = crate::process_start().elapsed();
     }
+    if let Some((stream, peer, hello)) = incoming.as_mut() {
+        // The source waits for this to stop for good; if it never hears it,
+        // it stays paused rather than run the guest twice.
+        if let Err(e) = destination::confirm_resumed(stream) {
+            eprintln!("ferry: could not confirm the resume to {peer}: {e}");
+        }
+        eprintln!(
+            "ferry: migration {} from {peer} complete; the guest runs here",
+            hello.migration_id
+        );
+    }
 
     let loop_result = loop {
-        if let Err(e) = event_manager.run() {
+        let lingering = lock(&controller).linger_until.is_some();
+        if let Err(e) = event_manager.run_with_timeout(if lingering { 20 } else { -1 }) {
             break Err(VmmError::EventLoop(format!("{e:?}")));
         }
-        if lock(&controller).done {
+        let c = lock(&controller);
+        if c.done || c.linger_until.is_some_and(|t| Instant::now() >= t) {
             break Ok(());
         }
     };

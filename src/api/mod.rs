@@ -18,6 +18,9 @@
 //! | PUT    | `/vm/resume`   | `Resume`   | 200 `{"state": "Running"}` |
 //! | PUT    | `/vm/shutdown` | `Shutdown` | 200 `{"state": "ShuttingDown"}` |
 //! | PUT    | `/snapshot/create` | `SnapshotCreate` (`{"dir": "..."}`) | 200 with what was written |
+//! | PUT    | `/migration/send` | `MigrationSend` (`{"destination": "host:port", ...}`) | 200 with the status |
+//! | GET    | `/migration` | `MigrationStatus` | 200 with progress |
+//! | PUT    | `/migration/cancel` | `MigrationCancel` | 200 with the final status |
 //!
 //! To add an endpoint: add a variant to [`ApiAction`] and a line to the route
 //! table in `server.rs`.
@@ -34,7 +37,7 @@ pub use server::{
 };
 
 /// What a client asked the VMM to do.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum ApiAction {
     /// Describe the VM (state, config, ...): the reply value is sent as is.
     GetVm,
@@ -45,6 +48,12 @@ pub enum ApiAction {
     SnapshotCreate {
         dir: std::path::PathBuf,
     },
+    /// Start migrating the guest to another ferry.
+    MigrationSend(crate::migration::SendRequest),
+    /// Progress of the current (or last) migration.
+    MigrationStatus,
+    /// Stop the migration in progress; the guest stays here.
+    MigrationCancel,
 }
 
 /// One action on its way to the VMM, with the channel to answer on.

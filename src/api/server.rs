@@ -78,7 +78,47 @@ const ROUTES: &[Route] = &[
         path: "/snapshot/create",
         action: snapshot_create,
     },
+    Route {
+        method: "PUT",
+        path: "/migration/send",
+        action: migration_send,
+    },
+    Route {
+        method: "GET",
+        path: "/migration",
+        action: |body| without_params(body, ApiAction::MigrationStatus),
+    },
+    Route {
+        method: "PUT",
+        path: "/migration/cancel",
+        action: |body| without_params(body, ApiAction::MigrationCancel),
+    },
 ];
+
+/// `{"destination": "host:port", "max_downtime_ms": 50, "bandwidth_mib_s": null}`.
+fn migration_send(body: Option<Value>) -> Result<ApiAction, ApiError> {
+    let body = body.ok_or_else(|| {
+        ApiError::bad_request("send a JSON body {\"destination\": \"<host>:<port>\"}")
+    })?;
+    let req: crate::migration::SendRequest = serde_json::from_value(body)
+        .map_err(|e| ApiError::bad_request(format!("invalid migration request: {e}")))?;
+    if req.destination.is_empty() || !req.destination.contains(':') {
+        return Err(ApiError::bad_request(
+            "\"destination\" must be <host>:<port> of a `ferry receive`",
+        ));
+    }
+    if req.max_downtime_ms == 0 || req.max_downtime_ms > 60_000 {
+        return Err(ApiError::bad_request(
+            "\"max_downtime_ms\" must be between 1 and 60000",
+        ));
+    }
+    if req.bandwidth_mib_s == Some(0) {
+        return Err(ApiError::bad_request(
+            "\"bandwidth_mib_s\" must be positive, or null for unlimited",
+        ));
+    }
+    Ok(ApiAction::MigrationSend(req))
+}
 
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -559,6 +599,7 @@ mod tests {
                     }
                     ApiAction::Shutdown => Err(ApiError::new(200, "not a valid error status")),
                     ApiAction::SnapshotCreate { dir } => Ok(json!({ "dir": dir })),
+                    other => Ok(json!({ "action": format!("{other:?}") })),
                 };
                 request.respond(reply);
             }

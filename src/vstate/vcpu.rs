@@ -16,7 +16,7 @@ use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 use crate::devices::bus::Bus;
 
 /// How the VM ended, as seen by whoever noticed first.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum VmExit {
     /// The guest reset the machine (i8042 or a KVM reset event).
     Reset,
@@ -24,6 +24,11 @@ pub enum VmExit {
     GuestShutdown,
     /// Shut down on request (control socket).
     Requested,
+    /// Migrated: the guest runs at `destination` now.
+    Migrated {
+        destination: String,
+        downtime_ms: f64,
+    },
     /// Something went wrong; the text says what.
     Error(String),
 }
@@ -71,8 +76,12 @@ enum Want {
 
 struct ControlState {
     want: Want,
+    /// Auto-converge: vCPUs park while this is set, whatever `want` says.
+    throttled: bool,
     paused: usize,
     stopped: usize,
+    /// The vCPU threads, for kicking them out of KVM_RUN.
+    threads: Vec<libc::pthread_t>,
 }
 
 /// Shared by the vCPU threads and the VMM.
@@ -138,22 +147,15 @@ pub struct VcpuHandle {
     thread: JoinHandle<()>,
 }
 
-impl VcpuHandle {
-    fn kick(&self) {
-        use std::os::unix::thread::JoinHandleExt;
-        // SAFETY: the pthread is alive until joined, and the signal has a
-        // handler installed, so it cannot kill the process.
-        unsafe { libc::pthread_kill(self.thread.as_pthread_t(), kick_signal()) };
-    }
-}
-
 impl VcpuControl {
     pub fn new() -> Self {
         Self {
             state: Mutex::new(ControlState {
                 want: Want::Run,
+                throttled: false,
                 paused: 0,
                 stopped: 0,
+                threads: Vec::new(),
             }),
             cond: Condvar::new(),
         }
@@ -163,8 +165,18 @@ impl VcpuControl {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    fn kick_all(s: &ControlState) {
+        for &t in &s.threads {
+            // SAFETY: vCPU threads are only joined after they stopped, and
+            // stopped threads are never kicked again (stop waits for them
+            // before joining); the signal has a handler, so it cannot kill
+            // the process.
+            unsafe { libc::pthread_kill(t, kick_signal()) };
+        }
+    }
+
     /// Asks every vCPU to leave `KVM_RUN` and park; returns when all have.
-    pub fn pause(&self, handles: &[VcpuHandle]) -> Result<(), VcpuError> {
+    pub fn pause(&self) -> Result<(), VcpuError> {
         {
             let mut s = self.lock();
             if s.want == Want::Stop {
@@ -172,7 +184,19 @@ impl VcpuControl {
             }
             s.want = Want::Pause;
         }
-        self.wait_for(handles, "pause", |s| s.paused + s.stopped)
+        self.wait_for("pause", |s| s.paused + s.stopped)
+    }
+
+    /// Parks (`true`) or releases (`false`) the vCPUs for auto-converge,
+    /// without waiting and without touching a user's pause.
+    pub fn set_throttled(&self, throttled: bool) {
+        let mut s = self.lock();
+        s.throttled = throttled;
+        if throttled {
+            Self::kick_all(&s);
+        } else {
+            self.cond.notify_all();
+        }
     }
 
     pub fn resume(&self) {
@@ -191,7 +215,7 @@ impl VcpuControl {
     pub fn stop(&self, handles: Vec<VcpuHandle>) -> Result<(), VcpuError> {
         self.lock().want = Want::Stop;
         self.cond.notify_all();
-        let res = self.wait_for(&handles, "stop", |s| s.stopped);
+        let res = self.wait_for("stop", |s| s.stopped);
         if res.is_ok() {
             for h in handles {
                 let _ = h.thread.join();
@@ -202,14 +226,13 @@ impl VcpuControl {
 
     fn wait_for(
         &self,
-        handles: &[VcpuHandle],
         what: &'static str,
         done: impl Fn(&ControlState) -> usize,
     ) -> Result<(), VcpuError> {
         const LIMIT: Duration = Duration::from_secs(10);
         let start = Instant::now();
-        let total = handles.len();
         let mut s = self.lock();
+        let total = s.threads.len();
         loop {
             let n = done(&s);
             if n >= total {
@@ -225,9 +248,7 @@ impl VcpuControl {
             }
             // Kick again on every round: a vCPU busy in userspace when the
             // first kick came may have re-entered KVM_RUN since.
-            for h in handles {
-                h.kick();
-            }
+            Self::kick_all(&s);
             s = self
                 .cond
                 .wait_timeout(s, Duration::from_millis(5))
@@ -243,7 +264,7 @@ impl VcpuControl {
         let mut parked = false;
         loop {
             match s.want {
-                Want::Run => {
+                Want::Run if !s.throttled => {
                     if parked {
                         s.paused -= 1;
                     }
@@ -257,7 +278,7 @@ impl VcpuControl {
                     self.cond.notify_all();
                     return false;
                 }
-                Want::Pause => {
+                Want::Run | Want::Pause => {
                     if !parked {
                         parked = true;
                         s.paused += 1;
@@ -295,6 +316,7 @@ impl Vcpu {
 
     pub fn start(self, ctx: VcpuContext) -> Result<VcpuHandle, VcpuError> {
         let index = self.index;
+        let control = ctx.control.clone();
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
             .spawn(move || {
@@ -304,6 +326,10 @@ impl Vcpu {
                 KVM_RUN.with(|p| p.set(std::ptr::null_mut()));
             })
             .map_err(|source| VcpuError::Spawn { index, source })?;
+        {
+            use std::os::unix::thread::JoinHandleExt;
+            control.lock().threads.push(thread.as_pthread_t());
+        }
         Ok(VcpuHandle { thread })
     }
 

@@ -40,6 +40,11 @@ pub enum VmError {
         addr: u64,
         source: kvm_ioctls::Error,
     },
+    #[error("cannot read the dirty log of memory slot {slot}: {source}")]
+    DirtyLog {
+        slot: u32,
+        source: kvm_ioctls::Error,
+    },
     #[error("cannot read the supported CPUID: {0}")]
     SupportedCpuid(kvm_ioctls::Error),
 }
@@ -133,6 +138,13 @@ impl Vm {
         self.fd
             .register_ioevent(evt, &IoEventAddress::Mmio(addr), datamatch)
             .map_err(|source| VmError::Ioeventfd { addr, source })
+    }
+
+    /// KVM's dirty log of slot `slot` (`size` bytes), cleared as it is read.
+    pub fn dirty_log(&self, slot: u32, size: usize) -> Result<Vec<u64>, VmError> {
+        self.fd
+            .get_dirty_log(slot, size)
+            .map_err(|source| VmError::DirtyLog { slot, source })
     }
 
     pub fn supported_cpuid(&self) -> Result<kvm_bindings::CpuId, VmError> {

@@ -1,0 +1,421 @@
+//! Guest memory over the migration stream: dirty tracking on the source
+//! (KVM's dirty log for vCPU writes, merged with the VMM's own bitmap for
+//! device writes), sending page ranges with all-zero pages as markers, and
+//! writing received pages straight into the destination's guest memory.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress,
+};
+
+use super::protocol::{send_frame, FrameHeader, Kind, ProtocolError, MAX_MEMORY_CHUNK, PAGE_SIZE};
+use crate::vstate::memory::GuestMemoryMmap;
+use crate::vstate::vm::{Vm, VmError};
+
+/// Per region, one bit per 4 KiB page.
+pub type DirtyBitmaps = Vec<Vec<u64>>;
+
+/// Starts tracking: KVM logs vCPU writes from now on, and the VMM's bitmap
+/// is cleared (what it recorded before is covered by the first full pass).
+pub fn start_dirty_tracking(vm: &Vm, mem: &GuestMemoryMmap) -> Result<(), VmError> {
+    vm.set_memory(mem, true)?;
+    for region in mem.iter() {
+        (**region).bitmap().reset();
+    }
+    Ok(())
+}
+
+pub fn stop_dirty_tracking(vm: &Vm, mem: &GuestMemoryMmap) -> Result<(), VmError> {
+    vm.set_memory(mem, false)
+}
+
+/// Pages written since the last call, by vCPUs or by the VMM.
+pub fn collect_dirty(vm: &Vm, mem: &GuestMemoryMmap) -> Result<DirtyBitmaps, VmError> {
+    let mut out = Vec::new();
+    for (slot, region) in mem.iter().enumerate() {
+        let mut kvm = vm.dirty_log(slot as u32, region.len() as usize)?;
+        let vmm = (**region).bitmap().get_and_reset();
+        for (k, v) in kvm.iter_mut().zip(vmm.iter()) {
+            *k |= *v;
+        }
+        out.push(kvm);
+    }
+    Ok(out)
+}
+
+/// `into |= from`, region by region.
+pub fn merge_into(into: &mut DirtyBitmaps, from: &DirtyBitmaps) {
+    for (a, b) in into.iter_mut().zip(from.iter()) {
+        for (x, y) in a.iter_mut().zip(b.iter()) {
+            *x |= *y;
+        }
+    }
+}
+
+pub fn count_pages(bitmaps: &DirtyBitmaps) -> u64 {
+    bitmaps
+        .iter()
+        .flat_map(|b| b.iter())
+        .map(|w| w.count_ones() as u64)
+        .sum()
+}
+
+/// Runs of set bits as guest-physical `(start, len)` ranges.
+pub fn dirty_ranges(mem: &GuestMemoryMmap, bitmaps: &DirtyBitmaps) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    for (region, bits) in mem.iter().zip(bitmaps.iter()) {
+        let base = region.start_addr().raw_value();
+        let pages = region.len() / PAGE_SIZE;
+        let mut run: Option<u64> = None;
+        for page in 0..=pages {
+            let set = page < pages && bits[(page / 64) as usize] & (1 << (page % 64)) != 0;
+            match (set, run) {
+                (true, None) => run = Some(page),
+                (false, Some(start)) => {
+                    out.push((base + start * PAGE_SIZE, (page - start) * PAGE_SIZE));
+                    run = None;
+                }
+                _ => {}
+            }
+        }
+    }
+    out
+}
+
+/// Every range of guest memory that may hold data. With the memfd behind
+/// guest RAM, ranges the guest never touched (holes) are left out: they are
+/// zero, and so is a fresh destination.
+pub fn populated_ranges(
+    mem: &GuestMemoryMmap,
+    memfd: Option<&File>,
+) -> std::io::Result<Vec<(u64, u64)>> {
+    let mut out = Vec::new();
+    let mut file_offset = 0u64;
+    for region in mem.iter() {
+        let base = region.start_addr().raw_value();
+        let len = region.len();
+        match memfd {
+            None => out.push((base, len)),
+            Some(fd) => {
+                let mut pos = file_offset;
+                let end = file_offset + len;
+                while pos < end {
+                    // SAFETY: lseek on our own descriptor; no memory involved.
+                    let data = unsafe { libc::lseek(fd.as_raw_fd(), pos as i64, libc::SEEK_DATA) };
+                    if data < 0 {
+                        let e = std::io::Error::last_os_error();
+                        if e.raw_os_error() == Some(libc::ENXIO) {
+                            break;
+                        }
+                        return Err(e);
+                    }
+                    let data = (data as u64) & !(PAGE_SIZE - 1);
+                    if data >= end {
+                        break;
+                    }
+                    // SAFETY: as above.
+                    let hole = unsafe { libc::lseek(fd.as_raw_fd(), data as i64, libc::SEEK_HOLE) };
+                    if hole < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    let hole = ((hole as u64 + PAGE_SIZE - 1) & !(PAGE_SIZE - 1)).min(end);
+                    out.push((base + data - file_offset, hole - data));
+                    pos = hole;
+                }
+            }
+        }
+        file_offset += len;
+    }
+    Ok(out)
+}
+
+fn is_zero_page(page: &[u8]) -> bool {
+    // SAFETY: any initialized bytes are valid u64s; align_to keeps the
+    // unaligned ends as bytes.
+    let (head, words, tail) = unsafe { page.align_to::<u64>() };
+    head.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
+}
+
+/// Sends guest memory, counting what goes on the wire.
+pub struct PageSender<'a, W: Write> {
+    pub w: &'a mut W,
+    mem: &'a GuestMemoryMmap,
+    buf: Vec<u8>,
+    pub wire_bytes: u64,
+    pub data_pages: u64,
+    pub zero_pages: u64,
+}
+
+impl<'a, W: Write> PageSender<'a, W> {
+    pub fn new(w: &'a mut W, mem: &'a GuestMemoryMmap) -> Self {
+        Self {
+            w,
+            mem,
+            buf: vec![0u8; MAX_MEMORY_CHUNK],
+            wire_bytes: 0,
+            data_pages: 0,
+            zero_pages: 0,
+        }
+    }
+
+    /// Sends `[gpa, gpa + len)`. While the guest runs (`guest_paused` false)
+    /// pages are first copied out, so that the checksum matches what is
+    /// sent even if the guest writes them meanwhile (the dirty log catches
+    /// the write); once it is paused, frames go out straight from guest
+    /// memory with no copy. `between` runs after every chunk (bandwidth
+    /// limit, cancellation).
+    pub fn send_range(
+        &mut self,
+        gpa: u64,
+        len: u64,
+        guest_paused: bool,
+        between: &mut dyn FnMut(u64) -> Result<(), ProtocolError>,
+    ) -> Result<(), ProtocolError> {
+        let mut done = 0u64;
+        while done < len {
+            let addr = gpa + done;
+            let n = (len - done).min(MAX_MEMORY_CHUNK as u64) as usize;
+            if guest_paused {
+                let host = self.mem.get_host_address(GuestAddress(addr)).map_err(|e| {
+                    ProtocolError::Malformed {
+                        kind: Kind::MemoryPages,
+                        why: e.to_string(),
+                    }
+                })?;
+                // SAFETY: `addr..addr+n` lies within one region (ranges come
+                // from region-bounded bitmaps and chunks never cross a
+                // region end), the mapping outlives this call, and the
+                // vCPUs are paused and devices drained, so nothing writes it.
+                let data = unsafe { std::slice::from_raw_parts(host as *const u8, n) };
+                self.send_chunk(addr, data)?;
+            } else {
+                let mut buf = std::mem::take(&mut self.buf);
+                let res = self
+                    .mem
+                    .read_slice(&mut buf[..n], GuestAddress(addr))
+                    .map_err(|e| ProtocolError::Malformed {
+                        kind: Kind::MemoryPages,
+                        why: e.to_string(),
+                    })
+                    .and_then(|_| self.send_chunk(addr, &buf[..n]));
+                self.buf = buf;
+                res?;
+            }
+            done += n as u64;
+            between(self.wire_bytes)?;
+        }
+        Ok(())
+    }
+
+    /// One chunk: runs of zero pages become ZeroPages markers, the rest
+    /// MemoryPages frames.
+    fn send_chunk(&mut self, addr: u64, data: &[u8]) -> Result<(), ProtocolError> {
+        let pages = data.len() / PAGE_SIZE as usize;
+        let mut i = 0;
+        while i < pages {
+            let zero = is_zero_page(&data[i * 4096..(i + 1) * 4096]);
+            let mut j = i + 1;
+            while j < pages && is_zero_page(&data[j * 4096..(j + 1) * 4096]) == zero {
+                j += 1;
+            }
+            let start = addr + (i as u64) * PAGE_SIZE;
+            if zero {
+                let count = (j - i) as u64;
+                self.wire_bytes += send_frame(
+                    self.w,
+                    Kind::ZeroPages,
+                    &[&start.to_le_bytes(), &count.to_le_bytes()],
+                )?;
+                self.zero_pages += count;
+            } else {
+                self.wire_bytes += send_frame(
+                    self.w,
+                    Kind::MemoryPages,
+                    &[&start.to_le_bytes(), &data[i * 4096..j * 4096]],
+                )?;
+                self.data_pages += (j - i) as u64;
+            }
+            i = j;
+        }
+        Ok(())
+    }
+}
+
+/// Host memory for `[gpa, gpa + len)` on the destination, checked to lie in
+/// one region.
+fn host_range(
+    mem: &GuestMemoryMmap,
+    kind: Kind,
+    gpa: u64,
+    len: u64,
+) -> Result<*mut u8, ProtocolError> {
+    let bad = |why: String| ProtocolError::Malformed { kind, why };
+    if !gpa.is_multiple_of(PAGE_SIZE) || !len.is_multiple_of(PAGE_SIZE) || len == 0 {
+        return Err(bad(format!("range {gpa:#x}+{len:#x} is not page aligned")));
+    }
+    let region = mem
+        .find_region(GuestAddress(gpa))
+        .ok_or_else(|| bad(format!("address {gpa:#x} is outside guest memory")))?;
+    let offset = gpa - region.start_addr().raw_value();
+    if offset.checked_add(len).is_none_or(|end| end > region.len()) {
+        return Err(bad(format!(
+            "range {gpa:#x}+{len:#x} runs past guest memory"
+        )));
+    }
+    region
+        .get_host_address(MemoryRegionAddress(offset))
+        .map_err(|e| bad(e.to_string()))
+}
+
+/// Receives a MemoryPages frame straight into guest memory and checks it.
+/// The destination's vCPUs are not running yet.
+pub fn receive_pages<R: Read>(
+    r: &mut R,
+    h: &FrameHeader,
+    mem: &GuestMemoryMmap,
+) -> Result<u64, ProtocolError> {
+    if h.len < 8 + PAGE_SIZE || h.len - 8 > MAX_MEMORY_CHUNK as u64 {
+        return Err(ProtocolError::Malformed {
+            kind: Kind::MemoryPages,
+            why: format!("{} bytes", h.len),
+        });
+    }
+    let mut addr = [0u8; 8];
+    r.read_exact(&mut addr)?;
+    let gpa = u64::from_le_bytes(addr);
+    let len = h.len - 8;
+    let host = host_range(mem, Kind::MemoryPages, gpa, len)?;
+    // SAFETY: host_range checked that the range lies inside one live region;
+    // no vCPU runs on the destination yet and nothing else writes it.
+    let data = unsafe { std::slice::from_raw_parts_mut(host, len as usize) };
+    r.read_exact(data)?;
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&addr);
+    crc.update(data);
+    if crc.finalize() != h.crc {
+        return Err(ProtocolError::PayloadChecksum(Kind::MemoryPages));
+    }
+    Ok(len / PAGE_SIZE)
+}
+
+/// Receives a ZeroPages frame: zeroes the range.
+pub fn receive_zero<R: Read>(
+    r: &mut R,
+    h: &FrameHeader,
+    mem: &GuestMemoryMmap,
+) -> Result<u64, ProtocolError> {
+    if h.len != 16 {
+        return Err(ProtocolError::Malformed {
+            kind: Kind::ZeroPages,
+            why: format!("{} bytes", h.len),
+        });
+    }
+    let p = super::protocol::read_payload(r, h)?;
+    let gpa = u64::from_le_bytes(p[0..8].try_into().unwrap());
+    let count = u64::from_le_bytes(p[8..16].try_into().unwrap());
+    let len = count
+        .checked_mul(PAGE_SIZE)
+        .ok_or(ProtocolError::Malformed {
+            kind: Kind::ZeroPages,
+            why: format!("{count} pages"),
+        })?;
+    let host = host_range(mem, Kind::ZeroPages, gpa, len)?;
+    // SAFETY: as in receive_pages.
+    unsafe { std::ptr::write_bytes(host, 0, len as usize) };
+    Ok(count)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::migration::protocol::read_header;
+    use crate::vstate::memory::create_guest_memory;
+
+    #[test]
+    fn ranges_and_pages_roundtrip() {
+        let (memfd, src) = create_guest_memory(8 << 20).unwrap();
+        src.write_obj(0xabcd_u64, GuestAddress(0x3000)).unwrap();
+        src.write_obj(0x1234_u64, GuestAddress(0x5008)).unwrap();
+        src.write_obj(0_u64, GuestAddress(0x6000)).unwrap(); // touched, zero
+        let ranges = populated_ranges(&src, Some(&memfd)).unwrap();
+        let total: u64 = ranges.iter().map(|r| r.1).sum();
+        assert!(total < 8 << 20, "holes are skipped: {ranges:x?}");
+        assert!(ranges.iter().any(|&(a, l)| a <= 0x3000 && a + l > 0x5008));
+
+        let mut wire = Vec::new();
+        let mut s = PageSender::new(&mut wire, &src);
+        for (a, l) in &ranges {
+            s.send_range(*a, *l, false, &mut |_| Ok(())).unwrap();
+        }
+        assert_eq!(s.data_pages, 2);
+
+        let (_fd, dst) = create_guest_memory(8 << 20).unwrap();
+        dst.write_obj(0xffff_u64, GuestAddress(0x6000)).unwrap(); // must be zeroed
+        let mut r = &wire[..];
+        while !r.is_empty() {
+            let h = read_header(&mut r).unwrap();
+            match h.kind {
+                Kind::MemoryPages => receive_pages(&mut r, &h, &dst).map(|_| ()).unwrap(),
+                Kind::ZeroPages => receive_zero(&mut r, &h, &dst).map(|_| ()).unwrap(),
+                k => panic!("{k:?}"),
+            }
+        }
+        assert_eq!(dst.read_obj::<u64>(GuestAddress(0x3000)).unwrap(), 0xabcd);
+        assert_eq!(dst.read_obj::<u64>(GuestAddress(0x5008)).unwrap(), 0x1234);
+        assert_eq!(dst.read_obj::<u64>(GuestAddress(0x6000)).unwrap(), 0);
+    }
+
+    #[test]
+    fn bitmap_runs() {
+        let (_fd, mem) = create_guest_memory(1 << 20).unwrap();
+        let mut bits = vec![vec![0u64; 4]];
+        bits[0][0] = 0b1110_0001;
+        bits[0][1] = 1 << 63;
+        bits[0][2] = 1;
+        assert_eq!(count_pages(&bits), 6);
+        assert_eq!(
+            dirty_ranges(&mem, &bits),
+            vec![(0, 4096), (5 * 4096, 3 * 4096), (127 * 4096, 2 * 4096)]
+        );
+    }
+
+    #[test]
+    fn hostile_frames_are_refused() {
+        let (_fd, dst) = create_guest_memory(1 << 20).unwrap();
+        let mut wire = Vec::new();
+        // Past the end of guest memory.
+        send_frame(
+            &mut wire,
+            Kind::MemoryPages,
+            &[&(1u64 << 20).to_le_bytes(), &[0u8; 4096]],
+        )
+        .unwrap();
+        let mut r = &wire[..];
+        let h = read_header(&mut r).unwrap();
+        assert!(receive_pages(&mut r, &h, &dst).is_err());
+        // Unaligned, and a zero range overflowing.
+        let mut wire = Vec::new();
+        send_frame(
+            &mut wire,
+            Kind::MemoryPages,
+            &[&3u64.to_le_bytes(), &[0u8; 4096]],
+        )
+        .unwrap();
+        send_frame(
+            &mut wire,
+            Kind::ZeroPages,
+            &[&0u64.to_le_bytes(), &u64::MAX.to_le_bytes()],
+        )
+        .unwrap();
+        let mut r = &wire[..];
+        let h = read_header(&mut r).unwrap();
+        assert!(receive_pages(&mut r, &h, &dst).is_err());
+        let mut r = &wire[HEADER + 4104..];
+        let h = read_header(&mut r).unwrap();
+        assert!(receive_zero(&mut r, &h, &dst).is_err());
+    }
+    const HEADER: usize = crate::migration::protocol::HEADER_LEN;
+}
