@@ -39,7 +39,8 @@ enum Command {
         /// Address to listen on for the migration stream, e.g. 0.0.0.0:7777.
         #[arg(long)]
         listen: String,
-        /// Serve the control API on this Unix socket once the guest runs.
+        /// Serve the control API on this Unix socket (it answers once the
+        /// guest runs here).
         #[arg(long)]
         api_sock: Option<PathBuf>,
     },
@@ -230,6 +231,7 @@ fn migrate(
     }
     let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let mut last_line = String::new();
+    let mut handed_over = false;
     loop {
         std::thread::sleep(std::time::Duration::from_millis(100));
         let status = match ferry::api::client::request(sock, "GET", "/migration", None) {
@@ -242,13 +244,21 @@ fn migrate(
                 return ExitCode::from(EXIT_RUNTIME);
             }
             // The source exits once the guest runs at the destination: the
-            // socket going away mid-poll is how success often looks.
-            Err(_) => {
-                eprintln!("\nferry: the source VM has stopped: the guest runs at {to}");
+            // socket going away right after the hand-over is how success
+            // can look. Going away before it is not.
+            Err(e) if handed_over => {
+                eprintln!(
+                    "\nferry: the source has stopped after handing the guest over to {to} ({e})"
+                );
                 return ExitCode::SUCCESS;
+            }
+            Err(e) => {
+                eprintln!("\nferry: lost the source VM before the hand-over: {e}");
+                return ExitCode::from(EXIT_RUNTIME);
             }
         };
         let phase = status["phase"].as_str().unwrap_or("?").to_string();
+        handed_over |= status["handed_over"].as_bool().unwrap_or(false);
         let memory = status["memory_bytes"].as_u64().unwrap_or(0);
         let sent = status["bytes_sent"].as_u64().unwrap_or(0);
         let frac = if memory > 0 {
@@ -290,10 +300,14 @@ fn migrate(
                 return ExitCode::SUCCESS;
             }
             "failed" | "cancelled" => {
-                eprintln!(
-                    "\nferry: migration {phase}: {}; the guest runs on here",
-                    status["error"].as_str().unwrap_or("no reason given")
-                );
+                let why = status["error"].as_str().unwrap_or("no reason given");
+                if handed_over {
+                    eprintln!(
+                        "\nferry: migration {phase} after the hand-over: {why}; the guest stays paused here so that it never runs twice: check {to}"
+                    );
+                } else {
+                    eprintln!("\nferry: migration {phase}: {why}; the guest runs on here");
+                }
                 return ExitCode::from(EXIT_RUNTIME);
             }
             _ => {}

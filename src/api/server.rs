@@ -112,9 +112,9 @@ fn migration_send(body: Option<Value>) -> Result<ApiAction, ApiError> {
             "\"max_downtime_ms\" must be between 1 and 60000",
         ));
     }
-    if req.bandwidth_mib_s == Some(0) {
+    if req.bandwidth_mib_s.is_some_and(|b| b == 0 || b > 1 << 20) {
         return Err(ApiError::bad_request(
-            "\"bandwidth_mib_s\" must be positive, or null for unlimited",
+            "\"bandwidth_mib_s\" must be between 1 and 1048576, or null for unlimited",
         ));
     }
     Ok(ApiAction::MigrationSend(req))

@@ -15,8 +15,9 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 pub const PROTOCOL_VERSION: u32 = 1;
 pub const MAGIC: [u8; 4] = *b"FMIG";
 pub const HEADER_LEN: usize = 24;
-/// Largest payload accepted: a memory frame carries at most this much.
+/// Most guest memory one MemoryPages frame carries.
 pub const MAX_MEMORY_CHUNK: usize = 4 << 20;
+/// Largest payload of any frame (the state is the largest).
 pub const MAX_PAYLOAD: u64 = 64 << 20;
 pub const PAGE_SIZE: u64 = 4096;
 
@@ -27,7 +28,8 @@ pub enum Kind {
     Hello = 1,
     /// Destination -> source: accepted (JSON `HelloAck`).
     HelloAck = 2,
-    /// Either way: refused or failed, with the reason (JSON `Reason`).
+    /// Destination -> source: refused or failed, with the reason (JSON
+    /// `Reason`). The source simply closes the connection.
     Error = 3,
     /// Source -> destination: guest-physical address (u64) then page data.
     MemoryPages = 4,
@@ -234,13 +236,6 @@ pub fn expect<R: Read>(r: &mut R, want: Kind) -> Result<Vec<u8>, ProtocolError> 
         return Err(ProtocolError::Unexpected {
             expected: kind_name(want),
             got: h.kind,
-        });
-    }
-    if h.len > 16 << 20 && want != Kind::State {
-        return Err(ProtocolError::TooLarge {
-            kind: h.kind,
-            len: h.len,
-            max: 16 << 20,
         });
     }
     read_payload(r, &h)

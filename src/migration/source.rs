@@ -131,7 +131,9 @@ impl Migration {
                         drop(status);
                         ctx.machine.migrated(&req.destination, downtime);
                     }
-                    Err(SourceError::Cancelled) => {
+                    // However the cancel surfaced (often as a connection
+                    // error, since cancel shuts the socket down).
+                    Err(_) if c.load(Ordering::SeqCst) => {
                         status.phase = Phase::Cancelled;
                         status.error = Some("cancelled by request".into());
                     }
@@ -187,7 +189,11 @@ fn rand_u64() -> u64 {
         .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))
         .is_err()
     {
-        b = (Instant::now().elapsed().as_nanos() as u64 ^ std::process::id() as u64).to_le_bytes();
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        b = (nanos ^ ((std::process::id() as u64) << 32)).to_le_bytes();
     }
     u64::from_le_bytes(b)
 }
@@ -353,7 +359,10 @@ impl Run<'_> {
     ) -> Result<Duration, SourceError> {
         let vm = &self.ctx.vm;
         let mem = &self.ctx.mem;
-        let limit = self.req.bandwidth_mib_s.map(|m| (m << 20) as f64);
+        let limit = self
+            .req
+            .bandwidth_mib_s
+            .map(|m| m as f64 * (1u64 << 20) as f64);
         let max_downtime = self.req.max_downtime_ms as f64;
         let mut wire_total = 0u64;
         let mut bandwidth = 0f64; // bytes/s, measured
