@@ -85,6 +85,49 @@ fn blk_roundtrip_writes_the_documented_blocks() {
 }
 
 #[test]
+fn blkwrite_rounds_leave_a_consistent_image() {
+    if !kvm_available("blkwrite_rounds_leave_a_consistent_image") {
+        return;
+    }
+    let dir = tempdir();
+    let image = dir.path().join("disk.img");
+    let mut cfg = config(
+        1,
+        64,
+        "testkernel.workload=blkwrite testkernel.blk_blocks=64 testkernel.blk_seed=5",
+    );
+    cfg["drives"] = serde_json::json!([
+        { "id": "d0", "path": image, "create_size_mib": 16 }
+    ]);
+    let mut f = Ferry::run(dir.path(), &cfg);
+    f.wait_line(BOOT, |l| l == "testkernel: blkwrite round=3 writes=192 ok");
+    f.wait_api(BOOT);
+    let (status, body) = f.api("PUT", "/vm/shutdown");
+    assert_eq!(status, 200, "{body}");
+    let status = f.wait_exit(BOOT);
+    assert!(status.success(), "{status:?} {}", f.stderr());
+    let lines = f.lines();
+    assert!(!lines.iter().any(|l| l.contains("FAIL")), "{lines:#?}");
+    let last: u64 = lines
+        .iter()
+        .rev()
+        .find_map(|l| l.strip_prefix("testkernel: blkwrite round="))
+        .and_then(|l| l.split(' ').next()?.parse().ok())
+        .unwrap();
+    let (r, k) = verify_blkwrite_image(&image, 64, 5).unwrap();
+    assert!(r >= 3, "round {r}");
+    // The guest stopped in round last + 1, or between two rounds (perhaps
+    // before printing the line for round last + 1).
+    assert!(
+        r == last + 1 || (r == last && k == 64),
+        "image at round {r} up to block {k}, last line for round {last}"
+    );
+    let data = std::fs::read(&image).unwrap();
+    assert_eq!(data.len(), 16 << 20);
+    assert!(data[64 * 4096..].iter().all(|&b| b == 0));
+}
+
+#[test]
 fn read_only_drive_refuses_writes() {
     if !kvm_available("read_only_drive_refuses_writes") {
         return;

@@ -244,12 +244,31 @@ impl Drop for Ferry {
     }
 }
 
-/// The testkernel's block header (docs/testkernel.md).
-pub fn blk_header(block: u64, seed: u64) -> [u64; 4] {
+/// A testkernel block header (docs/testkernel.md) with word 2 = `w2`.
+pub fn block_header(block: u64, w2: u64) -> [u64; 4] {
     let w0 = 0x4b4c_4259_5252_4546u64;
-    let w3 =
-        (w0 ^ block.rotate_left(17) ^ seed.rotate_left(31)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    [w0, block, seed, w3]
+    let w3 = (w0 ^ block.rotate_left(17) ^ w2.rotate_left(31)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    [w0, block, w2, w3]
+}
+
+/// The header `blk` writes: word 2 is the seed.
+pub fn blk_header(block: u64, seed: u64) -> [u64; 4] {
+    block_header(block, seed)
+}
+
+/// Block `b` of `data`: its four header words, after checking that the rest
+/// of the block is zero.
+fn image_block(data: &[u8], b: u64) -> Result<[u64; 4], String> {
+    let off = (b * 4096) as usize;
+    let block = data
+        .get(off..off + 4096)
+        .ok_or_else(|| format!("image too short for block {b}"))?;
+    if block[32..].iter().any(|&x| x != 0) {
+        return Err(format!("block {b}: bytes past the header are not zero"));
+    }
+    Ok(std::array::from_fn(|i| {
+        u64::from_le_bytes(block[i * 8..i * 8 + 8].try_into().unwrap())
+    }))
 }
 
 /// Checks the first `blocks` 4 KiB blocks of `image` against the block
@@ -257,20 +276,45 @@ pub fn blk_header(block: u64, seed: u64) -> [u64; 4] {
 pub fn verify_blk_image(image: &Path, blocks: u64, seed: u64) -> Result<(), String> {
     let data = std::fs::read(image).map_err(|e| e.to_string())?;
     for b in 0..blocks {
-        let off = (b * 4096) as usize;
-        let block = data
-            .get(off..off + 4096)
-            .ok_or_else(|| format!("image too short for block {b}"))?;
+        let got = image_block(&data, b)?;
         let want = blk_header(b, seed);
-        for (i, w) in want.iter().enumerate() {
-            let got = u64::from_le_bytes(block[i * 8..i * 8 + 8].try_into().unwrap());
-            if got != *w {
-                return Err(format!("block {b} word {i}: {got:#x} != {w:#x}"));
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            if g != w {
+                return Err(format!("block {b} word {i}: {g:#x} != {w:#x}"));
             }
-        }
-        if block[32..].iter().any(|&x| x != 0) {
-            return Err(format!("block {b}: bytes past the header are not zero"));
         }
     }
     Ok(())
+}
+
+/// Checks an image that `blkwrite` was writing (docs/testkernel.md): every
+/// block b < `blocks` holds a header with `seed` and a generation >= 1, the
+/// blocks before some k at one round R and the rest at R - 1. Returns (R, k),
+/// k = `blocks` when all are at R.
+pub fn verify_blkwrite_image(image: &Path, blocks: u64, seed: u64) -> Result<(u64, u64), String> {
+    let data = std::fs::read(image).map_err(|e| e.to_string())?;
+    let mut gens = Vec::new();
+    for b in 0..blocks {
+        let words = image_block(&data, b)?;
+        let w2 = words[2];
+        let generation = w2 & 0xffff_ffff;
+        if w2 >> 32 != seed & 0xffff_ffff || generation == 0 || words != block_header(b, w2) {
+            return Err(format!(
+                "block {b}: no blkwrite header for seed {seed}: {words:x?}"
+            ));
+        }
+        gens.push(generation);
+    }
+    let Some(&r) = gens.first() else {
+        return Err("no blocks to check".into());
+    };
+    let k = gens.iter().position(|&g| g != r).unwrap_or(gens.len());
+    if let Some(b) = (k..gens.len()).find(|&b| gens[b] != r - 1) {
+        return Err(format!(
+            "block {b} is at round {}, expected {} (blocks 0..{k} are at {r})",
+            gens[b],
+            r - 1
+        ));
+    }
+    Ok((r, k as u64))
 }

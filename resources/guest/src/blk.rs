@@ -1,6 +1,6 @@
-//! The `blk` workload: a polled virtio-blk driver over modern (version 2)
-//! virtio-mmio with one request in flight, writing and reading back blocks in
-//! the contract's format.
+//! A polled virtio-blk driver over modern (version 2) virtio-mmio with one
+//! request in flight, the contract's block header, and the `blk` workload:
+//! write blocks once and read them back. `blkwrite` builds on the same parts.
 
 use crate::hw::{memset, rd16, rd32, rd64, rd8, wr16, wr32, wr64, wr8};
 use crate::serial::{put_dec, putc, puts};
@@ -50,7 +50,7 @@ const D_WRITE: u32 = 2;
 /// Enough for one 3-descriptor chain; a power of two, as split rings need.
 const QSIZE: u32 = 4;
 
-const BLOCK: u64 = 4096;
+pub const BLOCK: u64 = 4096;
 const MAGIC_W0: u64 = 0x4b4c_4259_5252_4546; // "FERRYBLK"
 
 #[repr(C, align(4096))]
@@ -58,8 +58,12 @@ struct Page([u8; 4096]);
 
 /// Split ring: descriptors at 0, avail at 0x100, used at 0x200.
 static mut RING: Page = Page([0; 4096]);
-/// The data buffer: only the header words ever change.
+/// The buffer blocks are written from: zero past the header words, and only
+/// the header words ever change, so a block costs four stores, not 4 KiB.
 static mut DATA: Page = Page([0; 4096]);
+/// Where `blkwrite` reads blocks back into, so that whatever the disk holds
+/// past the header never leaks into DATA and from there into later writes.
+static mut READ: Page = Page([0; 4096]);
 /// Request header (16 bytes), then the status byte at 16.
 #[repr(C, align(16))]
 struct Req([u8; 32]);
@@ -68,35 +72,64 @@ static mut REQ: Req = Req([0; 32]);
 fn ring() -> u64 {
     addr_of!(RING) as u64
 }
-fn data() -> u64 {
+pub fn data() -> u64 {
     addr_of!(DATA) as u64
+}
+pub fn read_buf() -> u64 {
+    addr_of!(READ) as u64
 }
 fn req() -> u64 {
     addr_of!(REQ) as u64
 }
 
+/// Word 3 of a block header, from the block number and word 2.
+#[inline(always)]
+pub fn check_word(b: u64, w2: u64) -> u64 {
+    (MAGIC_W0 ^ b.rotate_left(17) ^ w2.rotate_left(31)).wrapping_mul(GOLDEN)
+}
+
+/// Writes the header of block `b` (word 2 = `w2`) into `buf`.
+#[inline(always)]
+pub fn put_header(buf: u64, b: u64, w2: u64) {
+    wr64(buf, MAGIC_W0);
+    wr64(buf + 8, b);
+    wr64(buf + 16, w2);
+    wr64(buf + 24, check_word(b, w2));
+}
+
+/// Zeroes the header words, so that a read that never lands fails the check.
+#[inline(always)]
+pub fn clear_header(buf: u64) {
+    for i in 0..4 {
+        wr64(buf + 8 * i, 0);
+    }
+}
+
+/// Whether `buf` holds the header of block `b` with word 2 = `w2`.
+#[inline(always)]
+pub fn header_is(buf: u64, b: u64, w2: u64) -> bool {
+    rd64(buf) == MAGIC_W0
+        && rd64(buf + 8) == b
+        && rd64(buf + 16) == w2
+        && rd64(buf + 24) == check_word(b, w2)
+}
+
+/// Word 2 of the header in `buf` if it is a well-formed header of block `b`.
+pub fn header_w2(buf: u64, b: u64) -> Option<u64> {
+    let w2 = rd64(buf + 16);
+    header_is(buf, b, w2).then_some(w2)
+}
+
 pub fn run(cmdline: &'static [u8], cfg: &Config) {
-    let Some(base) = find_device(cmdline) else {
-        fail(b"no device");
-        return putc(b'\n');
-    };
-    let mut dev = match Dev::setup(base) {
-        Ok(dev) => dev,
-        Err(what) => {
-            wr32(base + STATUS, S_FAILED);
-            fail(b"setup ");
-            puts(what);
-            return putc(b'\n');
-        }
+    const NAME: &[u8] = b"blk";
+    let Some(mut dev) = open(cmdline, NAME) else {
+        return;
     };
     let data = data();
-    // SAFETY: DATA is our own 4 KiB buffer; zeroed once, as the bytes past
-    // the header words must be zero on disk.
-    unsafe { memset(data as *mut u8, 0, BLOCK as usize) };
 
-    let st = dev.request(T_GET_ID, 0, 20, true);
+    let st = dev.request(T_GET_ID, 0, data, 20, true);
     if st != 0 {
-        fail(b"id status=");
+        fail(NAME, b"id status=");
         put_dec(st as u64);
         return putc(b'\n');
     }
@@ -109,46 +142,29 @@ pub fn run(cmdline: &'static [u8], cfg: &Config) {
     }
     putc(b'\n');
 
-    let capacity = rd32(base + CAPACITY) as u64 | (rd32(base + CAPACITY + 4) as u64) << 32;
-    let n = (capacity / (BLOCK / 512)).min(cfg.blk_blocks);
+    let n = dev.blocks(cfg.blk_blocks);
     let seed = cfg.blk_seed;
-    let check = |b: u64| (MAGIC_W0 ^ b.rotate_left(17) ^ seed.rotate_left(31)).wrapping_mul(GOLDEN);
-
-    // Words 0 and 2 are the same in every block: write them once.
-    wr64(data, MAGIC_W0);
-    wr64(data + 16, seed);
     for b in 0..n {
-        wr64(data + 8, b);
-        wr64(data + 24, check(b));
-        let st = dev.request(T_OUT, b * 8, BLOCK as u32, false);
+        put_header(data, b, seed);
+        let st = dev.write(b);
         if st != 0 {
-            return fail_block(b"write status=", st, b);
+            return fail_block(NAME, b"write", st, b);
         }
     }
-    if dev.flush {
-        let st = dev.request(T_FLUSH, 0, 0, false);
-        if st != 0 {
-            fail(b"flush status=");
-            put_dec(st as u64);
-            return putc(b'\n');
-        }
+    let st = dev.flush();
+    if st != 0 {
+        fail(NAME, b"flush status=");
+        put_dec(st as u64);
+        return putc(b'\n');
     }
     for b in 0..n {
-        // Clear the header first, so that a read that never lands fails.
-        wr64(data, 0);
-        wr64(data + 8, 0);
-        wr64(data + 16, 0);
-        wr64(data + 24, 0);
-        let st = dev.request(T_IN, b * 8, BLOCK as u32, true);
+        clear_header(data);
+        let st = dev.read(b, data);
         if st != 0 {
-            return fail_block(b"read status=", st, b);
+            return fail_block(NAME, b"read", st, b);
         }
-        if rd64(data) != MAGIC_W0
-            || rd64(data + 8) != b
-            || rd64(data + 16) != seed
-            || rd64(data + 24) != check(b)
-        {
-            fail(b"verify block=");
+        if !header_is(data, b, seed) {
+            fail(NAME, b"verify block=");
             put_dec(b);
             return putc(b'\n');
         }
@@ -158,17 +174,46 @@ pub fn run(cmdline: &'static [u8], cfg: &Config) {
     putc(b'\n');
 }
 
-fn fail(why: &[u8]) {
-    puts(b"testkernel: blk FAIL ");
+/// `testkernel: <workload> FAIL <why>`, without the newline.
+pub fn fail(workload: &[u8], why: &[u8]) {
+    puts(b"testkernel: ");
+    puts(workload);
+    puts(b" FAIL ");
     puts(why);
 }
 
-fn fail_block(why: &[u8], status: u8, block: u64) {
-    fail(why);
+/// `testkernel: <workload> FAIL <op> status=<s> block=<b>`.
+pub fn fail_block(workload: &[u8], op: &[u8], status: u8, block: u64) {
+    fail(workload, op);
+    puts(b" status=");
     put_dec(status as u64);
     puts(b" block=");
     put_dec(block);
     putc(b'\n');
+}
+
+/// The first block device, set up, with DATA zeroed. Otherwise prints
+/// `testkernel: <workload> FAIL <why>` and returns None.
+pub fn open(cmdline: &'static [u8], workload: &[u8]) -> Option<Dev> {
+    let Some(base) = find_device(cmdline) else {
+        fail(workload, b"no device\n");
+        return None;
+    };
+    match Dev::setup(base) {
+        Ok(dev) => {
+            // SAFETY: DATA is our own 4 KiB buffer; zeroed once, as the bytes
+            // past the header words must be zero on disk.
+            unsafe { memset(data() as *mut u8, 0, BLOCK as usize) };
+            Some(dev)
+        }
+        Err(what) => {
+            wr32(base + STATUS, S_FAILED);
+            fail(workload, b"setup ");
+            puts(what);
+            putc(b'\n');
+            None
+        }
+    }
 }
 
 /// The first `virtio_mmio.device=<size>@<base>:<irq>` that is a block device.
@@ -194,10 +239,11 @@ fn find_device(cmdline: &'static [u8]) -> Option<u64> {
     None
 }
 
-struct Dev {
+pub struct Dev {
     base: u64,
     /// Our avail index; the device's used index catches up with it.
     idx: u16,
+    /// FLUSH was negotiated.
     flush: bool,
 }
 
@@ -232,11 +278,11 @@ impl Dev {
         }
         wr32(b + QUEUE_NUM, QSIZE);
         // Descriptors: header -> data -> status, over fixed buffers. Only
-        // data length/direction and the header's `next` change per request.
+        // the data buffer, length and direction and the header's `next`
+        // change per request.
         let (r, q) = (ring(), req());
         wr64(r, q);
         wr32(r + 8, 16);
-        wr64(r + 16, data());
         wr64(r + 32, q + 16);
         wr32(r + 40, 1);
         wr32(r + 44, D_WRITE);
@@ -260,9 +306,34 @@ impl Dev {
         })
     }
 
+    /// `min(capacity / 4 KiB, limit)`.
+    pub fn blocks(&self, limit: u64) -> u64 {
+        let c = self.base + CAPACITY;
+        let sectors = rd32(c) as u64 | (rd32(c + 4) as u64) << 32;
+        (sectors / (BLOCK / 512)).min(limit)
+    }
+
+    /// Writes 4 KiB block `b` from DATA.
+    pub fn write(&mut self, b: u64) -> u8 {
+        self.request(T_OUT, b * (BLOCK / 512), data(), BLOCK as u32, false)
+    }
+
+    /// Reads 4 KiB block `b` into `buf`.
+    pub fn read(&mut self, b: u64, buf: u64) -> u8 {
+        self.request(T_IN, b * (BLOCK / 512), buf, BLOCK as u32, true)
+    }
+
+    /// FLUSH if negotiated (else the device has no write cache to flush).
+    pub fn flush(&mut self) -> u8 {
+        if !self.flush {
+            return 0;
+        }
+        self.request(T_FLUSH, 0, 0, 0, false)
+    }
+
     /// One request, polled to completion; returns the device's status byte.
     /// `len == 0` sends no data descriptor (flush).
-    fn request(&mut self, typ: u32, sector: u64, len: u32, device_writes: bool) -> u8 {
+    fn request(&mut self, typ: u32, sector: u64, buf: u64, len: u32, device_writes: bool) -> u8 {
         let (r, q) = (ring(), req());
         wr32(q, typ);
         wr64(q + 8, sector);
@@ -271,6 +342,7 @@ impl Dev {
             wr32(r + 12, D_NEXT | 2 << 16);
         } else {
             wr32(r + 12, D_NEXT | 1 << 16);
+            wr64(r + 16, buf);
             wr32(r + 24, len);
             let dir = if device_writes { D_WRITE } else { 0 };
             wr32(r + 28, D_NEXT | dir | 2 << 16);

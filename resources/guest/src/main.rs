@@ -7,6 +7,7 @@
 #![no_main]
 
 mod blk;
+mod blkwrite;
 mod boot;
 mod hw;
 mod serial;
@@ -52,6 +53,7 @@ extern "C" fn kmain(boot_params: u64, start_info: u64) -> ! {
     let cfg = Config::parse(cmdline);
     match cfg.workload {
         b"blk" => blk::run(cmdline, &cfg),
+        b"blkwrite" => blkwrite::run(cmdline, &cfg, map),
         b"dirty" => dirty(&cfg, map),
         b"idle" => idle(),
         other => {
@@ -176,7 +178,9 @@ pub struct Config {
     workload: &'static [u8],
     blk_blocks: u64,
     blk_seed: u64,
-    dirty_mib: u64,
+    blk_flush_every: u64,
+    /// None when not given: `dirty` defaults to 16, `blkwrite` to 0 (off).
+    dirty_mib: Option<u64>,
 }
 
 impl Config {
@@ -185,7 +189,8 @@ impl Config {
             workload: b"idle",
             blk_blocks: 256,
             blk_seed: 1,
-            dirty_mib: 16,
+            blk_flush_every: 64,
+            dirty_mib: None,
         };
         // Later occurrences win, as in Linux; malformed numbers are ignored.
         for tok in Tokens(cmdline) {
@@ -195,8 +200,10 @@ impl Config {
                 c.blk_blocks = number(v).unwrap_or(c.blk_blocks);
             } else if let Some(v) = tok.strip_prefix(b"testkernel.blk_seed=") {
                 c.blk_seed = number(v).unwrap_or(c.blk_seed);
+            } else if let Some(v) = tok.strip_prefix(b"testkernel.blk_flush_every=") {
+                c.blk_flush_every = number(v).unwrap_or(c.blk_flush_every);
             } else if let Some(v) = tok.strip_prefix(b"testkernel.dirty_mib=") {
-                c.dirty_mib = number(v).unwrap_or(c.dirty_mib);
+                c.dirty_mib = number(v).or(c.dirty_mib);
             }
         }
         c
@@ -256,36 +263,19 @@ const GOLDEN: u64 = 0x9e37_79b9_7f4a_7c15;
 /// after pass, checking the previous pass's header first. Returns only if the
 /// region does not fit.
 fn dirty(cfg: &Config, map: MemMap) {
-    const TWO_MIB: u64 = 2 << 20;
-    let image_end = core::ptr::addr_of!(_end) as u64;
-    let start = (image_end + TWO_MIB - 1) & !(TWO_MIB - 1);
-    let mib = cfg.dirty_mib;
-    let end = start + (mib.min(1 << 20) << 20);
-    // Only the first 4 GiB is mapped.
-    let fits = mib != 0
-        && end <= 1 << 32
-        && map
-            .usable()
-            .any(|(a, s)| a <= start && end <= a.wrapping_add(s));
-    if !fits {
+    let Some((start, pages)) = dirty_region(cfg.dirty_mib.unwrap_or(16), map) else {
         line(b"dirty FAIL region");
         return;
-    }
-    let pages = mib << 8;
+    };
     let mut g = 1;
     loop {
         let bad = if g == 1 {
-            dirty_pass(start, pages, g, false)
+            dirty_pages(start, 0, pages, g, false)
         } else {
-            dirty_pass(start, pages, g, true)
+            dirty_pages(start, 0, pages, g, true)
         };
         if let Some(i) = bad {
-            puts(b"testkernel: dirty FAIL page=");
-            put_dec(i);
-            puts(b" pass=");
-            put_dec(g);
-            putc(b'\n');
-            halt();
+            dirty_fail(i, g);
         }
         puts(b"testkernel: dirty pass=");
         put_dec(g);
@@ -294,10 +284,36 @@ fn dirty(cfg: &Config, map: MemMap) {
     }
 }
 
-/// One pass `g`; with `check`, first verifies pass g-1's header of each page.
-/// Returns the first bad page.
+/// (start, pages) of the `mib` MiB region at the first 2 MiB boundary past
+/// the image, if it lies inside one usable range below 4 GiB.
+fn dirty_region(mib: u64, map: MemMap) -> Option<(u64, u64)> {
+    const TWO_MIB: u64 = 2 << 20;
+    let image_end = core::ptr::addr_of!(_end) as u64;
+    let start = (image_end + TWO_MIB - 1) & !(TWO_MIB - 1);
+    let end = start + (mib.min(1 << 20) << 20);
+    // Only the first 4 GiB is mapped.
+    let fits = mib != 0
+        && end <= 1 << 32
+        && map
+            .usable()
+            .any(|(a, s)| a <= start && end <= a.wrapping_add(s));
+    fits.then_some((start, mib << 8))
+}
+
+/// `testkernel: dirty FAIL page=<i> pass=<g>`, then stop.
+fn dirty_fail(i: u64, g: u64) -> ! {
+    puts(b"testkernel: dirty FAIL page=");
+    put_dec(i);
+    puts(b" pass=");
+    put_dec(g);
+    putc(b'\n');
+    halt()
+}
+
+/// Pass `g` over pages [first, end) of the region; with `check`, first
+/// verifies pass g-1's header of each page. Returns the first bad page.
 #[inline(always)]
-fn dirty_pass(start: u64, pages: u64, g: u64, check: bool) -> Option<u64> {
+fn dirty_pages(start: u64, first: u64, end: u64, g: u64, check: bool) -> Option<u64> {
     const MASK: u64 = 0x5a5a_5a5a_5a5a_5a5a;
     // Word 2 is ((i ^ rotl(g, 32)) * GOLDEN) ^ MASK. With i < 2^32 and
     // g < 2^32 the xor joins disjoint bits, i.e. is an addition, so the
@@ -305,10 +321,10 @@ fn dirty_pass(start: u64, pages: u64, g: u64, check: bool) -> Option<u64> {
     // multiply.
     let g_new = g.rotate_left(32).wrapping_mul(GOLDEN);
     let g_old = g.wrapping_sub(1).rotate_left(32).wrapping_mul(GOLDEN);
-    let mut p = start;
-    let mut i = 0;
-    let mut i_k = 0u64; // i * GOLDEN
-    while i < pages {
+    let mut p = start + first * 4096;
+    let mut i = first;
+    let mut i_k = first.wrapping_mul(GOLDEN); // i * GOLDEN
+    while i < end {
         if check {
             let diff = (rd64(p) ^ i)
                 | (rd64(p + 8) ^ (g - 1))
