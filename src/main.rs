@@ -39,6 +39,13 @@ enum Command {
         /// Address to listen on for the migration stream, e.g. 0.0.0.0:7777.
         #[arg(long)]
         listen: String,
+        /// Where a storage migration puts the VM's files (in a directory
+        /// named after the migration), served to the source over NFSv3.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Take the guest over but keep it paused until `ferry ctl resume`.
+        #[arg(long)]
+        paused: bool,
         /// Serve the control API on this Unix socket (it answers once the
         /// guest runs here).
         #[arg(long)]
@@ -325,6 +332,11 @@ fn main() -> ExitCode {
             api_sock,
         } => run(config, restore, api_sock),
         Command::Ctl { sock, action } => ctl(sock, action),
-        Command::Receive { listen, api_sock } => finish(vmm::receive(&listen, api_sock)),
+        Command::Receive {
+            listen,
+            dir,
+            paused,
+            api_sock,
+        } => finish(vmm::receive(&listen, dir.as_deref(), api_sock, paused)),
     }
 }

@@ -22,7 +22,7 @@ use crate::config::{SerialConfig, VmConfig};
 use crate::devices::bus::Bus;
 use crate::devices::i8042::I8042;
 use crate::devices::serial::SerialDevice;
-use crate::devices::virtio::block::{Block, BlockError};
+use crate::devices::virtio::block::{Block, BlockError, WriteMirror};
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::VirtioDevice;
 use crate::migration::destination::{self, Incoming};
@@ -500,6 +500,17 @@ impl MigratableVm for MachineHandle {
         self.cpuid.clone()
     }
 
+    fn config(&self) -> VmConfig {
+        lock(&self.machine).config.clone()
+    }
+
+    fn set_mirrors(&self, mirrors: Option<Vec<Arc<dyn WriteMirror>>>) {
+        let m = lock(&self.machine);
+        for (i, (_, block)) in m.drives.iter().enumerate() {
+            lock(block).set_mirror(mirrors.as_ref().and_then(|v| v.get(i).cloned()));
+        }
+    }
+
     fn migrated(&self, destination: &str, downtime: Duration) {
         self.exit.exit(VmExit::Migrated {
             destination: destination.to_string(),
@@ -520,11 +531,26 @@ enum Boot {
 /// it ended.
 pub fn run(config: VmConfig, api_socket: Option<PathBuf>) -> Result<VmExit, VmmError> {
     config.create_missing_drives()?;
-    run_vm(config, Boot::Fresh, api_socket)
+    run_vm(config, Boot::Fresh, api_socket, false)
 }
 
 /// Waits on `listen` for a migration, then runs the guest it brings.
-pub fn receive(listen: &str, api_socket: Option<PathBuf>) -> Result<VmExit, VmmError> {
+/// With `start_paused`, the guest is taken over but kept paused until a
+/// `PUT /vm/resume` (as QEMU's -S), e.g. to inspect its disks first.
+pub fn receive(
+    listen: &str,
+    dir: Option<&Path>,
+    api_socket: Option<PathBuf>,
+    start_paused: bool,
+) -> Result<VmExit, VmmError> {
+    if let Some(d) = dir {
+        if !d.is_dir() {
+            return Err(VmmError::Receive(destination::DestinationError::Vm(
+                format!("--dir {}: not a directory", d.display()),
+            )));
+        }
+        destination::remove_leftovers(d);
+    }
     let listener = destination::bind(listen).map_err(VmmError::Receive)?;
     eprintln!(
         "ferry: waiting for a migration on {}",
@@ -533,20 +559,35 @@ pub fn receive(listen: &str, api_socket: Option<PathBuf>) -> Result<VmExit, VmmE
             .map(|a| a.to_string())
             .unwrap_or_else(|_| listen.to_string())
     );
-    let incoming = destination::accept_migration(&listener).map_err(VmmError::Receive)?;
+    let incoming = destination::accept_migration(&listener, dir).map_err(VmmError::Receive)?;
     drop(listener);
     let config = incoming.state.config.clone();
-    run_vm(config, Boot::Incoming(Box::new(incoming)), api_socket)
+    run_vm(
+        config,
+        Boot::Incoming(Box::new(incoming)),
+        api_socket,
+        start_paused,
+    )
 }
 
 /// Restores the snapshot in `dir` and runs the guest from where it was.
 pub fn restore(dir: &Path, api_socket: Option<PathBuf>) -> Result<VmExit, VmmError> {
     let (state, memory) = snapshot::read_snapshot(dir)?;
     let config = state.config.clone();
-    run_vm(config, Boot::Restore(Box::new(state), memory), api_socket)
+    run_vm(
+        config,
+        Boot::Restore(Box::new(state), memory),
+        api_socket,
+        false,
+    )
 }
 
-fn run_vm(config: VmConfig, boot: Boot, api_socket: Option<PathBuf>) -> Result<VmExit, VmmError> {
+fn run_vm(
+    config: VmConfig,
+    boot: Boot,
+    api_socket: Option<PathBuf>,
+    start_paused: bool,
+) -> Result<VmExit, VmmError> {
     let started = Instant::now();
     install_kick_handler()?;
 
@@ -577,9 +618,10 @@ fn run_vm(config: VmConfig, boot: Boot, api_socket: Option<PathBuf>) -> Result<V
                 memfd,
                 mem,
                 state,
+                share_dir,
             } = *inc;
             saved_state = Some(Box::new(state));
-            incoming = Some((stream, peer, hello));
+            incoming = Some((stream, peer, hello, share_dir));
             (vm, Some(memfd), mem, true)
         }
     };
@@ -757,7 +799,11 @@ fn run_vm(config: VmConfig, boot: Boot, api_socket: Option<PathBuf>) -> Result<V
     };
 
     let exit = Arc::new(ExitSignal::new().map_err(VmmError::EventFd)?);
-    let control = Arc::new(VcpuControl::new());
+    let control = Arc::new(if start_paused {
+        VcpuControl::new_paused()
+    } else {
+        VcpuControl::new()
+    });
     let ctx = VcpuContext {
         pio: Arc::new(pio),
         mmio: Arc::new(mmio),
@@ -796,9 +842,13 @@ fn run_vm(config: VmConfig, boot: Boot, api_socket: Option<PathBuf>) -> Result<V
     event_manager.add_subscriber(controller.clone());
 
     // A migrated guest runs only once the source has let go of it.
-    if let Some((stream, _, _)) = incoming.as_mut() {
+    if let Some((stream, _, _, share_dir)) = incoming.as_mut() {
         destination::ready_and_wait_go(stream)
             .map_err(|e| VmmError::Receive(destination::DestinationError::Protocol(e)))?;
+        // From now on the guest runs on the copied files here.
+        if let Some(d) = share_dir.as_mut() {
+            d.keep();
+        }
     }
     let mut handles = Vec::with_capacity(vcpus.len());
     for vcpu in vcpus {
@@ -809,7 +859,7 @@ fn run_vm(config: VmConfig, boot: Boot, api_socket: Option<PathBuf>) -> Result<V
         c.handles = handles;
         c.startup = crate::process_start().elapsed();
     }
-    if let Some((stream, peer, hello)) = incoming.as_mut() {
+    if let Some((stream, peer, hello, _)) = incoming.as_mut() {
         // The source waits for this to stop for good; if it never hears it,
         // it stays paused rather than run the guest twice.
         if let Err(e) = destination::confirm_resumed(stream) {

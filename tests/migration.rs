@@ -21,27 +21,36 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn receiver(dir: &Path, port: u16) -> Ferry {
+/// `ferry receive` on an ephemeral port of loopback; returns it and the port
+/// it listens on (from its "waiting for a migration on ..." line).
+fn receiver(dir: &Path) -> (Ferry, u16) {
     let sock = dir.join("dst.sock");
     let mut f = Ferry::spawn(&[
         "receive",
         "--listen",
-        &format!("127.0.0.1:{port}"),
+        "127.0.0.1:0",
         "--api-sock",
         sock.to_str().unwrap(),
     ]);
     f.api_sock = Some(sock);
-    // Wait until it listens.
     let deadline = Instant::now() + WAIT;
-    while !f.stderr().contains("waiting for a migration") {
+    loop {
+        let err = f.stderr();
+        if let Some(rest) = err.split("waiting for a migration on 127.0.0.1:").nth(1) {
+            let port: u16 = rest
+                .split(|c: char| !c.is_ascii_digit())
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap();
+            return (f, port);
+        }
         assert!(
-            Instant::now() < deadline,
-            "receiver never listened: {}",
-            f.stderr()
+            Instant::now() < deadline && f.running(),
+            "receiver never listened: {err}"
         );
         std::thread::sleep(Duration::from_millis(10));
     }
-    f
 }
 
 fn start_migration(src: &Ferry, dest: &str, bandwidth: Option<u64>) -> (u16, serde_json::Value) {
@@ -100,8 +109,7 @@ fn dirty_guest_migrates_and_keeps_verifying() {
         return;
     }
     let dir = tempdir();
-    let port = free_port();
-    let mut dst = receiver(dir.path(), port);
+    let (mut dst, port) = receiver(dir.path());
     let mut src = Ferry::run(
         dir.path(),
         &config(2, 512, "testkernel.workload=dirty testkernel.dirty_mib=128"),
@@ -148,8 +156,7 @@ fn idle_guest_heartbeat_continues_on_the_destination() {
         return;
     }
     let dir = tempdir();
-    let port = free_port();
-    let dst = receiver(dir.path(), port);
+    let (dst, port) = receiver(dir.path());
     let mut src = Ferry::run(dir.path(), &config(1, 256, "testkernel.workload=idle"));
     src.wait_line(WAIT, |l| l == "testkernel: tick 1");
     // ferry ctl migrate, as a user would run it.
@@ -211,8 +218,7 @@ fn cancel_keeps_the_guest_on_the_source() {
         return;
     }
     let dir = tempdir();
-    let port = free_port();
-    let mut dst = receiver(dir.path(), port);
+    let (mut dst, port) = receiver(dir.path());
     let src = slow_migration(dir.path(), port);
     let (status, body) = src.api("PUT", "/migration/cancel");
     assert_eq!(status, 200, "{body}");
@@ -237,8 +243,7 @@ fn killed_destination_leaves_the_guest_running() {
         return;
     }
     let dir = tempdir();
-    let port = free_port();
-    let dst = receiver(dir.path(), port);
+    let (dst, port) = receiver(dir.path());
     let src = slow_migration(dir.path(), port);
     // SAFETY: plain kill(2) of our own child.
     unsafe { libc::kill(dst.pid() as i32, libc::SIGKILL) };
@@ -287,6 +292,7 @@ fn incompatible_destinations_are_refused_and_the_source_is_unharmed() {
                     migration_id: h.migration_id,
                     vcpus: h.vcpus,
                     memory_size: h.memory_size * 2,
+                    share: None,
                 };
                 protocol::send_json(s, Kind::HelloAck, &ack).unwrap();
             }),
@@ -299,6 +305,7 @@ fn incompatible_destinations_are_refused_and_the_source_is_unharmed() {
                     migration_id: h.migration_id,
                     vcpus: h.vcpus,
                     memory_size: h.memory_size,
+                    share: None,
                 };
                 protocol::send_json(s, Kind::HelloAck, &ack).unwrap();
             }),
@@ -343,8 +350,7 @@ fn receiver_rejects_garbage_and_bad_handshakes_then_accepts_a_real_migration() {
         return;
     }
     let dir = tempdir();
-    let port = free_port();
-    let dst = receiver(dir.path(), port);
+    let (dst, port) = receiver(dir.path());
     let addr = format!("127.0.0.1:{port}");
 
     // Random bytes.
@@ -371,10 +377,11 @@ fn receiver_rejects_garbage_and_bad_handshakes_then_accepts_a_real_migration() {
             Kind::Hello,
             &protocol::Hello {
                 protocol: protocol_version,
-                migration_id: "forged".into(),
+                migration_id: "f0f0f0".into(),
                 vcpus: 1,
                 memory_size,
                 cpuid: vec![],
+                storage: None,
             },
         )
         .unwrap();
@@ -385,11 +392,11 @@ fn receiver_rejects_garbage_and_bad_handshakes_then_accepts_a_real_migration() {
             other => panic!("expected a refusal, got {:?}", other.map(|_| ())),
         }
     }
-    assert!(
-        dst.stderr().contains("refused a connection"),
-        "{}",
-        dst.stderr()
-    );
+    let deadline = Instant::now() + WAIT;
+    while !dst.stderr().contains("refused a connection") {
+        assert!(Instant::now() < deadline, "{}", dst.stderr());
+        std::thread::sleep(Duration::from_millis(10));
+    }
 
     // Still waiting, and a real migration goes through.
     let mut src = Ferry::run(

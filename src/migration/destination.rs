@@ -4,20 +4,23 @@
 
 use std::fs::File;
 use std::io::{BufReader, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::memory::{receive_pages, receive_zero};
 use super::protocol::{
     expect, parse_json, read_header, read_payload, send_json, Hello, HelloAck, Kind, PassEnd,
-    ProtocolError, Reason, PAGE_SIZE, PROTOCOL_VERSION,
+    ProtocolError, Reason, ShareOffer, PAGE_SIZE, PROTOCOL_VERSION,
 };
+use super::share::NfsShareServer;
 use crate::snapshot::VmState;
 use crate::vstate::memory::{create_guest_memory, GuestMemoryMmap};
 use crate::vstate::vm::Vm;
 
-/// How long the destination waits for the next frame before giving up.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the destination waits for the next frame before giving up (the
+/// source sends heartbeats while it has nothing else to send).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 const MIN_MEMORY: u64 = 16 << 20;
 
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +47,77 @@ pub struct Incoming {
     pub memfd: File,
     pub mem: GuestMemoryMmap,
     pub state: VmState,
+    /// Where the VM's files were copied (storage migration); removed again
+    /// if the guest never runs here.
+    pub share_dir: Option<ShareDir>,
+}
+
+/// `DIR/<migration id>/`: deleted on drop unless `keep` was called, so a
+/// failed migration leaves nothing behind.
+pub struct ShareDir {
+    pub path: PathBuf,
+    keep: bool,
+}
+
+impl ShareDir {
+    /// The marker, next to the directory (not in the share), that says a
+    /// copy is incomplete: a later `ferry receive --dir` removes what a
+    /// killed one left behind.
+    fn marker(base: &Path, id: &str) -> PathBuf {
+        base.join(format!(".{id}.partial"))
+    }
+
+    fn create(base: &Path, id: &str) -> Result<ShareDir, DestinationError> {
+        let path = base.join(id);
+        let err = |e: std::io::Error| {
+            DestinationError::Vm(format!("cannot create {}: {e}", path.display()))
+        };
+        std::fs::write(Self::marker(base, id), b"").map_err(err)?;
+        std::fs::create_dir(&path).map_err(err)?;
+        Ok(ShareDir { path, keep: false })
+    }
+
+    /// The guest runs on these files now.
+    pub fn keep(&mut self) {
+        self.keep = true;
+        if let (Some(base), Some(id)) = (self.path.parent(), self.path.file_name()) {
+            let _ = std::fs::remove_file(Self::marker(base, &id.to_string_lossy()));
+        }
+    }
+}
+
+impl Drop for ShareDir {
+    fn drop(&mut self) {
+        if !self.keep {
+            let _ = std::fs::remove_dir_all(&self.path);
+            if let (Some(base), Some(id)) = (self.path.parent(), self.path.file_name()) {
+                let _ = std::fs::remove_file(Self::marker(base, &id.to_string_lossy()));
+            }
+        }
+    }
+}
+
+/// Removes incomplete copies that a killed `ferry receive` left in `base`.
+pub fn remove_leftovers(base: &Path) {
+    let Ok(entries) = std::fs::read_dir(base) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Some(id) = name
+            .strip_prefix('.')
+            .and_then(|n| n.strip_suffix(".partial"))
+        {
+            if !id.is_empty() && id.chars().all(|c| c.is_ascii_hexdigit()) {
+                eprintln!(
+                    "ferry: removing the incomplete copy {} left by an earlier migration",
+                    base.join(id).display()
+                );
+                let _ = std::fs::remove_dir_all(base.join(id));
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
 }
 
 /// Tells the source we are ready (restored, not running) and waits for its
@@ -72,7 +146,10 @@ pub fn bind(addr: &str) -> Result<TcpListener, DestinationError> {
 /// handshake are refused and logged, and the wait goes on; once a handshake
 /// was accepted, any failure ends the wait with an error and everything
 /// received is dropped.
-pub fn accept_migration(listener: &TcpListener) -> Result<Incoming, DestinationError> {
+pub fn accept_migration(
+    listener: &TcpListener,
+    dir: Option<&Path>,
+) -> Result<Incoming, DestinationError> {
     loop {
         let (stream, peer) = match listener.accept() {
             Ok(c) => c,
@@ -84,7 +161,7 @@ pub fn accept_migration(listener: &TcpListener) -> Result<Incoming, DestinationE
         let mut stream = stream;
         stream.set_nodelay(true).ok();
         stream.set_read_timeout(Some(IDLE_TIMEOUT)).ok();
-        let hello = match handshake(&mut stream) {
+        let hello = match handshake(&mut stream, dir) {
             Ok(h) => h,
             Err(e) => {
                 eprintln!("ferry: refused a connection from {peer}: {e}");
@@ -106,12 +183,12 @@ pub fn accept_migration(listener: &TcpListener) -> Result<Incoming, DestinationE
             hello.vcpus,
             hello.memory_size >> 20
         );
-        return receive(stream, peer, hello);
+        return receive(stream, peer, hello, dir);
     }
 }
 
 /// Reads and vets the source's Hello.
-fn handshake(stream: &mut TcpStream) -> Result<Hello, DestinationError> {
+fn handshake(stream: &mut TcpStream, dir: Option<&Path>) -> Result<Hello, DestinationError> {
     let hello: Hello = parse_json(Kind::Hello, &expect(stream, Kind::Hello)?)?;
     if hello.protocol != PROTOCOL_VERSION {
         return Err(DestinationError::Refused(format!(
@@ -119,8 +196,32 @@ fn handshake(stream: &mut TcpStream) -> Result<Hello, DestinationError> {
             hello.protocol
         )));
     }
-    if hello.migration_id.is_empty() || hello.migration_id.len() > 64 {
+    if hello.migration_id.is_empty()
+        || hello.migration_id.len() > 64
+        || !hello.migration_id.chars().all(|c| c.is_ascii_hexdigit())
+    {
         return Err(DestinationError::Refused("invalid migration id".into()));
+    }
+    if let Some(offer) = &hello.storage {
+        if dir.is_none() {
+            return Err(DestinationError::Refused(
+                "the source wants to copy the VM's files, but this ferry receive has no --dir to put them in"
+                    .into(),
+            ));
+        }
+        let plain = |n: &String| {
+            !n.is_empty()
+                && n.len() <= 255
+                && n != "."
+                && n != ".."
+                && n.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+        };
+        if offer.files.len() > 64 || !offer.files.iter().all(plain) {
+            return Err(DestinationError::Refused(
+                "invalid file names for the share".into(),
+            ));
+        }
     }
     if hello.vcpus == 0 || hello.vcpus > crate::config::MAX_VCPUS {
         return Err(DestinationError::Refused(format!(
@@ -199,21 +300,79 @@ fn check_cpuid(guest: &[kvm_bindings::kvm_cpuid_entry2]) -> Result<(), Destinati
     Ok(())
 }
 
+fn random_hex() -> String {
+    let mut b = [0u8; 16];
+    if std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))
+        .is_err()
+    {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        b = (t ^ (std::process::id() as u128) << 64).to_le_bytes();
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Sets up the share for a storage migration: `DIR/<id>/`, served over NFS
+/// (only to `peer`) unless the source writes through its own mount.
+fn open_share(
+    stream: &TcpStream,
+    peer: SocketAddr,
+    hello: &Hello,
+    dir: Option<&Path>,
+) -> Result<Option<(ShareDir, Option<NfsShareServer>, ShareOffer)>, DestinationError> {
+    let (Some(offer), Some(base)) = (&hello.storage, dir) else {
+        return Ok(None);
+    };
+    let share_dir = ShareDir::create(base, &hello.migration_id)?;
+    if offer.mounted_share {
+        let offer = ShareOffer {
+            dir_name: hello.migration_id.clone(),
+            nfs_port: None,
+            export: None,
+        };
+        return Ok(Some((share_dir, None, offer)));
+    }
+    let local: IpAddr = stream
+        .local_addr()
+        .map_err(|e| DestinationError::Vm(e.to_string()))?
+        .ip();
+    let export = format!("/ferry-{}", random_hex());
+    let server = NfsShareServer::start(&share_dir.path, local, &export, Some(peer.ip()))
+        .map_err(|e| DestinationError::Vm(format!("cannot start the NFS share: {e}")))?;
+    eprintln!(
+        "ferry: sharing {} over NFSv3 at {local}:{} as {export} (only to {})",
+        share_dir.path.display(),
+        server.port(),
+        peer.ip()
+    );
+    let offer = ShareOffer {
+        dir_name: hello.migration_id.clone(),
+        nfs_port: Some(server.port()),
+        export: Some(export),
+    };
+    Ok(Some((share_dir, Some(server), offer)))
+}
+
 fn receive(
     stream: TcpStream,
     peer: SocketAddr,
     hello: Hello,
+    dir: Option<&Path>,
 ) -> Result<Incoming, DestinationError> {
     let mut stream = stream;
     let setup = (|| {
+        let share = open_share(&stream, peer, &hello, dir)?;
         let vm = Vm::new().map_err(|e| DestinationError::Vm(e.to_string()))?;
         let (memfd, mem) = create_guest_memory(hello.memory_size)
             .map_err(|e| DestinationError::Vm(e.to_string()))?;
         vm.set_memory(&mem, false)
             .map_err(|e| DestinationError::Vm(e.to_string()))?;
-        Ok::<_, DestinationError>((vm, memfd, mem))
+        Ok::<_, DestinationError>((vm, memfd, mem, share))
     })();
-    let (vm, memfd, mem) = match setup {
+    let (vm, memfd, mem, share) = match setup {
         Ok(s) => s,
         Err(e) => {
             let _ = send_json(
@@ -234,9 +393,16 @@ fn receive(
             migration_id: hello.migration_id.clone(),
             vcpus: hello.vcpus,
             memory_size: hello.memory_size,
+            share: share.as_ref().map(|s| s.2.clone()),
         },
     )?;
     stream.flush().map_err(ProtocolError::from)?;
+    // The share lives until the state arrives (the source completes the
+    // storage copy before it sends the state), or until failure.
+    let (share_dir, share_server) = match share {
+        Some((d, s, _)) => (Some(d), s),
+        None => (None, None),
+    };
 
     let mut reader =
         BufReader::with_capacity(1 << 20, stream.try_clone().map_err(ProtocolError::from)?);
@@ -252,6 +418,9 @@ fn receive(
                 }
                 Kind::PassEnd => {
                     let _: PassEnd = parse_json(Kind::PassEnd, &read_payload(&mut reader, &h)?)?;
+                }
+                Kind::Heartbeat => {
+                    read_payload(&mut reader, &h)?;
                 }
                 Kind::State => {
                     let payload = read_payload(&mut reader, &h)?;
@@ -273,16 +442,33 @@ fn receive(
             }
         }
     })();
+    drop(share_server);
     match result {
-        Ok(state) => Ok(Incoming {
-            stream,
-            peer,
-            hello,
-            vm,
-            memfd,
-            mem,
-            state,
-        }),
+        Ok(mut state) => {
+            if let Some(d) = &share_dir {
+                // The copies live in the share directory, named as the
+                // source's config says.
+                let local = |p: &Path| d.path.join(p.file_name().unwrap_or(p.as_os_str()));
+                state.config.kernel = local(&state.config.kernel);
+                state.config.initrd = state.config.initrd.as_deref().map(local);
+                for drive in state.config.drives.iter_mut() {
+                    drive.path = local(&drive.path);
+                }
+                for drive in state.drives.iter_mut() {
+                    drive.block.path = local(&drive.block.path);
+                }
+            }
+            Ok(Incoming {
+                stream,
+                peer,
+                hello,
+                vm,
+                memfd,
+                mem,
+                state,
+                share_dir,
+            })
+        }
         Err(e) => {
             let _ = send_json(
                 &mut stream,

@@ -6,7 +6,9 @@
 pub mod destination;
 pub mod memory;
 pub mod protocol;
+pub mod share;
 pub mod source;
+pub mod storage;
 
 use serde::{Deserialize, Serialize};
 
@@ -22,6 +24,49 @@ pub struct SendRequest {
     /// Cap on the migration stream, MiB/s; unlimited when absent or null.
     #[serde(default)]
     pub bandwidth_mib_s: Option<u64>,
+    /// `copy`: the VM's files move too (the default when the destination is
+    /// another host); `shared`: both hosts see the same files.
+    #[serde(default)]
+    pub storage: Option<StorageMode>,
+    /// Copy through this already mounted directory (the destination's
+    /// `--dir`, mounted here) instead of the destination's NFS share.
+    #[serde(default)]
+    pub share: Option<ShareSpec>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageMode {
+    Copy,
+    Shared,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShareSpec {
+    pub path: std::path::PathBuf,
+}
+
+impl SendRequest {
+    /// The storage mode in effect: as asked, else `shared` when the
+    /// destination is this very host (loopback), `copy` otherwise.
+    pub fn storage_mode(&self) -> StorageMode {
+        if let Some(m) = self.storage {
+            return m;
+        }
+        use std::net::ToSocketAddrs;
+        let local = self
+            .destination
+            .to_socket_addrs()
+            .ok()
+            .and_then(|mut a| a.next())
+            .is_some_and(|a| a.ip().is_loopback());
+        if local {
+            StorageMode::Shared
+        } else {
+            StorageMode::Copy
+        }
+    }
 }
 
 pub fn default_max_downtime_ms() -> u64 {
@@ -71,6 +116,15 @@ pub struct MigrationStatus {
     /// The destination was told to run the guest: it must never run here
     /// again.
     pub handed_over: bool,
+    /// `copy` or `shared`.
+    pub storage: Option<StorageMode>,
+    /// Storage copy: bytes of the VM's files copied (holes count as copied).
+    pub storage_copied_bytes: u64,
+    pub storage_total_bytes: u64,
+    /// Guest writes mirrored to the copy so far.
+    pub mirrored_writes: u64,
+    /// Where the files go (the share's address), for storage copy.
+    pub share: Option<String>,
 }
 
 impl MigrationStatus {

@@ -47,6 +47,9 @@ pub enum Kind {
     Go = 9,
     /// Destination -> source: the guest runs here now.
     Resumed = 10,
+    /// Source -> destination: still here (sent while memory waits for the
+    /// storage copy, so the destination's idle timeout means a dead link).
+    Heartbeat = 11,
 }
 
 impl Kind {
@@ -63,6 +66,7 @@ impl Kind {
             8 => Ready,
             9 => Go,
             10 => Resumed,
+            11 => Heartbeat,
             _ => return None,
         })
     }
@@ -100,6 +104,31 @@ pub struct Hello {
     pub memory_size: u64,
     /// The CPUID the guest sees (vCPU 0), for the compatibility check.
     pub cpuid: Vec<kvm_bindings::kvm_cpuid_entry2>,
+    /// Present when the VM's files come along (storage migration).
+    #[serde(default)]
+    pub storage: Option<StorageOffer>,
+}
+
+/// The files a storage migration will write into the share.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageOffer {
+    /// File names (no directories) in the share.
+    pub files: Vec<String>,
+    /// The source writes through a directory it has mounted itself (the
+    /// destination's `--dir`), instead of the destination's NFS share.
+    pub mounted_share: bool,
+}
+
+/// Where the source writes the files: `<dir>/<dir_name>/` on the
+/// destination, through the NFS export (when `nfs_port` is set) or through
+/// the source's own mount of `<dir>`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShareOffer {
+    pub dir_name: String,
+    pub nfs_port: Option<u16>,
+    pub export: Option<String>,
 }
 
 /// Destination's acceptance: what it agreed to receive.
@@ -110,6 +139,9 @@ pub struct HelloAck {
     pub migration_id: String,
     pub vcpus: u8,
     pub memory_size: u64,
+    /// The share for a storage migration.
+    #[serde(default)]
+    pub share: Option<ShareOffer>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -253,6 +285,7 @@ fn kind_name(k: Kind) -> &'static str {
         Kind::Ready => "Ready",
         Kind::Go => "Go",
         Kind::Resumed => "Resumed",
+        Kind::Heartbeat => "Heartbeat",
     }
 }
 

@@ -20,7 +20,11 @@ use super::protocol::{
     expect, parse_json, send_json, Hello, HelloAck, Kind, PassEnd, ProtocolError, PAGE_SIZE,
     PROTOCOL_VERSION,
 };
+use super::share::{MountedShare, NfsShare, Share};
+use super::storage::{CopyItem, Pacer, StorageCopy};
 use super::{MigrationStatus, Phase, SendRequest};
+use super::{ShareSpec, StorageMode};
+use crate::devices::virtio::block::WriteMirror;
 use crate::snapshot::VmState;
 use crate::vstate::memory::GuestMemoryMmap;
 use crate::vstate::vcpu::VcpuControl;
@@ -36,6 +40,8 @@ const THROTTLE_PERIOD: Duration = Duration::from_millis(20);
 const FIXED_DOWNTIME_MS: f64 = 2.0;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+const HEARTBEAT: Duration = Duration::from_secs(1);
 
 /// What migration needs from the VM besides memory and vCPUs: the VMM
 /// implements it, devices stay unaware of migration.
@@ -48,7 +54,67 @@ pub trait MigratableVm: Send + Sync {
     fn guest_cpuid(&self) -> Vec<kvm_bindings::kvm_cpuid_entry2>;
     /// The migration succeeded: the guest runs elsewhere now.
     fn migrated(&self, destination: &str, downtime: Duration);
+    /// The config the VM runs with.
+    fn config(&self) -> crate::config::VmConfig;
+    /// Starts (one per drive, in config order) or stops (None) mirroring
+    /// guest writes.
+    fn set_mirrors(&self, mirrors: Option<Vec<Arc<dyn WriteMirror>>>);
 }
+
+/// The name of each of the VM's files in the share.
+pub struct SharePlan {
+    pub items: Vec<CopyItem>,
+    /// The config rewritten to the names in the share.
+    pub config: crate::config::VmConfig,
+}
+
+/// Keeps file names plain: letters, digits, `.`, `-`, `_`.
+fn plain(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+pub fn share_plan(config: &crate::config::VmConfig) -> SharePlan {
+    let mut items = Vec::new();
+    let mut out = config.clone();
+    // Small files first: the disks take the time.
+    items.push(CopyItem {
+        name: "kernel".into(),
+        source: config.kernel.clone(),
+        mirrored: false,
+    });
+    out.kernel = "kernel".into();
+    if let Some(initrd) = &config.initrd {
+        items.push(CopyItem {
+            name: "initrd".into(),
+            source: initrd.clone(),
+            mirrored: false,
+        });
+        out.initrd = Some("initrd".into());
+    }
+    for (i, d) in config.drives.iter().enumerate() {
+        let name = format!("drive{i}-{}.img", plain(&d.id));
+        items.push(CopyItem {
+            name: name.clone(),
+            source: d.path.clone(),
+            mirrored: true,
+        });
+        out.drives[i].path = name.into();
+        out.drives[i].create_size_mib = None;
+    }
+    out.api_socket = None;
+    SharePlan { items, config: out }
+}
+
+/// The config file written next to the copied files.
+pub const CONFIG_NAME: &str = "vm.json";
 
 pub struct SourceContext {
     pub vm: Arc<Vm>,
@@ -81,6 +147,8 @@ pub enum SourceError {
         expected_ms: f64,
         max_ms: u64,
     },
+    #[error("storage: {0}")]
+    Storage(String),
     #[error("cancelled")]
     Cancelled,
 }
@@ -102,6 +170,7 @@ impl Migration {
             migration_id: id,
             destination: req.destination.clone(),
             max_downtime_ms: req.max_downtime_ms,
+            storage: Some(req.storage_mode()),
             memory_bytes: vm_memory::GuestMemoryBackend::iter(&ctx.mem)
                 .map(vm_memory::GuestMemoryRegion::len)
                 .sum(),
@@ -291,6 +360,8 @@ impl Run<'_> {
         })?;
         stream.set_nodelay(true).ok();
         stream.set_read_timeout(Some(REPLY_TIMEOUT)).ok();
+        // A link that stops taking data is a failure, not a wait.
+        stream.set_write_timeout(Some(WRITE_TIMEOUT)).ok();
         *lock(slot) = stream.try_clone().ok();
         self.check_cancel()?;
         let mut reader = stream.try_clone().map_err(ProtocolError::from)?;
@@ -300,6 +371,9 @@ impl Run<'_> {
             let s = lock(self.status);
             (s.migration_id.clone(), s.memory_bytes)
         };
+        let mode = self.req.storage_mode();
+        let plan = (mode == StorageMode::Copy).then(|| share_plan(&self.ctx.machine.config()));
+        self.update(|s| s.storage = Some(mode));
         send_json(
             &mut w,
             Kind::Hello,
@@ -309,6 +383,15 @@ impl Run<'_> {
                 vcpus: self.ctx.vcpus,
                 memory_size,
                 cpuid: self.ctx.machine.guest_cpuid(),
+                storage: plan.as_ref().map(|p| super::protocol::StorageOffer {
+                    files: p
+                        .items
+                        .iter()
+                        .map(|i| i.name.clone())
+                        .chain([CONFIG_NAME.to_string()])
+                        .collect(),
+                    mounted_share: self.req.share.is_some(),
+                }),
             },
         )?;
         w.flush().map_err(ProtocolError::from)?;
@@ -325,35 +408,151 @@ impl Run<'_> {
             )));
         }
 
+        let pacer = Arc::new(Pacer::new(
+            self.req
+                .bandwidth_mib_s
+                .map(|m| m as f64 * (1u64 << 20) as f64),
+        ));
+        // Storage: reach the share, create the files, mirror, copy.
+        let mut storage = match &plan {
+            None => None,
+            Some(plan) => {
+                let offer = ack.share.clone().ok_or_else(|| {
+                    SourceError::Mismatch("it offered no share for the storage copy".into())
+                })?;
+                let share = self.open_share(addr.ip(), &offer, self.req.share.as_ref())?;
+                let config = serde_json::to_vec_pretty(&plan.config)
+                    .map_err(|e| SourceError::Vm(e.to_string()))?;
+                let items = plan
+                    .items
+                    .iter()
+                    .map(|i| CopyItem {
+                        name: i.name.clone(),
+                        source: i.source.clone(),
+                        mirrored: i.mirrored,
+                    })
+                    .collect();
+                let (mut copy, mirrors) =
+                    StorageCopy::prepare(share, items, vec![(CONFIG_NAME.to_string(), config)])
+                        .map_err(|e| SourceError::Storage(e.to_string()))?;
+                self.update(|s| s.storage_total_bytes = copy.progress.total_bytes);
+                self.ctx.machine.set_mirrors(Some(
+                    mirrors
+                        .into_iter()
+                        .map(|m| m as Arc<dyn WriteMirror>)
+                        .collect(),
+                ));
+                if let Err(e) = copy.start_copy(pacer.clone()) {
+                    self.ctx.machine.set_mirrors(None);
+                    return Err(SourceError::Storage(format!("cannot start the copy: {e}")));
+                }
+                Some(copy)
+            }
+        };
+
         let vm = &self.ctx.vm;
         let mem = &self.ctx.mem;
-        start_dirty_tracking(vm, mem).map_err(|e| SourceError::Vm(e.to_string()))?;
-        let throttle = Throttle::start(self.ctx.control.clone());
-        let mut paused_here = false;
-        let mut committed = false;
-        let result = self.copy_and_cut_over(
-            &mut w,
-            &mut reader,
-            &throttle,
-            &mut paused_here,
-            &mut committed,
-        );
-        drop(throttle);
-        if result.is_err() && !committed {
-            // The guest stays here: it runs on, as before the migration.
-            let _ = stop_dirty_tracking(vm, mem);
-            if paused_here {
-                self.ctx.control.resume();
-            }
+        let result = start_dirty_tracking(vm, mem)
+            .map_err(|e| SourceError::Vm(e.to_string()))
+            .and_then(|()| {
+                let throttle = Throttle::start(self.ctx.control.clone());
+                let mut paused_here = false;
+                let mut committed = false;
+                let result = self.copy_and_cut_over(
+                    &mut w,
+                    &mut reader,
+                    &throttle,
+                    &pacer,
+                    storage.as_mut(),
+                    plan.as_ref(),
+                    &mut paused_here,
+                    &mut committed,
+                );
+                drop(throttle);
+                if result.is_err() && !committed {
+                    // The guest stays here: it runs on, as before the
+                    // migration, on its local images.
+                    self.ctx.machine.set_mirrors(None);
+                    let _ = stop_dirty_tracking(vm, mem);
+                    if paused_here {
+                        self.ctx.control.resume();
+                    }
+                }
+                result
+            });
+        if result.is_err() {
+            self.ctx.machine.set_mirrors(None);
+        }
+        if let Some(mut copy) = storage {
+            copy.abort();
         }
         result
     }
 
+    /// The share the destination offered, or the directory mounted here.
+    fn open_share(
+        &self,
+        dest_ip: std::net::IpAddr,
+        offer: &super::protocol::ShareOffer,
+        mounted: Option<&ShareSpec>,
+    ) -> Result<Arc<dyn Share>, SourceError> {
+        if offer.dir_name.is_empty()
+            || offer.dir_name.contains('/')
+            || offer.dir_name.contains("..")
+        {
+            return Err(SourceError::Mismatch(format!(
+                "bad share directory {:?}",
+                offer.dir_name
+            )));
+        }
+        let share: Arc<dyn Share> = match (mounted, offer.nfs_port, &offer.export) {
+            (Some(spec), _, _) => {
+                let dir = spec.path.join(&offer.dir_name);
+                std::fs::create_dir_all(&dir)
+                    .map_err(|e| SourceError::Storage(format!("{}: {e}", dir.display())))?;
+                Arc::new(MountedShare::new(&dir).map_err(|e| SourceError::Storage(e.to_string()))?)
+            }
+            (None, Some(port), Some(export)) => Arc::new(
+                NfsShare::connect(std::net::SocketAddr::new(dest_ip, port), export)
+                    .map_err(|e| SourceError::Storage(format!("cannot reach the share: {e}")))?,
+            ),
+            _ => {
+                return Err(SourceError::Mismatch(
+                    "it offered neither an NFS share nor a mounted directory".into(),
+                ))
+            }
+        };
+        self.update(|s| s.share = Some(share.describe()));
+        Ok(share)
+    }
+
+    fn update_storage(&self, copy: Option<&mut StorageCopy>) -> Result<(), SourceError> {
+        if let Some(copy) = copy {
+            let p = &copy.progress;
+            let (copied, writes) = (
+                p.copied_bytes.load(Ordering::Relaxed),
+                p.mirrored_writes.load(Ordering::Relaxed),
+            );
+            self.update(|s| {
+                s.storage_copied_bytes = copied;
+                s.mirrored_writes = writes;
+            });
+            if let Some(why) = p.failure() {
+                return Err(SourceError::Storage(why));
+            }
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
     fn copy_and_cut_over(
         &mut self,
         w: &mut BufWriter<TcpStream>,
         reader: &mut TcpStream,
         throttle: &Throttle,
+        pacer: &Pacer,
+        mut storage: Option<&mut StorageCopy>,
+        plan: Option<&SharePlan>,
         paused_here: &mut bool,
         committed: &mut bool,
     ) -> Result<Duration, SourceError> {
@@ -389,18 +588,15 @@ impl Run<'_> {
                 let stream_start = self.started;
                 let mut sender = PageSender::new(w, mem);
                 let base = wire_total;
+                let mut last = 0u64;
+                let last_wire = &mut last;
                 let mut between = |wire: u64| -> Result<(), ProtocolError> {
                     if cancel.load(Ordering::SeqCst) {
                         return Err(ProtocolError::Io(std::io::Error::other("cancelled")));
                     }
                     let total = base + wire;
-                    if let Some(limit) = limit {
-                        let due = Duration::from_secs_f64(total as f64 / limit);
-                        let spent = stream_start.elapsed();
-                        if due > spent {
-                            std::thread::sleep(due - spent);
-                        }
-                    }
+                    pacer.consume(wire - *last_wire);
+                    *last_wire = wire;
                     let mut s = lock(status);
                     s.bytes_sent = total;
                     s.elapsed_ms = ms(stream_start.elapsed());
@@ -415,6 +611,25 @@ impl Run<'_> {
                 wire_total += send_json(sender.w, Kind::PassEnd, &PassEnd { pass })?;
             }
             w.flush().map_err(ProtocolError::from)?;
+            // Memory converges only once the disks are copied: until then,
+            // wait for the copy (its mirrors keep it current meanwhile).
+            let mut beat = Instant::now();
+            loop {
+                self.update_storage(storage.as_deref_mut())?;
+                self.check_cancel()?;
+                match storage.as_deref() {
+                    Some(c) if !c.progress.copy_done.load(Ordering::SeqCst) => {
+                        std::thread::sleep(Duration::from_millis(10));
+                        if beat.elapsed() >= HEARTBEAT {
+                            beat = Instant::now();
+                            send_json(w, Kind::Heartbeat, &serde_json::json!({}))
+                                .and_then(|_| w.flush().map_err(ProtocolError::from))
+                                .map_err(|e| self.cancelled_or(e))?;
+                        }
+                    }
+                    _ => break,
+                }
+            }
             let pass_wire = wire_total - wire_before;
             let pass_time = pass_start.elapsed().as_secs_f64();
             if pass_wire >= 1 << 20 && pass_time > 0.0 {
@@ -478,6 +693,11 @@ impl Run<'_> {
         *paused_here = !was_paused;
         throttle.set(0);
         self.ctx.machine.quiesce().map_err(SourceError::Vm)?;
+        if let Some(copy) = storage {
+            copy.finish()
+                .map_err(|e| SourceError::Storage(e.to_string()))?;
+            self.update_storage(Some(copy))?;
+        }
         let mut dirty = collect_dirty(vm, mem).map_err(|e| SourceError::Vm(e.to_string()))?;
         merge_into(&mut dirty, &pending);
         {
@@ -489,7 +709,14 @@ impl Run<'_> {
             }
             wire_total += sender.wire_bytes;
         }
-        let state = self.ctx.machine.save_state().map_err(SourceError::Vm)?;
+        let mut state = self.ctx.machine.save_state().map_err(SourceError::Vm)?;
+        if let Some(plan) = plan {
+            // The destination runs the guest on the copies.
+            for (d, c) in state.drives.iter_mut().zip(plan.config.drives.iter()) {
+                d.block.path = c.path.clone();
+            }
+            state.config = plan.config.clone();
+        }
         wire_total += send_json(w, Kind::State, &state)?;
         w.flush().map_err(ProtocolError::from)?;
         self.update(|s| {

@@ -291,6 +291,15 @@ impl VcpuControl {
     }
 }
 
+impl VcpuControl {
+    /// vCPUs that park as soon as they start, until `resume`.
+    pub fn new_paused() -> Self {
+        let c = Self::new();
+        c.lock().want = Want::Pause;
+        c
+    }
+}
+
 impl Default for VcpuControl {
     fn default() -> Self {
         Self::new()

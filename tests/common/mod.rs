@@ -68,7 +68,12 @@ pub struct Ferry {
 
 impl Ferry {
     pub fn spawn(args: &[&str]) -> Ferry {
-        let mut child = Command::new(FERRY)
+        Ferry::spawn_program(FERRY, args)
+    }
+
+    /// Like `spawn`, for a program that execs ferry (e.g. `ip netns exec`).
+    pub fn spawn_program(program: &str, args: &[&str]) -> Ferry {
+        let mut child = Command::new(program)
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -122,6 +127,11 @@ impl Ferry {
         ]);
         f.api_sock = Some(sock);
         f
+    }
+
+    /// False once the process has exited.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 
     pub fn pid(&self) -> u32 {
@@ -317,4 +327,68 @@ pub fn verify_blkwrite_image(image: &Path, blocks: u64, seed: u64) -> Result<(u6
         ));
     }
     Ok((r, k as u64))
+}
+
+/// Two hosts on this machine: network namespaces `<name>-a` and `<name>-b`
+/// joined by a veth pair (tools/two-hosts), removed on drop — also when the
+/// test fails.
+pub struct TwoHosts {
+    pub name: String,
+    pub ip_a: String,
+    pub ip_b: String,
+}
+
+impl TwoHosts {
+    /// None (with a printed reason) where namespaces cannot be made.
+    pub fn create(test: &str) -> Option<TwoHosts> {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        let pid = std::process::id();
+        let name = format!("fy{}{}", pid % 100_000, n);
+        let subnet = format!("10.{}.{}", 100 + (pid % 100), (n * 7 + pid / 100) % 250);
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tools/two-hosts");
+        let out = Command::new(script).args(["up", &name, &subnet]).output();
+        match out {
+            Ok(o) if o.status.success() => Some(TwoHosts {
+                name,
+                ip_a: format!("{subnet}.1"),
+                ip_b: format!("{subnet}.2"),
+            }),
+            other => {
+                let _ = Command::new(script).args(["down", &name]).output();
+                eprintln!("SKIPPED {test}: cannot create network namespaces (root and iproute2 needed): {other:?}");
+                None
+            }
+        }
+    }
+
+    pub fn ns(&self, host: char) -> String {
+        format!("{}-{host}", self.name)
+    }
+
+    /// `ferry ARGS` in host `a` or `b`.
+    pub fn ferry(&self, host: char, args: &[&str]) -> Ferry {
+        let ns = self.ns(host);
+        let mut all = vec!["netns", "exec", ns.as_str(), FERRY];
+        all.extend_from_slice(args);
+        Ferry::spawn_program("ip", &all)
+    }
+
+    /// Takes host b's end of the link down.
+    pub fn link_down(&self) {
+        let dev = format!("v{}b", &self.name[..self.name.len().min(12)]);
+        let st = Command::new("ip")
+            .args(["-n", &self.ns('b'), "link", "set", &dev, "down"])
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+}
+
+impl Drop for TwoHosts {
+    fn drop(&mut self) {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tools/two-hosts");
+        let _ = Command::new(script).args(["down", &self.name]).output();
+    }
 }

@@ -251,11 +251,22 @@ impl WriteVolatile for FileAt<'_> {
 
 /// The image and what requests are checked against; kept apart from the
 /// queue so that a request can borrow it while the queue is borrowed mutably.
+/// Receives a copy of every guest write once it is on the local image, and
+/// every flush, before the guest sees the request complete. Storage
+/// migration uses it to keep a remote copy current; the device knows
+/// nothing more about it. A mirror deals with its own failures: the guest's
+/// request has succeeded on the local image whatever the mirror does.
+pub trait WriteMirror: Send + Sync {
+    fn write(&self, offset: u64, data: &[u8]);
+    fn flush(&self);
+}
+
 struct Disk {
     file: File,
     sectors: u64,
     read_only: bool,
     id: [u8; ID_BYTES],
+    mirror: Option<Arc<dyn WriteMirror>>,
 }
 
 impl Disk {
@@ -361,9 +372,20 @@ impl Disk {
                     file: &self.file,
                     offset: start,
                 };
-                for s in data {
+                for s in &data {
                     mem.write_all_volatile_to(s.addr, &mut file, s.len as usize)
                         .map_err(|e| fail(BlockError::GuestMemory(e)))?;
+                }
+                if let Some(mirror) = &self.mirror {
+                    let mut buf = vec![0u8; len as usize];
+                    let mut pos = 0;
+                    for s in &data {
+                        let end = pos + s.len as usize;
+                        mem.read_slice(&mut buf[pos..end], s.addr)
+                            .map_err(|e| fail(BlockError::GuestMemory(e)))?;
+                        pos = end;
+                    }
+                    mirror.write(start, &buf);
                 }
                 Ok(0)
             }
@@ -371,6 +393,9 @@ impl Disk {
                 self.file
                     .sync_data()
                     .map_err(|e| fail(BlockError::Flush(e)))?;
+                if let Some(mirror) = &self.mirror {
+                    mirror.flush();
+                }
                 Ok(0)
             }
             VIRTIO_BLK_T_GET_ID => {
@@ -491,6 +516,7 @@ impl Block {
                 sectors,
                 read_only,
                 id: disk_id,
+                mirror: None,
             },
             id,
             avail_features,
@@ -524,6 +550,11 @@ impl Block {
 
     /// Serves every available request, then raises the interrupt if the
     /// driver wants one. Returns whether any request was completed.
+    /// Starts (Some) or stops (None) mirroring guest writes and flushes.
+    pub fn set_mirror(&mut self, mirror: Option<Arc<dyn WriteMirror>>) {
+        self.disk.mirror = mirror;
+    }
+
     pub fn process_queue(&mut self) -> Result<bool, BlockError> {
         let (Some(mem), Some(queue)) = (self.mem.as_ref(), self.queues.first_mut()) else {
             return Ok(false);

@@ -1,0 +1,443 @@
+//! Combined live and storage migration between two hosts (two network
+//! namespaces joined by a veth pair) that share no storage: the source's
+//! files live in one directory, the destination's `--dir` in another, and
+//! everything moves through the destination's temporary NFSv3 share.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const WAIT: Duration = Duration::from_secs(90);
+const PORT: u16 = 7777;
+const BLOCKS: u64 = 256;
+const SEED: u64 = 5;
+
+struct Setup {
+    hosts: TwoHosts,
+    dir: tempfile::TempDir,
+    src_dir: PathBuf,
+    dst_dir: PathBuf,
+    image: PathBuf,
+}
+
+impl Setup {
+    fn new(test: &str) -> Option<Setup> {
+        if !kvm_available(test) {
+            return None;
+        }
+        let hosts = TwoHosts::create(test)?;
+        let dir = tempdir();
+        let src_dir = dir.path().join("src");
+        let dst_dir = dir.path().join("dst");
+        std::fs::create_dir_all(&src_dir).unwrap();
+        std::fs::create_dir_all(&dst_dir).unwrap();
+        let image = src_dir.join("disk.img");
+        Some(Setup {
+            hosts,
+            dir,
+            src_dir,
+            dst_dir,
+            image,
+        })
+    }
+
+    /// A disk image of `size_mib` whose first `data_mib` hold non-zero data
+    /// (so that the copy takes a while), the rest a hole.
+    fn make_image(&self, size_mib: u64, data_mib: u64) {
+        let f = std::fs::File::create(&self.image).unwrap();
+        f.set_len(size_mib << 20).unwrap();
+        use std::os::unix::fs::FileExt;
+        let chunk: Vec<u8> = (0..1 << 20).map(|i| (i % 253 + 1) as u8).collect();
+        for m in 0..data_mib {
+            f.write_all_at(&chunk, m << 20).unwrap();
+        }
+    }
+
+    fn receiver(&self, extra: &[&str]) -> Ferry {
+        let sock = self.dir.path().join("dst.sock");
+        let listen = format!("{}:{PORT}", self.hosts.ip_b);
+        let mut args = vec![
+            "receive",
+            "--listen",
+            listen.as_str(),
+            "--dir",
+            self.dst_dir.to_str().unwrap(),
+            "--api-sock",
+            sock.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let mut f = self.hosts.ferry('b', &args);
+        f.api_sock = Some(sock);
+        let deadline = Instant::now() + WAIT;
+        while !f.stderr().contains("waiting for a migration") {
+            assert!(
+                Instant::now() < deadline && f.running(),
+                "no receiver: {}",
+                f.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        f
+    }
+
+    /// The source VM: blkwrite over the image, plus dirty memory.
+    fn source(&self, dirty_mib: u64) -> Ferry {
+        let mut cfg = config(
+            1,
+            256,
+            &format!(
+                "testkernel.workload=blkwrite testkernel.blk_blocks={BLOCKS} testkernel.blk_seed={SEED} testkernel.dirty_mib={dirty_mib}"
+            ),
+        );
+        cfg["drives"] = serde_json::json!([{ "id": "d0", "path": self.image }]);
+        let path = write_config(&self.src_dir, &cfg);
+        let sock = self.dir.path().join("src.sock");
+        let mut f = self.hosts.ferry(
+            'a',
+            &[
+                "run",
+                "--config",
+                path.to_str().unwrap(),
+                "--api-sock",
+                sock.to_str().unwrap(),
+            ],
+        );
+        f.api_sock = Some(sock);
+        f.wait_line(WAIT, |l| round_of(l).is_some_and(|r| r >= 2));
+        f
+    }
+
+    fn migrate(&self, src: &Ferry, bandwidth: Option<u64>) {
+        let (status, body) = ferry::api::client::request(
+            src.api_sock.as_ref().unwrap(),
+            "PUT",
+            "/migration/send",
+            Some(&serde_json::json!({
+                "destination": format!("{}:{PORT}", self.hosts.ip_b),
+                "bandwidth_mib_s": bandwidth,
+            })),
+        )
+        .unwrap();
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["storage"], "copy", "{body}");
+    }
+
+    /// What is in the destination's --dir.
+    fn dst_entries(&self) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(&self.dst_dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+fn round_of(line: &str) -> Option<u64> {
+    line.strip_prefix("testkernel: blkwrite round=")?
+        .split(' ')
+        .next()?
+        .parse()
+        .ok()
+}
+
+fn no_fail(f: &Ferry) {
+    let lines = f.lines();
+    assert!(
+        !lines.iter().any(|l| l.contains("FAIL")),
+        "FAIL in {lines:#?}"
+    );
+}
+
+fn status(src: &Ferry) -> serde_json::Value {
+    let (code, body) = src.api("GET", "/migration");
+    assert_eq!(code, 200);
+    body
+}
+
+fn wait_status(src: &Ferry, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let s = status(src);
+        if pred(&s) {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "status never matched: {s}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Copying has begun and is far from done.
+fn wait_mid_copy(src: &Ferry) -> serde_json::Value {
+    wait_status(src, |s| {
+        s["storage_copied_bytes"].as_u64() > Some(2 << 20) && s["phase"] == "precopy"
+    })
+}
+
+/// After a failed migration: the guest writes on at the source, and its
+/// image verifies once it is shut down.
+fn assert_guest_runs_on_locally(s: &Setup, mut src: Ferry) {
+    let (_, vm) = src.api("GET", "/vm");
+    assert_eq!(vm["state"], "Running", "{vm}");
+    let last = src.lines().iter().rev().find_map(|l| round_of(l)).unwrap();
+    src.wait_line(WAIT, |l| round_of(l).is_some_and(|r| r >= last + 2));
+    no_fail(&src);
+    src.api("PUT", "/vm/shutdown");
+    assert!(src.wait_exit(WAIT).success());
+    let (round, _) = verify_blkwrite_image(&s.image, BLOCKS, SEED).unwrap();
+    assert!(round >= last + 2);
+}
+
+fn sha256(path: &Path) -> String {
+    let out = Command::new("sha256sum").arg(path).output().unwrap();
+    assert!(out.status.success());
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+#[test]
+fn guest_moves_with_its_disk_and_keeps_verifying() {
+    let Some(s) = Setup::new("guest_moves_with_its_disk_and_keeps_verifying") else {
+        return;
+    };
+    s.make_image(64, 8);
+    let mut dst = s.receiver(&["--paused"]);
+    let mut src = s.source(16);
+    s.migrate(&src, None);
+    assert!(src.wait_exit(WAIT).success(), "{}", src.stderr());
+    no_fail(&src);
+    let last_round = src.lines().iter().rev().find_map(|l| round_of(l)).unwrap();
+
+    // The destination holds the copy in <dir>/<migration id>/ and has taken
+    // the guest over, paused: its disk is exactly the source's at cutover.
+    let entries = s.dst_entries();
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    let copy_dir = s.dst_dir.join(&entries[0]);
+    let copy = copy_dir.join("drive0-d0.img");
+    assert_eq!(sha256(&copy), sha256(&s.image));
+    assert!(copy_dir.join("kernel").exists() && copy_dir.join("vm.json").exists());
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(copy_dir.join("vm.json")).unwrap()).unwrap();
+    assert_eq!(cfg["drives"][0]["path"], "drive0-d0.img");
+
+    dst.wait_api(WAIT);
+    let (_, vm) = dst.api("GET", "/vm");
+    assert_eq!(vm["state"], "Paused");
+    dst.api("PUT", "/vm/resume");
+    // It carries on where it was and verifies what was written at the source.
+    let (_, first) = dst.wait_line_from(0, WAIT, |l| round_of(l).is_some());
+    assert!(
+        round_of(&first).unwrap() >= last_round,
+        "{first} after round {last_round}"
+    );
+    dst.wait_line(WAIT, |l| round_of(l).is_some_and(|r| r >= last_round + 2));
+    no_fail(&dst);
+    assert!(!dst
+        .lines()
+        .iter()
+        .any(|l| l.starts_with("testkernel: booted")));
+    dst.api("PUT", "/vm/shutdown");
+    assert!(dst.wait_exit(WAIT).success());
+    verify_blkwrite_image(&copy, BLOCKS, SEED).unwrap();
+}
+
+#[test]
+fn sparse_image_stays_sparse() {
+    let Some(s) = Setup::new("sparse_image_stays_sparse") else {
+        return;
+    };
+    s.make_image(1024, 1);
+    let dst = s.receiver(&[]);
+    let mut src = s.source(0);
+    let t0 = Instant::now();
+    s.migrate(&src, None);
+    assert!(src.wait_exit(WAIT).success(), "{}", src.stderr());
+    eprintln!("1 GiB sparse image migrated in {:?}", t0.elapsed());
+    let entries = s.dst_entries();
+    let copy = s.dst_dir.join(&entries[0]).join("drive0-d0.img");
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(&copy).unwrap();
+    assert_eq!(meta.len(), 1 << 30);
+    let allocated = meta.blocks() * 512;
+    assert!(
+        allocated < 16 << 20,
+        "the copy is not sparse: {allocated} bytes allocated"
+    );
+    let last = src.lines().iter().rev().find_map(|l| round_of(l)).unwrap();
+    dst.wait_line(WAIT, |l| round_of(l).is_some_and(|r| r > last));
+    no_fail(&dst);
+}
+
+#[test]
+fn an_independent_nfs_client_sees_the_share() {
+    let Some(s) = Setup::new("an_independent_nfs_client_sees_the_share") else {
+        return;
+    };
+    if Command::new("nfs-ls").arg("--help").output().is_err() {
+        eprintln!("SKIPPED an_independent_nfs_client_sees_the_share: nfs-ls (libnfs-utils) is not installed");
+        return;
+    }
+    s.make_image(64, 48);
+    let mut dst = s.receiver(&[]);
+    let src = s.source(0);
+    s.migrate(&src, Some(4));
+    let st = wait_mid_copy(&src);
+    // "nfs://IP:PORT/EXPORT"
+    let share = st["share"].as_str().unwrap().to_string();
+    let rest = share.strip_prefix("nfs://").unwrap();
+    let (hostport, export) = rest.split_once('/').unwrap();
+    let (ip, port) = hostport.rsplit_once(':').unwrap();
+    assert_eq!(ip, s.hosts.ip_b);
+    let q = format!("?version=3&nfsport={port}&mountport={port}");
+    // From the source host: the share only answers the source's address.
+    let ls = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &s.hosts.ns('a'),
+            "nfs-ls",
+            &format!("nfs://{ip}/{export}{q}"),
+        ])
+        .output()
+        .unwrap();
+    let listing = String::from_utf8_lossy(&ls.stdout);
+    assert!(ls.status.success(), "{ls:?}");
+    assert!(
+        listing.contains("drive0-d0.img") && listing.contains("kernel"),
+        "{listing}"
+    );
+    let cat = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &s.hosts.ns('a'),
+            "nfs-cat",
+            &format!("nfs://{ip}/{export}/kernel{q}"),
+        ])
+        .output()
+        .unwrap();
+    assert!(cat.status.success(), "{cat:?}");
+    assert_eq!(cat.stdout, std::fs::read(TESTKERNEL).unwrap());
+
+    // Cancel: the share goes away and nothing is left at the destination.
+    let (code, body) = src.api("PUT", "/migration/cancel");
+    assert_eq!(code, 200, "{body}");
+    assert!(!dst.wait_exit(WAIT).success());
+    assert!(s.dst_entries().is_empty(), "{:?}", s.dst_entries());
+    let ls = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &s.hosts.ns('a'),
+            "nfs-ls",
+            &format!("nfs://{ip}/{export}{q}"),
+        ])
+        .output()
+        .unwrap();
+    assert!(!ls.status.success(), "the share outlived the migration");
+    assert_guest_runs_on_locally(&s, src);
+}
+
+#[test]
+fn killed_destination_mid_copy() {
+    let Some(s) = Setup::new("killed_destination_mid_copy") else {
+        return;
+    };
+    s.make_image(64, 48);
+    let dst = s.receiver(&[]);
+    let src = s.source(8);
+    s.migrate(&src, Some(4));
+    wait_mid_copy(&src);
+    // SAFETY: plain kill(2) of our own child.
+    unsafe { libc::kill(dst.pid() as i32, libc::SIGKILL) };
+    let st = wait_status(&src, |st| st["phase"] == "failed");
+    assert_eq!(st["handed_over"], false);
+    drop(dst);
+    // A killed receiver cannot clean up; the next one on the same --dir does.
+    let again = s.receiver(&[]);
+    assert!(s.dst_entries().is_empty(), "{:?}", s.dst_entries());
+    drop(again);
+    assert_guest_runs_on_locally(&s, src);
+}
+
+#[test]
+fn link_down_mid_copy() {
+    let Some(s) = Setup::new("link_down_mid_copy") else {
+        return;
+    };
+    s.make_image(64, 48);
+    let mut dst = s.receiver(&[]);
+    let src = s.source(8);
+    s.migrate(&src, Some(4));
+    wait_mid_copy(&src);
+    s.hosts.link_down();
+    let st = wait_status(&src, |st| st["phase"] == "failed");
+    eprintln!("link down reported as: {}", st["error"]);
+    assert!(!dst.wait_exit(WAIT).success());
+    assert!(s.dst_entries().is_empty(), "{:?}", s.dst_entries());
+    assert_guest_runs_on_locally(&s, src);
+}
+
+#[test]
+fn destination_disk_full() {
+    let Some(s) = Setup::new("destination_disk_full") else {
+        return;
+    };
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let ok = Command::new("mount")
+        .args([
+            "-t",
+            "tmpfs",
+            "-o",
+            "size=8m",
+            "tmpfs",
+            s.dst_dir.to_str().unwrap(),
+        ])
+        .status()
+        .is_ok_and(|st| st.success());
+    if !ok {
+        eprintln!("SKIPPED destination_disk_full: cannot mount a tmpfs");
+        return;
+    }
+    let _unmount = Unmount(s.dst_dir.clone());
+    s.make_image(64, 32);
+    let mut dst = s.receiver(&[]);
+    let src = s.source(0);
+    s.migrate(&src, None);
+    let st = wait_status(&src, |st| st["phase"] == "failed");
+    let err = st["error"].as_str().unwrap();
+    assert!(err.contains("full"), "{err}");
+    assert!(!dst.wait_exit(WAIT).success());
+    assert!(s.dst_entries().is_empty(), "{:?}", s.dst_entries());
+    assert_guest_runs_on_locally(&s, src);
+}
+
+#[test]
+fn cancel_mid_copy() {
+    let Some(s) = Setup::new("cancel_mid_copy") else {
+        return;
+    };
+    s.make_image(64, 48);
+    let mut dst = s.receiver(&[]);
+    let src = s.source(8);
+    s.migrate(&src, Some(4));
+    wait_mid_copy(&src);
+    let (code, body) = src.api("PUT", "/migration/cancel");
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["phase"], "cancelled");
+    assert!(!dst.wait_exit(WAIT).success());
+    assert!(s.dst_entries().is_empty(), "{:?}", s.dst_entries());
+    assert_guest_runs_on_locally(&s, src);
+}
