@@ -441,3 +441,39 @@ fn cancel_mid_copy() {
     assert!(s.dst_entries().is_empty(), "{:?}", s.dst_entries());
     assert_guest_runs_on_locally(&s, src);
 }
+
+#[test]
+fn copy_through_an_already_mounted_share() {
+    let Some(s) = Setup::new("copy_through_an_already_mounted_share") else {
+        return;
+    };
+    s.make_image(64, 4);
+    let mut dst = s.receiver(&["--paused"]);
+    let mut src = s.source(0);
+    // The destination's --dir, as the source would see it mounted (here:
+    // the same directory, since both "hosts" share this machine's disk).
+    let (status, body) = ferry::api::client::request(
+        src.api_sock.as_ref().unwrap(),
+        "PUT",
+        "/migration/send",
+        Some(&serde_json::json!({
+            "destination": format!("{}:{PORT}", s.hosts.ip_b),
+            "storage": "copy",
+            "share": { "path": s.dst_dir },
+        })),
+    )
+    .unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(src.wait_exit(WAIT).success(), "{}", src.stderr());
+    let entries = s.dst_entries();
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    let copy = s.dst_dir.join(&entries[0]).join("drive0-d0.img");
+    assert_eq!(sha256(&copy), sha256(&s.image));
+    dst.wait_api(WAIT);
+    dst.api("PUT", "/vm/resume");
+    let last = src.lines().iter().rev().find_map(|l| round_of(l)).unwrap();
+    dst.wait_line(WAIT, |l| round_of(l).is_some_and(|r| r > last));
+    no_fail(&dst);
+    dst.api("PUT", "/vm/shutdown");
+    assert!(dst.wait_exit(WAIT).success());
+}

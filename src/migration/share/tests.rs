@@ -345,5 +345,3 @@ fn libnfs_utils_can_list_read_and_write() {
         .unwrap()
         .contains(&("up.img".to_string(), upload.len() as u64)));
 }
-
-
