@@ -6,6 +6,7 @@
 pub mod destination;
 pub mod memory;
 pub mod protocol;
+pub mod share;
 pub mod source;
 
 use serde::{Deserialize, Serialize};

@@ -1,0 +1,529 @@
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::*;
+
+const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+const EXPORT: &str = "/ferry-0123abcd";
+const MIB: usize = 1 << 20;
+
+fn serve(dir: &Path) -> (NfsShareServer, NfsShare) {
+    let server = NfsShareServer::start(dir, LOCALHOST, EXPORT, Some(LOCALHOST)).unwrap();
+    let share = NfsShare::connect(SocketAddr::new(LOCALHOST, server.port()), EXPORT).unwrap();
+    (server, share)
+}
+
+/// Bytes that differ at every offset, so a misplaced write shows.
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn read_file_at(path: &Path, offset: u64, len: usize) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; len];
+    let n = std::fs::File::open(path)
+        .unwrap()
+        .read_at(&mut buf, offset)
+        .unwrap();
+    buf.truncate(n);
+    buf
+}
+
+/// Writes, reads back and checks `share` the same way for both kinds.
+fn exercise(share: &dyn Share, dir: &Path) {
+    const SIZE: u64 = 256 * MIB as u64;
+    let file = share.create("disk.img", SIZE).unwrap();
+    // Odd offsets and lengths; one write spans several server chunks.
+    let writes: Vec<(u64, Vec<u8>)> = vec![
+        (1, pattern(1, 4094)),
+        (4095, pattern(2, 3)),
+        (MIB as u64 + 3, pattern(3, 3 * MIB + 7)),
+        (100 * MIB as u64 - 1, pattern(4, 513)),
+        (SIZE - 5, pattern(5, 5)),
+    ];
+    for (offset, data) in &writes {
+        file.write_at(*offset, data).unwrap();
+    }
+    file.sync().unwrap();
+
+    let path = dir.join("disk.img");
+    let meta = std::fs::metadata(&path).unwrap();
+    assert_eq!(meta.len(), SIZE);
+    // 3 MiB and a few pages written: the holes stay holes.
+    assert!(
+        meta.blocks() * 512 < 8 * MIB as u64,
+        "{} bytes allocated",
+        meta.blocks() * 512
+    );
+    for (offset, data) in &writes {
+        assert_eq!(
+            &read_file_at(&path, *offset, data.len()),
+            data,
+            "at {offset}"
+        );
+        let mut back = vec![0u8; data.len()];
+        assert_eq!(file.read_at(*offset, &mut back).unwrap(), data.len());
+        assert_eq!(&back, data, "read back at {offset}");
+    }
+    // Never written: zeros.
+    assert_eq!(read_file_at(&path, 0, 1), [0]);
+    assert!(read_file_at(&path, 200 * MIB as u64, 4096)
+        .iter()
+        .all(|&b| b == 0));
+    let mut hole = vec![0xffu8; 3 * MIB];
+    assert_eq!(
+        file.read_at(150 * MIB as u64, &mut hole).unwrap(),
+        hole.len()
+    );
+    assert!(hole.iter().all(|&b| b == 0));
+    // Short read at the end of the file.
+    let mut tail = [0u8; 16];
+    assert_eq!(file.read_at(SIZE - 5, &mut tail).unwrap(), 5);
+    assert_eq!(&tail[..5], &writes[4].1[..]);
+    assert_eq!(file.read_at(SIZE + 10, &mut tail).unwrap(), 0);
+
+    share
+        .create("kernel", 0)
+        .unwrap()
+        .write_at(0, b"k")
+        .unwrap();
+    assert_eq!(
+        share.list().unwrap(),
+        vec![("disk.img".to_string(), SIZE), ("kernel".to_string(), 1)]
+    );
+
+    // Create again truncates: old contents gone.
+    let again = share.create("disk.img", 4096).unwrap();
+    let mut page = vec![0xffu8; 4096];
+    assert_eq!(again.read_at(0, &mut page).unwrap(), 4096);
+    assert!(page.iter().all(|&b| b == 0));
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), 4096);
+
+    share.remove("disk.img").unwrap();
+    share.remove("disk.img").unwrap(); // already gone: fine
+    assert!(!path.exists());
+    assert_eq!(share.list().unwrap(), vec![("kernel".to_string(), 1)]);
+
+    let file = share.create("kernel", 1).unwrap();
+    assert!(file.write_at(u64::MAX - 1, &[1, 2, 3]).is_err());
+    assert!(file.read_at(u64::MAX - 1, &mut [0; 3]).is_err());
+    file.write_at(0, b"k").unwrap();
+
+    for bad in ["", ".", "..", "a/b", "a\0b", &"x".repeat(256)] {
+        assert!(
+            matches!(share.create(bad, 1), Err(ShareError::InvalidName { .. })),
+            "{bad:?}"
+        );
+    }
+}
+
+#[test]
+fn nfs_share_writes_reads_lists_removes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_server, share) = serve(dir.path());
+    assert!(share.describe().starts_with("nfs://127.0.0.1:"));
+    assert!(share.describe().ends_with(EXPORT));
+    assert_eq!(share.write_size(), server::MAX_IO);
+    exercise(&share, dir.path());
+}
+
+#[test]
+fn removed_file_handles_go_stale() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_server, share) = serve(dir.path());
+    let file = share.create("disk.img", 4096).unwrap();
+    share.remove("disk.img").unwrap();
+    let err = file.write_at(0, b"late").unwrap_err();
+    assert!(err.to_string().contains("NFS3ERR_STALE"), "{err}");
+    // A new file of the same name is another file.
+    let again = share.create("disk.img", 4096).unwrap();
+    assert!(file.write_at(0, b"late").is_err());
+    again.write_at(0, b"new").unwrap();
+}
+
+/// Only regular files directly in the directory are served: symlinks and
+/// subdirectories are invisible, and no name leads out of the directory.
+#[test]
+fn nothing_outside_the_directory_is_reachable() {
+    use nfs3_client::nfs3_types::nfs3::{
+        createhow3, diropargs3, filename3, sattr3, CREATE3args, LOOKUP3args, Nfs3Result,
+    };
+    use nfs3_client::tokio::TokioConnector;
+    use nfs3_client::Nfs3ConnectionBuilder;
+
+    let outside = tempfile::tempdir().unwrap();
+    let secret = outside.path().join("secret");
+    std::fs::write(&secret, b"secret").unwrap();
+    let base = tempfile::tempdir().unwrap();
+    let dir = base.path().join("share");
+    std::fs::create_dir(&dir).unwrap();
+    std::os::unix::fs::symlink(&secret, dir.join("link")).unwrap();
+    std::fs::create_dir(dir.join("sub")).unwrap();
+    std::fs::write(dir.join("sub").join("inner"), b"inner").unwrap();
+
+    let (server, share) = serve(&dir);
+    assert_eq!(share.list().unwrap(), vec![]);
+    assert!(share.create("link", 10).is_err());
+    assert!(share.create("sub", 10).is_err());
+    share.remove("link").unwrap(); // not served, so "not there"
+    assert!(dir.join("link").exists());
+    assert_eq!(std::fs::read(&secret).unwrap(), b"secret");
+
+    // A client that does not check names.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let mut conn = Nfs3ConnectionBuilder::new(TokioConnector, "127.0.0.1", EXPORT)
+            .mount_port(server.port())
+            .nfs3_port(server.port())
+            .connect_from_privileged_port(false)
+            .mount()
+            .await
+            .unwrap();
+        let root = conn.root_nfs_fh3();
+        for name in [
+            &b"../share"[..],
+            b"sub/inner",
+            b"link",
+            b"sub",
+            b"a\0b",
+            b"",
+        ] {
+            let lookup = LOOKUP3args {
+                what: diropargs3 {
+                    dir: root.clone(),
+                    name: filename3::from(name),
+                },
+            };
+            assert!(
+                matches!(conn.lookup(&lookup).await.unwrap(), Nfs3Result::Err(_)),
+                "{name:?}"
+            );
+        }
+        // ".." of the root is the root.
+        let up = LOOKUP3args {
+            what: diropargs3 {
+                dir: root.clone(),
+                name: filename3::from(&b".."[..]),
+            },
+        };
+        match conn.lookup(&up).await.unwrap() {
+            Nfs3Result::Ok(ok) => assert_eq!(ok.object, root),
+            Nfs3Result::Err((e, _)) => panic!("{e}"),
+        }
+        for name in [&b"../escape"[..], b"sub/escape"] {
+            let create = CREATE3args {
+                where_: diropargs3 {
+                    dir: root.clone(),
+                    name: filename3::from(name),
+                },
+                how: createhow3::UNCHECKED(sattr3::default()),
+            };
+            assert!(
+                matches!(conn.create(&create).await.unwrap(), Nfs3Result::Err(_)),
+                "{name:?}"
+            );
+        }
+    });
+    assert!(!base.path().join("escape").exists());
+    assert!(!dir.join("sub").join("escape").exists());
+}
+
+#[test]
+fn mounted_share_writes_reads_lists_removes() {
+    let dir = tempfile::tempdir().unwrap();
+    let share = MountedShare::new(dir.path()).unwrap();
+    assert_eq!(share.describe(), dir.path().display().to_string());
+    exercise(&share, dir.path());
+    assert!(MountedShare::new(&dir.path().join("kernel")).is_err());
+    assert!(MountedShare::new(&dir.path().join("missing")).is_err());
+}
+
+#[test]
+fn concurrent_writers_on_one_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_server, share) = serve(dir.path());
+    const BLOCK: usize = 64 * 1024 + 512;
+    const BLOCKS: usize = 256;
+    let file = share.create("disk.img", (BLOCK * BLOCKS) as u64).unwrap();
+    // One thread takes the even blocks (like the bulk copy), the other the
+    // odd ones at sector granularity (like mirrored guest writes).
+    let writers: Vec<_> = (0..2)
+        .map(|parity| {
+            let file = Arc::clone(&file);
+            std::thread::spawn(move || {
+                for block in (parity..BLOCKS).step_by(2) {
+                    let data = pattern(block as u64, BLOCK);
+                    let base = (block * BLOCK) as u64;
+                    if parity == 0 {
+                        file.write_at(base, &data).unwrap();
+                    } else {
+                        for (i, sector) in data.chunks(512).enumerate() {
+                            file.write_at(base + (i * 512) as u64, sector).unwrap();
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    for writer in writers {
+        writer.join().unwrap();
+    }
+    file.sync().unwrap();
+    let on_disk = std::fs::read(dir.path().join("disk.img")).unwrap();
+    assert_eq!(on_disk.len(), BLOCK * BLOCKS);
+    for (block, data) in on_disk.chunks(BLOCK).enumerate() {
+        assert_eq!(data, pattern(block as u64, BLOCK), "block {block}");
+    }
+}
+
+#[test]
+fn other_peers_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let elsewhere: IpAddr = "10.255.255.1".parse().unwrap();
+    let server = NfsShareServer::start(dir.path(), LOCALHOST, EXPORT, Some(elsewhere)).unwrap();
+    let started = Instant::now();
+    let err = NfsShare::connect(SocketAddr::new(LOCALHOST, server.port()), EXPORT)
+        .err()
+        .expect("a connection from 127.0.0.1 must be refused");
+    assert!(matches!(err, ShareError::Connect { .. }), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(std::fs::read_dir(dir.path()).unwrap().next().is_none());
+}
+
+#[test]
+fn unknown_export_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = NfsShareServer::start(dir.path(), LOCALHOST, EXPORT, None).unwrap();
+    let addr = SocketAddr::new(LOCALHOST, server.port());
+    for wrong in [
+        "/",
+        "/ferry-0123abc",
+        "/ferry-0123abcd-x",
+        "/ferry-0123abcd/disk.img",
+    ] {
+        let err = NfsShare::connect(addr, wrong).err().expect(wrong);
+        assert!(
+            err.to_string().contains("does not export"),
+            "{wrong}: {err}"
+        );
+    }
+}
+
+#[test]
+fn bad_export_paths_and_dirs_are_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    for bad in ["", "ferry", "/a/", "/a//b", "/a/../b", "/a b", "/a\0"] {
+        assert!(
+            NfsShareServer::start(dir.path(), LOCALHOST, bad, None).is_err(),
+            "{bad:?}"
+        );
+    }
+    let missing = dir.path().join("missing");
+    assert!(NfsShareServer::start(&missing, LOCALHOST, EXPORT, None).is_err());
+}
+
+#[test]
+fn stopping_the_server_fails_the_client_quickly() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, share) = serve(dir.path());
+    let port = server.port();
+    let file = share.create("disk.img", MIB as u64).unwrap();
+    file.write_at(0, &[1; 4096]).unwrap();
+    drop(server);
+
+    let started = Instant::now();
+    let err = file.write_at(0, &[2; 4096]).unwrap_err();
+    assert!(matches!(err, ShareError::Connect { .. }), "{err}");
+    assert!(file.sync().is_err());
+    assert!(share.list().is_err());
+    assert!(NfsShare::connect(SocketAddr::new(LOCALHOST, port), EXPORT).is_err());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn silent_server_times_out() {
+    // Connections are accepted by the kernel (backlog) but nobody answers.
+    let silent = std::net::TcpListener::bind((LOCALHOST, 0)).unwrap();
+    let addr = silent.local_addr().unwrap();
+    let started = Instant::now();
+    let err = NfsShare::connect(addr, EXPORT)
+        .err()
+        .expect("nobody answers");
+    assert!(matches!(err, ShareError::Timeout { .. }), "{err}");
+    assert!(started.elapsed() < client::CONNECT_TIMEOUT + Duration::from_secs(5));
+}
+
+#[test]
+fn unreachable_server_fails() {
+    // 192.0.2.0/24 is TEST-NET-1: nothing answers there. Where the host has
+    // no route at all, connect fails at once, which is just as good.
+    let started = Instant::now();
+    let addr: SocketAddr = "192.0.2.1:2049".parse().unwrap();
+    assert!(NfsShare::connect(addr, EXPORT).is_err());
+    assert!(started.elapsed() < client::CONNECT_TIMEOUT + Duration::from_secs(5));
+}
+
+#[test]
+fn disk_full_is_its_own_error() {
+    let err = ShareError::io("writing", std::io::Error::from_raw_os_error(libc::ENOSPC));
+    assert!(err.is_no_space());
+    assert_eq!(err.to_string(), "destination disk full while writing");
+    let err = ShareError::io("writing", std::io::Error::from_raw_os_error(libc::EIO));
+    assert!(!err.is_no_space());
+    // The server reports ENOSPC as NFS3ERR_NOSPC, which the client turns
+    // back into NoSpace.
+    assert_eq!(
+        server::io_status(&std::io::Error::from_raw_os_error(libc::ENOSPC)),
+        nfs3_server::nfs3_types::nfs3::nfsstat3::NFS3ERR_NOSPC
+    );
+    assert!(client::status_error(
+        "nfs://x",
+        "writing".into(),
+        nfs3_client::nfs3_types::nfs3::nfsstat3::NFS3ERR_NOSPC
+    )
+    .is_no_space());
+}
+
+/// Debian's libnfs-utils as an independent client: list, read, and write.
+#[test]
+fn libnfs_utils_can_list_read_and_write() {
+    if Command::new("nfs-ls").arg("--help").output().is_err() {
+        println!("skipped: nfs-ls not installed (apt-get install libnfs-utils)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (server, share) = serve(dir.path());
+    let content = pattern(7, 3 * MIB + 11);
+    share
+        .create("disk.img", content.len() as u64)
+        .unwrap()
+        .write_at(0, &content)
+        .unwrap();
+    let port = server.port();
+    let url = |path: &str| {
+        format!("nfs://127.0.0.1{EXPORT}{path}?version=3&nfsport={port}&mountport={port}")
+    };
+    let run = |tool: &str, args: &[&str]| {
+        let out = Command::new(tool).args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{tool} {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    };
+
+    for listing in [url(""), url("/")] {
+        let listed = String::from_utf8(run("nfs-ls", &[&listing])).unwrap();
+        assert!(listed.contains("disk.img"), "{listing}: {listed}");
+        assert!(listed.contains(&content.len().to_string()), "{listed}");
+    }
+    assert_eq!(run("nfs-cat", &[&url("/disk.img")]), content);
+    assert_eq!(run("nfs-cat", &[&url("//disk.img")]), content);
+
+    let local = dir.path().join("..").join(format!(
+        "{}-upload",
+        dir.path().file_name().unwrap().to_string_lossy()
+    ));
+    let upload = pattern(8, 2 * MIB + 1);
+    std::fs::write(&local, &upload).unwrap();
+    run("nfs-cp", &[local.to_str().unwrap(), &url("/up.img")]);
+    std::fs::remove_file(&local).unwrap();
+    assert_eq!(std::fs::read(dir.path().join("up.img")).unwrap(), upload);
+    assert!(share
+        .list()
+        .unwrap()
+        .contains(&("up.img".to_string(), upload.len() as u64)));
+}
+
+/// 512 MiB sequential copy over loopback into fresh files, three runs per
+/// buffer size, then the same with libnfs's nfs-cp.
+/// `cargo test --release --lib share_throughput -- --ignored --nocapture`
+/// (SHARE_BENCH_DIR picks the file system; /tmp by default.)
+#[test]
+#[ignore]
+fn share_throughput() {
+    const TOTAL: usize = 512 * MIB;
+    const RUNS: usize = 3;
+    let dir =
+        tempfile::tempdir_in(std::env::var("SHARE_BENCH_DIR").unwrap_or("/tmp".into())).unwrap();
+    let (server, share) = serve(dir.path());
+    let mib = (TOTAL / MIB) as f64;
+    let data = pattern(9, 4 * MIB);
+    for buffer in [MIB, 4 * MIB] {
+        for run in 0..RUNS {
+            let file = share.create("disk.img", TOTAL as u64).unwrap();
+            let started = Instant::now();
+            for i in 0..TOTAL / buffer {
+                file.write_at((i * buffer) as u64, &data[..buffer]).unwrap();
+            }
+            let written = started.elapsed();
+            file.sync().unwrap();
+            let synced = started.elapsed();
+            println!(
+                "NfsShare, {} MiB writes, run {run}: {:.0} MiB/s written, {:.0} MiB/s with COMMIT",
+                buffer / MIB,
+                mib / written.as_secs_f64(),
+                mib / synced.as_secs_f64(),
+            );
+            if buffer == 4 * MIB && run == RUNS - 1 {
+                let started = Instant::now();
+                let mut buf = vec![0u8; MIB];
+                for i in 0..TOTAL / MIB {
+                    file.read_at((i * MIB) as u64, &mut buf).unwrap();
+                }
+                println!(
+                    "NfsShare, 1 MiB reads: {:.0} MiB/s",
+                    mib / started.elapsed().as_secs_f64()
+                );
+            } else {
+                share.remove("disk.img").unwrap();
+            }
+        }
+    }
+
+    if Command::new("nfs-cp").arg("--help").output().is_err() {
+        println!("nfs-cp not installed: no comparison");
+        return;
+    }
+    let local = dir.path().join("disk.img");
+    let port = server.port();
+    for run in 0..RUNS {
+        let target = format!(
+            "nfs://127.0.0.1{EXPORT}/copy{run}.img?version=3&nfsport={port}&mountport={port}"
+        );
+        let started = Instant::now();
+        let out = Command::new("nfs-cp")
+            .args([local.to_str().unwrap(), &target])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        println!(
+            "nfs-cp into the share, run {run}: {:.0} MiB/s",
+            mib / started.elapsed().as_secs_f64()
+        );
+    }
+}
