@@ -4,14 +4,23 @@
 //! Each connection carries one call at a time, so the client keeps a small
 //! pool: a thread takes an idle connection or opens a new one, and gives it
 //! back when the call is done. The bulk copy and the mirror of guest writes
-//! thus never wait behind each other's calls.
+//! thus never wait behind each other's calls. A `write_at` longer than the
+//! server's wtmax (1 MiB with ours) sends up to four pieces at once, each on
+//! its own connection, so a bulk copy that hands over a few MiB at a time
+//! keeps the link busy despite the round trips.
+//!
+//! Writes are UNSTABLE; `sync` sends COMMIT and checks the server's write
+//! verifier, so data a restarted server lost is reported, not ignored.
 //!
 //! Nothing waits forever: connecting, and every call, has a time limit, and
 //! each socket has TCP keepalive plus TCP_USER_TIMEOUT so that a link that
 //! goes down is noticed within seconds even while a long COMMIT is pending.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::Duration;
 
 use nfs3_client::nfs3_types::nfs3::{
@@ -24,7 +33,7 @@ use nfs3_client::nfs3_types::xdr_codec::Opaque;
 use nfs3_client::{ConnectError, MountError, Nfs3Client, Nfs3ConnectionBuilder, RpcError};
 use tokio::net::TcpStream;
 
-use super::{check_name, Share, ShareError, ShareFile};
+use super::{check_name, check_range, Share, ShareError, ShareFile};
 
 /// Limit for establishing a TCP connection, and for the whole mount.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -156,7 +165,7 @@ async fn mount(
 /// A TCP connection for `nfs3_client`. Unlike its own tokio wrapper, end of
 /// stream is an error: the client's read loop would otherwise spin on a
 /// connection the server closed until the call's time limit.
-pub(crate) struct Stream(TcpStream);
+struct Stream(TcpStream);
 
 impl nfs3_client::io::AsyncRead for Stream {
     async fn async_read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
@@ -251,8 +260,7 @@ impl Client {
             .push(conn);
     }
 
-    /// Runs one call on a pooled connection. A connection whose call failed
-    /// in transport or timed out is dropped, never reused mid-message.
+    /// Runs one call on a pooled connection.
     fn call<R>(
         &self,
         op: &'static str,
@@ -263,6 +271,61 @@ impl Client {
         let result = self
             .runtime
             .block_on(async { tokio::time::timeout(limit, f(&mut conn)).await });
+        self.settle(op, limit, conn, result)
+    }
+
+    /// Runs `n` calls at once, call `i` being `f(connection, i)`, each on its
+    /// own pooled connection. Fails with the first error, after all ended.
+    fn call_parallel<R>(
+        &self,
+        op: &'static str,
+        limit: Duration,
+        n: usize,
+        f: impl AsyncFn(&mut Conn, usize) -> Result<R, RpcError>,
+    ) -> Result<Vec<R>, ShareError> {
+        let mut conns = Vec::with_capacity(n);
+        for _ in 0..n {
+            match self.connection() {
+                Ok(conn) => conns.push(conn),
+                Err(e) => {
+                    conns.into_iter().for_each(|c| self.give_back(c));
+                    return Err(e);
+                }
+            }
+        }
+        // The timers must be made inside the runtime.
+        let results = self.runtime.block_on(async {
+            join_all(
+                conns
+                    .iter_mut()
+                    .enumerate()
+                    .map(|(i, conn)| tokio::time::timeout(limit, f(conn, i)))
+                    .collect(),
+            )
+            .await
+        });
+        let mut replies = Vec::with_capacity(n);
+        let mut first_error = None;
+        for (conn, result) in conns.into_iter().zip(results) {
+            match self.settle(op, limit, conn, result) {
+                Ok(reply) => replies.push(reply),
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        first_error.map_or(Ok(replies), Err)
+    }
+
+    /// Gives the connection back unless its call failed in transport or
+    /// timed out: such a connection may be mid-message and is dropped.
+    fn settle<R>(
+        &self,
+        op: &'static str,
+        limit: Duration,
+        conn: Conn,
+        result: Result<Result<R, RpcError>, tokio::time::error::Elapsed>,
+    ) -> Result<R, ShareError> {
         match result {
             Ok(Ok(reply)) => {
                 self.give_back(conn);
@@ -451,6 +514,94 @@ impl Share for NfsShare {
     }
 }
 
+/// How many WRITEs of one `write_at` are in flight at once, each on its own
+/// connection: a connection carries one call at a time, and a buffer of a
+/// few times the server's wtmax then streams instead of stopping and going.
+const PARALLEL_WRITES: usize = 4;
+
+enum WriteFailure {
+    Status {
+        status: nfsstat3,
+        at: u64,
+        len: usize,
+    },
+    Count {
+        asked: usize,
+        answered: usize,
+    },
+}
+
+/// Writes one piece (at most wtmax) as UNSTABLE, going on after short
+/// writes. Returns the write verifiers seen.
+async fn write_piece(
+    conn: &mut Conn,
+    fh: &nfs_fh3,
+    mut offset: u64,
+    mut piece: &[u8],
+) -> Result<Result<Vec<writeverf3>, WriteFailure>, RpcError> {
+    let mut verfs = Vec::new();
+    while !piece.is_empty() {
+        let args = WRITE3args {
+            file: fh.clone(),
+            offset,
+            // At most wtmax, which is a u32.
+            count: piece.len() as u32,
+            stable: stable_how::UNSTABLE,
+            data: Opaque::borrowed(piece),
+        };
+        match conn.write(&args).await? {
+            Nfs3Result::Ok(ok) => {
+                let written = ok.count as usize;
+                if written == 0 || written > piece.len() {
+                    return Ok(Err(WriteFailure::Count {
+                        asked: piece.len(),
+                        answered: written,
+                    }));
+                }
+                // A server may write more stably than asked; only unstable
+                // data depends on the verifier.
+                if ok.committed == stable_how::UNSTABLE {
+                    verfs.push(ok.verf);
+                }
+                piece = &piece[written..];
+                offset += written as u64;
+            }
+            Nfs3Result::Err((status, _)) => {
+                return Ok(Err(WriteFailure::Status {
+                    status,
+                    at: offset,
+                    len: piece.len(),
+                }))
+            }
+        }
+    }
+    Ok(Ok(verfs))
+}
+
+/// Polls all the futures until every one is done; outputs in order.
+async fn join_all<F: Future>(futures: Vec<F>) -> Vec<F::Output> {
+    let mut futures: Vec<Pin<Box<F>>> = futures.into_iter().map(Box::pin).collect();
+    let mut outputs: Vec<Option<F::Output>> = futures.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (future, output) in futures.iter_mut().zip(outputs.iter_mut()) {
+            if output.is_none() {
+                match future.as_mut().poll(cx) {
+                    Poll::Ready(value) => *output = Some(value),
+                    Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            Poll::Pending
+        } else {
+            Poll::Ready(())
+        }
+    })
+    .await;
+    outputs.into_iter().flatten().collect()
+}
+
 struct NfsFile {
     client: Arc<Client>,
     fh: nfs_fh3,
@@ -493,46 +644,50 @@ impl NfsFile {
 impl ShareFile for NfsFile {
     fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), ShareError> {
         let client = &self.client;
-        let mut done = 0;
-        while done < data.len() {
-            let chunk = &data[done..data.len().min(done + client.wtmax as usize)];
-            let at = offset + done as u64;
-            let args = WRITE3args {
-                file: self.fh.clone(),
-                offset: at,
-                // At most wtmax, which is a u32.
-                count: chunk.len() as u32,
-                stable: stable_how::UNSTABLE,
-                data: Opaque::borrowed(chunk),
-            };
-            match client.call("WRITE", RPC_TIMEOUT, async |c| c.write(&args).await)? {
-                Nfs3Result::Ok(ok) => {
-                    let written = ok.count as usize;
-                    if written == 0 || written > chunk.len() {
+        check_range(
+            || format!("writing {} bytes at {offset} to {}", data.len(), self.name),
+            offset,
+            data.len(),
+        )?;
+        let step = client.wtmax as usize;
+        let mut base = 0;
+        while base < data.len() {
+            let window = &data[base..data.len().min(base + step * PARALLEL_WRITES)];
+            let pieces: Vec<&[u8]> = window.chunks(step).collect();
+            let at = |i: usize| offset + (base + i * step) as u64;
+            let results =
+                client.call_parallel("WRITE", RPC_TIMEOUT, pieces.len(), async |c, i| {
+                    write_piece(c, &self.fh, at(i), pieces[i]).await
+                })?;
+            for result in results {
+                match result {
+                    Ok(verfs) => verfs.into_iter().try_for_each(|v| self.check_verf(v))?,
+                    Err(WriteFailure::Status { status, at, len }) => {
+                        return Err(client.status_error(
+                            format!("writing {len} bytes at {at} to {}", self.name),
+                            status,
+                        ))
+                    }
+                    Err(WriteFailure::Count { asked, answered }) => {
                         return Err(client.protocol(format!(
-                            "WRITE of {} bytes to {} answered {written} bytes written",
-                            chunk.len(),
+                            "WRITE of {asked} bytes to {} answered {answered} bytes written",
                             self.name
-                        )));
+                        )))
                     }
-                    if ok.committed == stable_how::UNSTABLE {
-                        self.check_verf(ok.verf)?;
-                    }
-                    done += written;
-                }
-                Nfs3Result::Err((status, _)) => {
-                    return Err(client.status_error(
-                        format!("writing {} bytes at {at} to {}", chunk.len(), self.name),
-                        status,
-                    ))
                 }
             }
+            base += window.len();
         }
         Ok(())
     }
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<usize, ShareError> {
         let client = &self.client;
+        check_range(
+            || format!("reading at {offset} from {}", self.name),
+            offset,
+            buf.len(),
+        )?;
         let mut done = 0;
         while done < buf.len() {
             let want = (buf.len() - done).min(client.rtmax as usize);

@@ -121,6 +121,21 @@ pub fn check_name(name: &str) -> Result<(), ShareError> {
     })
 }
 
+/// Refuses ranges that end past the largest file offset.
+pub(crate) fn check_range(
+    what: impl FnOnce() -> String,
+    offset: u64,
+    len: usize,
+) -> Result<(), ShareError> {
+    match offset.checked_add(len as u64) {
+        Some(end) if end <= i64::MAX as u64 => Ok(()),
+        _ => Err(ShareError::Io {
+            what: what(),
+            source: io::Error::from_raw_os_error(libc::EFBIG),
+        }),
+    }
+}
+
 /// A directory that is already mounted (kernel NFS, SMB, a local disk):
 /// plain files with pwrite / pread / fsync.
 #[derive(Debug)]
@@ -214,31 +229,29 @@ struct MountedFile {
 
 impl ShareFile for MountedFile {
     fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), ShareError> {
-        self.file.write_all_at(data, offset).map_err(|e| {
-            ShareError::io(
-                format!(
-                    "writing {} bytes at {offset} to {}",
-                    data.len(),
-                    self.path.display()
-                ),
-                e,
+        let what = || {
+            format!(
+                "writing {} bytes at {offset} to {}",
+                data.len(),
+                self.path.display()
             )
-        })
+        };
+        check_range(what, offset, data.len())?;
+        self.file
+            .write_all_at(data, offset)
+            .map_err(|e| ShareError::io(what(), e))
     }
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<usize, ShareError> {
+        let what = || format!("reading at {offset} from {}", self.path.display());
+        check_range(what, offset, buf.len())?;
         let mut done = 0;
         while done < buf.len() {
             match self.file.read_at(&mut buf[done..], offset + done as u64) {
                 Ok(0) => break,
                 Ok(n) => done += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    return Err(ShareError::io(
-                        format!("reading at {offset} from {}", self.path.display()),
-                        e,
-                    ))
-                }
+                Err(e) => return Err(ShareError::io(what(), e)),
             }
         }
         Ok(done)

@@ -7,6 +7,22 @@
 //! the allowed peer is reset before a byte of it is read: MOUNT's EXPORT
 //! call would tell anyone who can connect the export path, so the address
 //! check, not the path, is what keeps others out.
+//!
+//! Only the export itself can be mounted, not a file or path below it.
+//! Other NFSv3 clients work too; with libnfs-utils (Debian's 4.0), for an
+//! export "/ferry-ab12" on port P:
+//!
+//! ```text
+//! nfs-ls  'nfs://HOST/ferry-ab12?version=3&nfsport=P&mountport=P'
+//! nfs-cat 'nfs://HOST/ferry-ab12/disk.img?version=3&nfsport=P&mountport=P'
+//! nfs-cp  local.img 'nfs://HOST/ferry-ab12/new.img?version=3&nfsport=P&mountport=P'
+//! ```
+//!
+//! (A trailing slash on the listing URL and a double slash before the file
+//! name work as well. A leading double slash, "nfs://HOST//ferry-ab12/...",
+//! does not: libnfs then asks to mount "//ferry-ab12". With the root export
+//! "/" the double slash, "nfs://HOST//disk.img", is needed. nfs-cp will not
+//! overwrite: libnfs creates exclusively and gets NFS3ERR_EXIST.)
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
@@ -46,8 +62,8 @@ const TRANSACTION_RETENTION: Duration = Duration::from_secs(60);
 const MAX_ACTIVE_TRANSACTIONS: u16 = 256;
 const TRANSACTION_TRIM: usize = 2048;
 
-/// A running share server. Dropping it stops the server: the port closes
-/// and open connections are reset.
+/// A running share server. Dropping it stops the server: the port and every
+/// open connection are closed.
 pub struct NfsShareServer {
     port: u16,
     export_path: String,
@@ -108,6 +124,9 @@ impl NfsShareServer {
                 }),
             }),
         });
+        // The crate's only way to make a connection context outside its own
+        // listener (doc-hidden, hence the exact version pin in Cargo.toml).
+        // Its generation number, in every file handle, is taken here once.
         let mut context = RPCContext::test_ctx(export_path, fs);
         context.local_port = port;
 
@@ -585,8 +604,13 @@ impl FsInner {
             set_mode3::Some(mode) => mode & 0o777,
             set_mode3::None => 0o644,
         };
-        let file =
-            Self::open(&self.root.join(name), Some(mode), false).map_err(|e| io_status(&e))?;
+        let file = Self::open(&self.root.join(name), Some(mode), false).map_err(|e| {
+            match e.raw_os_error() {
+                // A symlink holds the name: the share cannot use it.
+                Some(libc::ELOOP) => nfsstat3::NFS3ERR_EXIST,
+                _ => io_status(&e),
+            }
+        })?;
         let meta = file.metadata().map_err(|e| io_status(&e))?;
         if !meta.is_file() {
             return Err(nfsstat3::NFS3ERR_EXIST);

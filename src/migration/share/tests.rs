@@ -116,6 +116,11 @@ fn exercise(share: &dyn Share, dir: &Path) {
     assert!(!path.exists());
     assert_eq!(share.list().unwrap(), vec![("kernel".to_string(), 1)]);
 
+    let file = share.create("kernel", 1).unwrap();
+    assert!(file.write_at(u64::MAX - 1, &[1, 2, 3]).is_err());
+    assert!(file.read_at(u64::MAX - 1, &mut [0; 3]).is_err());
+    file.write_at(0, b"k").unwrap();
+
     for bad in ["", ".", "..", "a/b", "a\0b", &"x".repeat(256)] {
         assert!(
             matches!(share.create(bad, 1), Err(ShareError::InvalidName { .. })),
@@ -132,6 +137,110 @@ fn nfs_share_writes_reads_lists_removes() {
     assert!(share.describe().ends_with(EXPORT));
     assert_eq!(share.write_size(), server::MAX_IO);
     exercise(&share, dir.path());
+}
+
+#[test]
+fn removed_file_handles_go_stale() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_server, share) = serve(dir.path());
+    let file = share.create("disk.img", 4096).unwrap();
+    share.remove("disk.img").unwrap();
+    let err = file.write_at(0, b"late").unwrap_err();
+    assert!(err.to_string().contains("NFS3ERR_STALE"), "{err}");
+    // A new file of the same name is another file.
+    let again = share.create("disk.img", 4096).unwrap();
+    assert!(file.write_at(0, b"late").is_err());
+    again.write_at(0, b"new").unwrap();
+}
+
+/// Only regular files directly in the directory are served: symlinks and
+/// subdirectories are invisible, and no name leads out of the directory.
+#[test]
+fn nothing_outside_the_directory_is_reachable() {
+    use nfs3_client::nfs3_types::nfs3::{
+        createhow3, diropargs3, filename3, sattr3, CREATE3args, LOOKUP3args, Nfs3Result,
+    };
+    use nfs3_client::tokio::TokioConnector;
+    use nfs3_client::Nfs3ConnectionBuilder;
+
+    let outside = tempfile::tempdir().unwrap();
+    let secret = outside.path().join("secret");
+    std::fs::write(&secret, b"secret").unwrap();
+    let base = tempfile::tempdir().unwrap();
+    let dir = base.path().join("share");
+    std::fs::create_dir(&dir).unwrap();
+    std::os::unix::fs::symlink(&secret, dir.join("link")).unwrap();
+    std::fs::create_dir(dir.join("sub")).unwrap();
+    std::fs::write(dir.join("sub").join("inner"), b"inner").unwrap();
+
+    let (server, share) = serve(&dir);
+    assert_eq!(share.list().unwrap(), vec![]);
+    assert!(share.create("link", 10).is_err());
+    assert!(share.create("sub", 10).is_err());
+    share.remove("link").unwrap(); // not served, so "not there"
+    assert!(dir.join("link").exists());
+    assert_eq!(std::fs::read(&secret).unwrap(), b"secret");
+
+    // A client that does not check names.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let mut conn = Nfs3ConnectionBuilder::new(TokioConnector, "127.0.0.1", EXPORT)
+            .mount_port(server.port())
+            .nfs3_port(server.port())
+            .connect_from_privileged_port(false)
+            .mount()
+            .await
+            .unwrap();
+        let root = conn.root_nfs_fh3();
+        for name in [
+            &b"../share"[..],
+            b"sub/inner",
+            b"link",
+            b"sub",
+            b"a\0b",
+            b"",
+        ] {
+            let lookup = LOOKUP3args {
+                what: diropargs3 {
+                    dir: root.clone(),
+                    name: filename3::from(name),
+                },
+            };
+            assert!(
+                matches!(conn.lookup(&lookup).await.unwrap(), Nfs3Result::Err(_)),
+                "{name:?}"
+            );
+        }
+        // ".." of the root is the root.
+        let up = LOOKUP3args {
+            what: diropargs3 {
+                dir: root.clone(),
+                name: filename3::from(&b".."[..]),
+            },
+        };
+        match conn.lookup(&up).await.unwrap() {
+            Nfs3Result::Ok(ok) => assert_eq!(ok.object, root),
+            Nfs3Result::Err((e, _)) => panic!("{e}"),
+        }
+        for name in [&b"../escape"[..], b"sub/escape"] {
+            let create = CREATE3args {
+                where_: diropargs3 {
+                    dir: root.clone(),
+                    name: filename3::from(name),
+                },
+                how: createhow3::UNCHECKED(sattr3::default()),
+            };
+            assert!(
+                matches!(conn.create(&create).await.unwrap(), Nfs3Result::Err(_)),
+                "{name:?}"
+            );
+        }
+    });
+    assert!(!base.path().join("escape").exists());
+    assert!(!dir.join("sub").join("escape").exists());
 }
 
 #[test]
