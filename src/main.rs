@@ -275,8 +275,19 @@ fn migrate(
         };
         let width = 24;
         let filled = (frac * width as f64) as usize;
+        let disk_total = status["storage_total_bytes"].as_u64().unwrap_or(0);
+        let disk = if disk_total > 0 {
+            format!(
+                "  disks {:.0}/{:.0} MiB, {} writes mirrored",
+                mib(status["storage_copied_bytes"].as_u64().unwrap_or(0)),
+                mib(disk_total),
+                status["mirrored_writes"].as_u64().unwrap_or(0)
+            )
+        } else {
+            String::new()
+        };
         let line = format!(
-            "[{}{}] {:<13} pass {:>2}  sent {:>8.1} MiB  dirty {:>7.1} MiB/s  bw {:>7.1} MiB/s  left {:>7.1} MiB  est. downtime {:>6.1} ms  throttle {:>2}%",
+            "[{}{}] {:<13} pass {:>2}  sent {:>8.1} MiB  dirty {:>7.1} MiB/s  bw {:>7.1} MiB/s  left {:>7.1} MiB  est. downtime {:>6.1} ms  throttle {:>2}%{disk}",
             "#".repeat(filled),
             "-".repeat(width - filled),
             phase,

@@ -440,3 +440,30 @@ fn migration_api_rejects_bad_requests() {
     let (_, vm) = src.api("GET", "/vm");
     assert_eq!(vm["state"], "Running");
 }
+
+#[test]
+fn storage_copy_needs_a_destination_dir() {
+    if !kvm_available("storage_copy_needs_a_destination_dir") {
+        return;
+    }
+    let dir = tempdir();
+    let (dst, port) = receiver(dir.path());
+    let src = Ferry::run(dir.path(), &config(1, 64, "testkernel.workload=idle"));
+    src.wait_api(WAIT);
+    let (status, body) = ferry::api::client::request(
+        src.api_sock.as_ref().unwrap(),
+        "PUT",
+        "/migration/send",
+        Some(&serde_json::json!({
+            "destination": format!("127.0.0.1:{port}"),
+            "storage": "copy",
+        })),
+    )
+    .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let st = wait_status(&src, |s| s["phase"] == "failed");
+    assert!(st["error"].as_str().unwrap().contains("--dir"), "{st}");
+    let (_, vm) = src.api("GET", "/vm");
+    assert_eq!(vm["state"], "Running");
+    drop(dst);
+}
