@@ -8,6 +8,7 @@ pub mod config;
 pub mod devices;
 pub mod migration;
 pub mod snapshot;
+pub mod sparse;
 pub mod vmm;
 pub mod vstate;
 

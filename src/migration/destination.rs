@@ -135,6 +135,17 @@ pub fn confirm_resumed(stream: &mut TcpStream) -> Result<(), ProtocolError> {
     Ok(())
 }
 
+/// Best effort: the source learns why we give up.
+fn tell_source(stream: &mut TcpStream, why: &dyn std::fmt::Display) {
+    let _ = send_json(
+        stream,
+        Kind::Error,
+        &Reason {
+            reason: why.to_string(),
+        },
+    );
+}
+
 pub fn bind(addr: &str) -> Result<TcpListener, DestinationError> {
     TcpListener::bind(addr).map_err(|source| DestinationError::Listen {
         addr: addr.to_string(),
@@ -166,13 +177,7 @@ pub fn accept_migration(
             Err(e) => {
                 eprintln!("ferry: refused a connection from {peer}: {e}");
                 if !matches!(e, DestinationError::Protocol(ProtocolError::Io(_))) {
-                    let _ = send_json(
-                        &mut stream,
-                        Kind::Error,
-                        &Reason {
-                            reason: e.to_string(),
-                        },
-                    );
+                    tell_source(&mut stream, &e);
                 }
                 continue;
             }
@@ -375,13 +380,7 @@ fn receive(
     let (vm, memfd, mem, share) = match setup {
         Ok(s) => s,
         Err(e) => {
-            let _ = send_json(
-                &mut stream,
-                Kind::Error,
-                &Reason {
-                    reason: e.to_string(),
-                },
-            );
+            tell_source(&mut stream, &e);
             return Err(e);
         }
     };
@@ -470,13 +469,7 @@ fn receive(
             })
         }
         Err(e) => {
-            let _ = send_json(
-                &mut stream,
-                Kind::Error,
-                &Reason {
-                    reason: e.to_string(),
-                },
-            );
+            tell_source(&mut stream, &e);
             Err(e)
         }
     }

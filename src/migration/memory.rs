@@ -5,13 +5,13 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
 
 use vm_memory::{
     Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress,
 };
 
 use super::protocol::{send_frame, FrameHeader, Kind, ProtocolError, MAX_MEMORY_CHUNK, PAGE_SIZE};
+use crate::sparse::{data_extents, is_zero};
 use crate::vstate::memory::GuestMemoryMmap;
 use crate::vstate::vm::{Vm, VmError};
 
@@ -100,43 +100,17 @@ pub fn populated_ranges(
         match memfd {
             None => out.push((base, len)),
             Some(fd) => {
-                let mut pos = file_offset;
-                let end = file_offset + len;
-                while pos < end {
-                    // SAFETY: lseek on our own descriptor; no memory involved.
-                    let data = unsafe { libc::lseek(fd.as_raw_fd(), pos as i64, libc::SEEK_DATA) };
-                    if data < 0 {
-                        let e = std::io::Error::last_os_error();
-                        if e.raw_os_error() == Some(libc::ENXIO) {
-                            break;
-                        }
-                        return Err(e);
-                    }
-                    let data = (data as u64) & !(PAGE_SIZE - 1);
-                    if data >= end {
-                        break;
-                    }
-                    // SAFETY: as above.
-                    let hole = unsafe { libc::lseek(fd.as_raw_fd(), data as i64, libc::SEEK_HOLE) };
-                    if hole < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    let hole = ((hole as u64 + PAGE_SIZE - 1) & !(PAGE_SIZE - 1)).min(end);
+                for (data, hole) in data_extents(fd, file_offset, file_offset + len)? {
+                    // Whole pages: shmem reports extents per page anyway.
+                    let data = data & !(PAGE_SIZE - 1);
+                    let hole = ((hole + PAGE_SIZE - 1) & !(PAGE_SIZE - 1)).min(file_offset + len);
                     out.push((base + data - file_offset, hole - data));
-                    pos = hole;
                 }
             }
         }
         file_offset += len;
     }
     Ok(out)
-}
-
-fn is_zero_page(page: &[u8]) -> bool {
-    // SAFETY: any initialized bytes are valid u64s; align_to keeps the
-    // unaligned ends as bytes.
-    let (head, words, tail) = unsafe { page.align_to::<u64>() };
-    head.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
 }
 
 /// Sends guest memory, counting what goes on the wire.
@@ -216,9 +190,9 @@ impl<'a, W: Write> PageSender<'a, W> {
         let pages = data.len() / PAGE_SIZE as usize;
         let mut i = 0;
         while i < pages {
-            let zero = is_zero_page(&data[i * 4096..(i + 1) * 4096]);
+            let zero = is_zero(&data[i * 4096..(i + 1) * 4096]);
             let mut j = i + 1;
-            while j < pages && is_zero_page(&data[j * 4096..(j + 1) * 4096]) == zero {
+            while j < pages && is_zero(&data[j * 4096..(j + 1) * 4096]) == zero {
                 j += 1;
             }
             let start = addr + (i as u64) * PAGE_SIZE;

@@ -13,7 +13,6 @@
 
 use std::collections::HashSet;
 use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -22,6 +21,7 @@ use std::thread::JoinHandle;
 
 use super::share::{Share, ShareError, ShareFile};
 use crate::devices::virtio::block::WriteMirror;
+use crate::sparse::{data_extents, is_zero};
 
 /// The bulk copier's unit of work and of locking.
 pub const CHUNK: u64 = 4 << 20;
@@ -351,44 +351,6 @@ impl Drop for StorageCopy {
     }
 }
 
-/// The data (non-hole) extents of `f` up to `size`.
-fn data_extents(f: &File, size: u64) -> std::io::Result<Vec<(u64, u64)>> {
-    let mut out = Vec::new();
-    let mut pos = 0u64;
-    while pos < size {
-        // SAFETY: lseek on our own descriptor; no memory is involved.
-        let data = unsafe { libc::lseek(f.as_raw_fd(), pos as i64, libc::SEEK_DATA) };
-        if data < 0 {
-            let e = std::io::Error::last_os_error();
-            match e.raw_os_error() {
-                Some(libc::ENXIO) => break,
-                // No SEEK_DATA here: treat the whole file as data.
-                Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => return Ok(vec![(0, size)]),
-                _ => return Err(e),
-            }
-        }
-        let data = data as u64;
-        // SAFETY: as above.
-        let hole = unsafe { libc::lseek(f.as_raw_fd(), data as i64, libc::SEEK_HOLE) };
-        if hole < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let hole = (hole as u64).min(size);
-        if hole > data {
-            out.push((data, hole));
-        }
-        pos = hole.max(data + 1);
-    }
-    Ok(out)
-}
-
-fn is_zero(b: &[u8]) -> bool {
-    // SAFETY: any initialized bytes are valid u64s; align_to keeps the
-    // unaligned ends as bytes.
-    let (h, w, t) = unsafe { b.align_to::<u64>() };
-    h.iter().all(|&x| x == 0) && w.iter().all(|&x| x == 0) && t.iter().all(|&x| x == 0)
-}
-
 fn copy_all(
     targets: &[Arc<Target>],
     progress: &StorageProgress,
@@ -399,7 +361,8 @@ fn copy_all(
         let src = File::open(&t.item.source)
             .map_err(|e| format!("cannot read {}: {e}", t.item.source.display()))?;
         let extents = if t.item.mirrored {
-            data_extents(&src, t.size).map_err(|e| format!("{}: {e}", t.item.source.display()))?
+            data_extents(&src, 0, t.size)
+                .map_err(|e| format!("{}: {e}", t.item.source.display()))?
         } else {
             vec![(0, t.size)]
         };

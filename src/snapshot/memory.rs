@@ -2,7 +2,8 @@
 //! stay holes), mapped copy-on-write on restore so nothing is read up front.
 
 use std::fs::File;
-use std::os::fd::AsRawFd;
+
+use crate::sparse::{data_extents, is_zero};
 use std::os::unix::fs::FileExt;
 
 use vm_memory::bitmap::AtomicBitmap;
@@ -14,45 +15,6 @@ use vm_memory::{
 use crate::vstate::memory::{ram_ranges, GuestMemoryMmap};
 
 const PAGE: usize = 4096;
-
-/// The data (non-hole) extents of `fd` within `[start, end)`.
-fn data_extents(fd: &File, start: u64, end: u64) -> std::io::Result<Vec<(u64, u64)>> {
-    let mut out = Vec::new();
-    let mut pos = start;
-    while pos < end {
-        // SAFETY: lseek on a descriptor we own; no memory is involved.
-        let data = unsafe { libc::lseek(fd.as_raw_fd(), pos as i64, libc::SEEK_DATA) };
-        if data < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::ENXIO) {
-                break;
-            }
-            return Err(e);
-        }
-        let data = data as u64;
-        if data >= end {
-            break;
-        }
-        // SAFETY: as above.
-        let hole = unsafe { libc::lseek(fd.as_raw_fd(), data as i64, libc::SEEK_HOLE) };
-        if hole < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let hole = (hole as u64).min(end);
-        out.push((data, hole));
-        pos = hole;
-    }
-    Ok(out)
-}
-
-fn is_zero(page: &[u8]) -> bool {
-    let (head, words, tail) = {
-        // SAFETY: reinterpreting initialized bytes as u64 is always valid;
-        // align_to keeps the unaligned head and tail as bytes.
-        unsafe { page.align_to::<u64>() }
-    };
-    head.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
-}
 
 /// Writes guest memory into `out` (already empty), the regions back to back
 /// as in the memfd, skipping all-zero pages. With the memfd at hand, pages
