@@ -32,6 +32,10 @@ use crate::vstate::vm::Vm;
 
 /// After this many passes without fitting the downtime, give up.
 pub const MAX_PASSES: u32 = 40;
+/// While pre-copy converges, aim for this share of the allowed downtime...
+const AIM_FRACTION: f64 = 0.2;
+/// ...but not for more passes than this.
+const AIM_PASSES: u32 = 12;
 /// Throttling starts at this share and grows by the same step per pass.
 const THROTTLE_STEP: u32 = 20;
 const THROTTLE_MAX: u32 = 95;
@@ -568,6 +572,7 @@ impl Run<'_> {
         let mut throttle_pct = 0u32;
         let mut last_sync = Instant::now();
         let mut sent_last_pass = u64::MAX;
+        let mut last_dirty = u64::MAX;
         let mut over_half_in_a_row = 0;
 
         // Pass 1 copies every populated page; later passes what got dirty.
@@ -654,7 +659,15 @@ impl Run<'_> {
                 s.expected_downtime_ms = expected;
             });
             self.check_cancel()?;
-            if expected <= max_downtime {
+            // Once the rest fits the allowed downtime, go on while passes
+            // still shrink it well: each such pass makes the pause shorter
+            // for little cost. Stop when it is a fraction of the allowance,
+            // or stalls.
+            let shrinking = dirty_bytes * 3 < last_dirty.saturating_mul(2);
+            last_dirty = dirty_bytes;
+            if expected <= max_downtime
+                && (expected <= max_downtime * AIM_FRACTION || !shrinking || pass >= AIM_PASSES)
+            {
                 break dirty;
             }
             if pass >= MAX_PASSES {
