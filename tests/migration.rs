@@ -467,3 +467,37 @@ fn storage_copy_needs_a_destination_dir() {
     assert_eq!(vm["state"], "Running");
     drop(dst);
 }
+
+#[test]
+fn a_migration_that_cannot_converge_throttles_then_fails_clearly() {
+    if !kvm_available("a_migration_that_cannot_converge_throttles_then_fails_clearly") {
+        return;
+    }
+    let dir = tempdir();
+    let (mut dst, port) = receiver(dir.path());
+    let src = Ferry::run(
+        dir.path(),
+        &config(1, 128, "testkernel.workload=dirty testkernel.dirty_mib=32"),
+    );
+    src.wait_line(WAIT, |l| l == "testkernel: dirty pass=2 ok");
+    // 1 ms cannot be met: the hand-over alone is estimated at more.
+    let (status, body) = ferry::api::client::request(
+        src.api_sock.as_ref().unwrap(),
+        "PUT",
+        "/migration/send",
+        Some(&serde_json::json!({
+            "destination": format!("127.0.0.1:{port}"),
+            "max_downtime_ms": 1,
+        })),
+    )
+    .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let st = wait_status(&src, |s| s["phase"] == "failed");
+    let err = st["error"].as_str().unwrap();
+    assert!(err.contains("did not converge"), "{st}");
+    assert!(st["throttle_percent"].as_u64().unwrap() > 0, "{st}");
+    assert_eq!(st["pass"], ferry::migration::source::MAX_PASSES, "{st}");
+    // The guest runs on at full speed, unharmed; the destination gave up.
+    assert_source_runs_on(&src);
+    assert!(!dst.wait_exit(WAIT).success());
+}

@@ -593,6 +593,7 @@ impl Run<'_> {
                 let stream_start = self.started;
                 let mut sender = PageSender::new(w, mem);
                 let base = wire_total;
+                let disk = storage.as_deref().map(|c| c.progress.clone());
                 let mut last = 0u64;
                 let last_wire = &mut last;
                 let mut between = |wire: u64| -> Result<(), ProtocolError> {
@@ -604,6 +605,10 @@ impl Run<'_> {
                     *last_wire = wire;
                     let mut s = lock(status);
                     s.bytes_sent = total;
+                    if let Some(p) = &disk {
+                        s.storage_copied_bytes = p.copied_bytes.load(Ordering::Relaxed);
+                        s.mirrored_writes = p.mirrored_writes.load(Ordering::Relaxed);
+                    }
                     s.elapsed_ms = ms(stream_start.elapsed());
                     Ok(())
                 };

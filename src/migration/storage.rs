@@ -23,8 +23,16 @@ use super::share::{Share, ShareError, ShareFile};
 use crate::devices::virtio::block::WriteMirror;
 use crate::sparse::{data_extents, is_zero};
 
-/// The bulk copier's unit of work and of locking.
-pub const CHUNK: u64 = 4 << 20;
+/// The bulk copier's unit of work and of locking: large enough for the
+/// network, small enough that a guest write to the chunk being copied, or
+/// queued behind its transfer, does not wait long.
+pub const CHUNK: u64 = 1 << 20;
+/// While the guest writes (a mirrored write within this window), the copier
+/// leaves it this much room before each chunk, so that mirrored writes do
+/// not queue behind the bulk copy: guest I/O comes first, the copy still
+/// progresses.
+const GUEST_ACTIVE_WINDOW: std::time::Duration = std::time::Duration::from_millis(5);
+const GUEST_ROOM: std::time::Duration = std::time::Duration::from_millis(3);
 /// Zero detection granularity inside a chunk: runs of zero blocks of this
 /// size are not written, so they stay holes on the destination.
 const ZERO_BLOCK: usize = 64 << 10;
@@ -111,6 +119,9 @@ pub struct StorageProgress {
     pub mirrored_bytes: AtomicU64,
     pub copy_done: AtomicBool,
     cancel: AtomicBool,
+    /// When the last mirrored write started, in ns since `epoch`.
+    last_mirror_ns: AtomicU64,
+    epoch: std::sync::OnceLock<std::time::Instant>,
     failure: Mutex<Option<String>>,
 }
 
@@ -124,6 +135,25 @@ impl StorageProgress {
 
     pub fn failure(&self) -> Option<String> {
         lock(&self.failure).clone()
+    }
+
+    fn now_ns(&self) -> u64 {
+        self.epoch
+            .get_or_init(std::time::Instant::now)
+            .elapsed()
+            .as_nanos() as u64
+    }
+
+    fn guest_writing(&self) {
+        self.last_mirror_ns.store(self.now_ns().max(1), Ordering::Relaxed);
+    }
+
+    /// Waits a little if the guest is writing, so its writes go first.
+    fn make_room_for_guest(&self) {
+        let last = self.last_mirror_ns.load(Ordering::Relaxed);
+        if last != 0 && self.now_ns().saturating_sub(last) < GUEST_ACTIVE_WINDOW.as_nanos() as u64 {
+            std::thread::sleep(GUEST_ROOM);
+        }
     }
 }
 
@@ -141,6 +171,7 @@ impl WriteMirror for Mirror {
         if data.is_empty() || self.failed.load(Ordering::SeqCst) {
             return;
         }
+        self.progress.guest_writing();
         let _guard = self
             .locks
             .lock(offset / CHUNK, (offset + data.len() as u64 - 1) / CHUNK);
@@ -302,6 +333,14 @@ impl StorageCopy {
                             f.write_at(0, bytes).map_err(|e| describe(&e))?;
                             f.sync().map_err(|e| describe(&e))?;
                         }
+                        // Commit the bulk of the copy now, while the guest
+                        // runs: the final commit, in the pause, then only
+                        // has what was mirrored since.
+                        for t in &targets {
+                            t.file.sync().map_err(|e| {
+                                format!("committing {}: {}", t.item.name, describe(&e))
+                            })?;
+                        }
                         Ok(())
                     });
                     match result {
@@ -378,6 +417,7 @@ fn copy_all(
                 if let Some(why) = progress.failure() {
                     return Err(why);
                 }
+                progress.make_room_for_guest();
                 let from = (chunk * CHUNK).max(start);
                 let to = ((chunk + 1) * CHUNK).min(end);
                 let n = (to - from) as usize;
