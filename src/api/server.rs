@@ -112,6 +112,11 @@ fn migration_send(body: Option<Value>) -> Result<ApiAction, ApiError> {
             "\"max_downtime_ms\" must be between 1 and 60000",
         ));
     }
+    if req.share.is_some() && req.storage == Some(crate::migration::StorageMode::Shared) {
+        return Err(ApiError::bad_request(
+            "\"share\" is for copying the VM's files: it does not go with \"storage\": \"shared\"",
+        ));
+    }
     if req.bandwidth_mib_s.is_some_and(|b| b == 0 || b > 1 << 20) {
         return Err(ApiError::bad_request(
             "\"bandwidth_mib_s\" must be between 1 and 1048576, or null for unlimited",

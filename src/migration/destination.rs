@@ -20,7 +20,7 @@ use crate::vstate::vm::Vm;
 
 /// How long the destination waits for the next frame before giving up (the
 /// source sends heartbeats while it has nothing else to send).
-const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 const MIN_MEMORY: u64 = 16 << 20;
 
 #[derive(Debug, thiserror::Error)]

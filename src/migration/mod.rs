@@ -49,18 +49,19 @@ pub struct ShareSpec {
 
 impl SendRequest {
     /// The storage mode in effect: as asked, else `shared` when the
-    /// destination is this very host (loopback), `copy` otherwise.
+    /// destination is this very host (a loopback address, or `localhost`),
+    /// `copy` otherwise. No name lookup: this runs on the VMM's event loop.
     pub fn storage_mode(&self) -> StorageMode {
         if let Some(m) = self.storage {
             return m;
         }
-        use std::net::ToSocketAddrs;
-        let local = self
-            .destination
-            .to_socket_addrs()
-            .ok()
-            .and_then(|mut a| a.next())
-            .is_some_and(|a| a.ip().is_loopback());
+        let local = match self.destination.parse::<std::net::SocketAddr>() {
+            Ok(a) => a.ip().is_loopback(),
+            Err(_) => self
+                .destination
+                .rsplit_once(':')
+                .is_some_and(|(host, _)| host.eq_ignore_ascii_case("localhost")),
+        };
         if local {
             StorageMode::Shared
         } else {

@@ -12,7 +12,8 @@ use std::io::{IoSlice, Read, Write};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 /// Bumped on any incompatible change to frames or messages.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// 2: storage migration (`Hello.storage`, `HelloAck.share`, `Heartbeat`).
+pub const PROTOCOL_VERSION: u32 = 2;
 pub const MAGIC: [u8; 4] = *b"FMIG";
 pub const HEADER_LEN: usize = 24;
 /// Most guest memory one MemoryPages frame carries.

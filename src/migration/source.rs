@@ -205,8 +205,10 @@ impl Migration {
                         ctx.machine.migrated(&req.destination, downtime);
                     }
                     // However the cancel surfaced (often as a connection
-                    // error, since cancel shuts the socket down).
-                    Err(_) if c.load(Ordering::SeqCst) => {
+                    // error, since cancel shuts the socket down) — unless the
+                    // guest was already handed over: then what matters is
+                    // that the hand-over was not confirmed.
+                    Err(_) if c.load(Ordering::SeqCst) && !status.handed_over => {
                         status.phase = Phase::Cancelled;
                         status.error = Some("cancelled by request".into());
                     }
@@ -422,7 +424,7 @@ impl Run<'_> {
             None => None,
             Some(plan) => {
                 let offer = ack.share.clone().ok_or_else(|| {
-                    SourceError::Mismatch("it offered no share for the storage copy".into())
+                    SourceError::Storage("the destination offered no share for the copy".into())
                 })?;
                 let share = self.open_share(addr.ip(), &offer, self.req.share.as_ref())?;
                 let config = serde_json::to_vec_pretty(&plan.config)
@@ -504,8 +506,8 @@ impl Run<'_> {
             || offer.dir_name.contains('/')
             || offer.dir_name.contains("..")
         {
-            return Err(SourceError::Mismatch(format!(
-                "bad share directory {:?}",
+            return Err(SourceError::Storage(format!(
+                "the destination offered a bad share directory {:?}",
                 offer.dir_name
             )));
         }
@@ -521,8 +523,8 @@ impl Run<'_> {
                     .map_err(|e| SourceError::Storage(format!("cannot reach the share: {e}")))?,
             ),
             _ => {
-                return Err(SourceError::Mismatch(
-                    "it offered neither an NFS share nor a mounted directory".into(),
+                return Err(SourceError::Storage(
+                    "the destination offered neither an NFS share nor a mounted directory".into(),
                 ))
             }
         };
@@ -621,6 +623,8 @@ impl Run<'_> {
                 wire_total += send_json(sender.w, Kind::PassEnd, &PassEnd { pass })?;
             }
             w.flush().map_err(ProtocolError::from)?;
+            // The pass's own pace, before any wait for the disks.
+            let pass_time = pass_start.elapsed().as_secs_f64();
             // Memory converges only once the disks are copied: until then,
             // wait for the copy (its mirrors keep it current meanwhile).
             let mut beat = Instant::now();
@@ -641,7 +645,6 @@ impl Run<'_> {
                 }
             }
             let pass_wire = wire_total - wire_before;
-            let pass_time = pass_start.elapsed().as_secs_f64();
             if pass_wire >= 1 << 20 && pass_time > 0.0 {
                 bandwidth = pass_wire as f64 / pass_time;
             } else if bandwidth == 0.0 {

@@ -145,7 +145,8 @@ impl StorageProgress {
     }
 
     fn guest_writing(&self) {
-        self.last_mirror_ns.store(self.now_ns().max(1), Ordering::Relaxed);
+        self.last_mirror_ns
+            .store(self.now_ns().max(1), Ordering::Relaxed);
     }
 
     /// Waits a little if the guest is writing, so its writes go first.

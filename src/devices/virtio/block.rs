@@ -101,6 +101,8 @@ pub enum BlockError {
     GuestMemory(#[source] GuestMemoryError),
     #[error("flush failed: {0}")]
     Flush(#[source] io::Error),
+    #[error("write failed: {0}")]
+    Write(#[source] io::Error),
 }
 
 impl BlockError {
@@ -372,20 +374,29 @@ impl Disk {
                     file: &self.file,
                     offset: start,
                 };
-                for s in &data {
-                    mem.write_all_volatile_to(s.addr, &mut file, s.len as usize)
-                        .map_err(|e| fail(BlockError::GuestMemory(e)))?;
-                }
-                if let Some(mirror) = &self.mirror {
-                    let mut buf = vec![0u8; len as usize];
-                    let mut pos = 0;
-                    for s in &data {
-                        let end = pos + s.len as usize;
-                        mem.read_slice(&mut buf[pos..end], s.addr)
-                            .map_err(|e| fail(BlockError::GuestMemory(e)))?;
-                        pos = end;
+                match &self.mirror {
+                    None => {
+                        for s in &data {
+                            mem.write_all_volatile_to(s.addr, &mut file, s.len as usize)
+                                .map_err(|e| fail(BlockError::GuestMemory(e)))?;
+                        }
                     }
-                    mirror.write(start, &buf);
+                    Some(mirror) => {
+                        // One snapshot of the guest's buffer for both sides,
+                        // so that a guest changing it mid-request cannot make
+                        // the copy differ from the image.
+                        let mut buf = vec![0u8; len as usize];
+                        let mut pos = 0;
+                        for s in &data {
+                            let end = pos + s.len as usize;
+                            mem.read_slice(&mut buf[pos..end], s.addr)
+                                .map_err(|e| fail(BlockError::GuestMemory(e)))?;
+                            pos = end;
+                        }
+                        std::os::unix::fs::FileExt::write_all_at(&self.file, &buf, start)
+                            .map_err(|e| fail(BlockError::Write(e)))?;
+                        mirror.write(start, &buf);
+                    }
                 }
                 Ok(0)
             }
@@ -905,6 +916,52 @@ mod tests {
 
         // Nothing left to do.
         assert!(!block.process_queue().unwrap());
+    }
+
+    #[derive(Default)]
+    struct RecordingMirror {
+        writes: Mutex<Vec<(u64, Vec<u8>)>>,
+        flushes: std::sync::atomic::AtomicU32,
+    }
+
+    impl WriteMirror for RecordingMirror {
+        fn write(&self, offset: u64, data: &[u8]) {
+            self.writes.lock().unwrap().push((offset, data.to_vec()));
+        }
+        fn flush(&self) {
+            self.flushes
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn mirror_sees_every_write_and_flush_after_the_image() {
+        let img = image(DISK_SECTORS);
+        let mem = test_mem();
+        let vq = MockSplitQueue::new(&mem, 16);
+        let mut block = activated(&mem, &vq, img.path(), false);
+        let mirror = Arc::new(RecordingMirror::default());
+        block.set_mirror(Some(mirror.clone()));
+        let mut next = 0;
+        let pattern: Vec<u8> = (0..1024u32).map(|i| (i * 13 + 1) as u8).collect();
+        mem.write_slice(&pattern, GuestAddress(DATA)).unwrap();
+        add_request(&mem, &vq, &mut next, VIRTIO_BLK_T_OUT, 5, Some((1024, R)));
+        assert!(block.process_queue().unwrap());
+        add_request(&mem, &vq, &mut next, VIRTIO_BLK_T_FLUSH, 0, None);
+        assert!(block.process_queue().unwrap());
+        assert_eq!(status(&mem), VIRTIO_BLK_S_OK);
+        let on_disk = file_bytes(&img);
+        assert_eq!(&on_disk[5 * 512..7 * 512], &pattern[..]);
+        let writes = mirror.writes.lock().unwrap().clone();
+        assert_eq!(writes, vec![(5 * 512, pattern.clone())]);
+        assert_eq!(mirror.flushes.load(std::sync::atomic::Ordering::SeqCst), 1);
+        // Reads are not mirrored; a detached mirror sees nothing more.
+        add_request(&mem, &vq, &mut next, VIRTIO_BLK_T_IN, 5, Some((1024, W)));
+        assert!(block.process_queue().unwrap());
+        block.set_mirror(None);
+        add_request(&mem, &vq, &mut next, VIRTIO_BLK_T_OUT, 9, Some((1024, R)));
+        assert!(block.process_queue().unwrap());
+        assert_eq!(mirror.writes.lock().unwrap().len(), 1);
     }
 
     #[test]
