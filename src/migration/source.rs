@@ -429,17 +429,11 @@ impl Run<'_> {
                 let share = self.open_share(addr.ip(), &offer, self.req.share.as_ref())?;
                 let config = serde_json::to_vec_pretty(&plan.config)
                     .map_err(|e| SourceError::Vm(e.to_string()))?;
-                let items = plan
-                    .items
-                    .iter()
-                    .map(|i| CopyItem {
-                        name: i.name.clone(),
-                        source: i.source.clone(),
-                        mirrored: i.mirrored,
-                    })
-                    .collect();
-                let (mut copy, mirrors) =
-                    StorageCopy::prepare(share, items, vec![(CONFIG_NAME.to_string(), config)])
+                let (mut copy, mirrors) = StorageCopy::prepare(
+                    share,
+                    plan.items.clone(),
+                    vec![(CONFIG_NAME.to_string(), config)],
+                )
                         .map_err(|e| SourceError::Storage(e.to_string()))?;
                 self.update(|s| s.storage_total_bytes = copy.progress.total_bytes);
                 self.ctx.machine.set_mirrors(Some(

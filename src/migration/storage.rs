@@ -221,6 +221,7 @@ fn describe(e: &ShareError) -> String {
 }
 
 /// One file to copy into the share.
+#[derive(Debug, Clone)]
 pub struct CopyItem {
     /// Name in the share.
     pub name: String,
