@@ -434,7 +434,7 @@ impl Run<'_> {
                     plan.items.clone(),
                     vec![(CONFIG_NAME.to_string(), config)],
                 )
-                        .map_err(|e| SourceError::Storage(e.to_string()))?;
+                .map_err(|e| SourceError::Storage(e.to_string()))?;
                 self.update(|s| s.storage_total_bytes = copy.progress.total_bytes);
                 self.ctx.machine.set_mirrors(Some(
                     mirrors
