@@ -126,6 +126,17 @@ impl Setup {
         assert_eq!(body["storage"], "copy", "{body}");
     }
 
+    /// A guest writing to a disk with 48 MiB of data, migrating at 4 MiB/s:
+    /// returns (destination, source) once the copy is well under way.
+    fn slow_copy_under_way(&self) -> (Ferry, Ferry) {
+        self.make_image(64, 48);
+        let dst = self.receiver(&[]);
+        let src = self.source(8);
+        self.migrate(&src, Some(4));
+        wait_mid_copy(&src);
+        (dst, src)
+    }
+
     /// What is in the destination's --dir.
     fn dst_entries(&self) -> Vec<String> {
         let mut v: Vec<String> = std::fs::read_dir(&self.dst_dir)
@@ -350,11 +361,7 @@ fn killed_destination_mid_copy() {
     let Some(s) = Setup::new("killed_destination_mid_copy") else {
         return;
     };
-    s.make_image(64, 48);
-    let dst = s.receiver(&[]);
-    let src = s.source(8);
-    s.migrate(&src, Some(4));
-    wait_mid_copy(&src);
+    let (dst, src) = s.slow_copy_under_way();
     // SAFETY: plain kill(2) of our own child.
     unsafe { libc::kill(dst.pid() as i32, libc::SIGKILL) };
     let st = wait_status(&src, |st| st["phase"] == "failed");
@@ -372,11 +379,7 @@ fn link_down_mid_copy() {
     let Some(s) = Setup::new("link_down_mid_copy") else {
         return;
     };
-    s.make_image(64, 48);
-    let mut dst = s.receiver(&[]);
-    let src = s.source(8);
-    s.migrate(&src, Some(4));
-    wait_mid_copy(&src);
+    let (mut dst, src) = s.slow_copy_under_way();
     s.hosts.link_down();
     let st = wait_status(&src, |st| st["phase"] == "failed");
     eprintln!("link down reported as: {}", st["error"]);
@@ -429,11 +432,7 @@ fn cancel_mid_copy() {
     let Some(s) = Setup::new("cancel_mid_copy") else {
         return;
     };
-    s.make_image(64, 48);
-    let mut dst = s.receiver(&[]);
-    let src = s.source(8);
-    s.migrate(&src, Some(4));
-    wait_mid_copy(&src);
+    let (mut dst, src) = s.slow_copy_under_way();
     let (code, body) = src.api("PUT", "/migration/cancel");
     assert_eq!(code, 200, "{body}");
     assert_eq!(body["phase"], "cancelled");
