@@ -54,15 +54,23 @@ fn receiver(dir: &Path) -> (Ferry, u16) {
 }
 
 fn start_migration(src: &Ferry, dest: &str, bandwidth: Option<u64>) -> (u16, serde_json::Value) {
+    send(
+        src,
+        serde_json::json!({
+            "destination": dest,
+            "max_downtime_ms": 50,
+            "bandwidth_mib_s": bandwidth,
+        }),
+    )
+}
+
+/// `PUT /migration/send` with `body`.
+fn send(src: &Ferry, body: serde_json::Value) -> (u16, serde_json::Value) {
     ferry::api::client::request(
         src.api_sock.as_ref().unwrap(),
         "PUT",
         "/migration/send",
-        Some(&serde_json::json!({
-            "destination": dest,
-            "max_downtime_ms": 50,
-            "bandwidth_mib_s": bandwidth,
-        })),
+        Some(&body),
     )
     .unwrap()
 }
@@ -450,16 +458,13 @@ fn storage_copy_needs_a_destination_dir() {
     let (dst, port) = receiver(dir.path());
     let src = Ferry::run(dir.path(), &config(1, 64, "testkernel.workload=idle"));
     src.wait_api(WAIT);
-    let (status, body) = ferry::api::client::request(
-        src.api_sock.as_ref().unwrap(),
-        "PUT",
-        "/migration/send",
-        Some(&serde_json::json!({
+    let (status, body) = send(
+        &src,
+        serde_json::json!({
             "destination": format!("127.0.0.1:{port}"),
             "storage": "copy",
-        })),
-    )
-    .unwrap();
+        }),
+    );
     assert_eq!(status, 200, "{body}");
     let st = wait_status(&src, |s| s["phase"] == "failed");
     assert!(st["error"].as_str().unwrap().contains("--dir"), "{st}");
@@ -481,16 +486,13 @@ fn a_migration_that_cannot_converge_throttles_then_fails_clearly() {
     );
     src.wait_line(WAIT, |l| l == "testkernel: dirty pass=2 ok");
     // 1 ms cannot be met: the hand-over alone is estimated at more.
-    let (status, body) = ferry::api::client::request(
-        src.api_sock.as_ref().unwrap(),
-        "PUT",
-        "/migration/send",
-        Some(&serde_json::json!({
+    let (status, body) = send(
+        &src,
+        serde_json::json!({
             "destination": format!("127.0.0.1:{port}"),
             "max_downtime_ms": 1,
-        })),
-    )
-    .unwrap();
+        }),
+    );
     assert_eq!(status, 200, "{body}");
     let st = wait_status(&src, |s| s["phase"] == "failed");
     let err = st["error"].as_str().unwrap();

@@ -239,6 +239,10 @@ class Qmp:
         line, self.buf = self.buf.split(b"\n", 1)
         return json.loads(line)
 
+    def _next(self, deadline: float) -> dict:
+        """The next message; subclasses may keep the events they see."""
+        return self._read(deadline)
+
     def cmd(self, name: str, deadline: float | None = None, **args):
         if deadline is None:
             deadline = time.monotonic() + 10
@@ -247,7 +251,7 @@ class Qmp:
             msg["arguments"] = args
         self.sock.sendall(json.dumps(msg).encode() + b"\n")
         while True:
-            reply = self._read(deadline)
+            reply = self._next(deadline)
             if "event" in reply:
                 continue
             if "error" in reply:

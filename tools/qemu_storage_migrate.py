@@ -210,34 +210,19 @@ class EvQmp(qm.Qmp):
         self.events: list[dict] = []
         super().__init__(path, proc, deadline)
 
-    def _read_one(self, deadline):
+    def _next(self, deadline):
         msg = self._read(deadline)
         if "event" in msg:
             msg["_t"] = time.monotonic()
             self.events.append(msg)
         return msg
 
-    def cmd(self, name, deadline=None, **args):
-        if deadline is None:
-            deadline = time.monotonic() + 10
-        msg = {"execute": name}
-        if args:
-            msg["arguments"] = args
-        self.sock.sendall(json.dumps(msg).encode() + b"\n")
-        while True:
-            reply = self._read_one(deadline)
-            if "event" in reply:
-                continue
-            if "error" in reply:
-                raise qm.QmpError(f"{name}: {reply['error'].get('desc', reply['error'])}")
-            return reply.get("return")
-
     def wait_event(self, pred, deadline: float) -> dict:
         while True:
             for i, ev in enumerate(self.events):
                 if pred(ev):
                     return self.events.pop(i)
-            self._read_one(deadline)
+            self._next(deadline)
 
 
 # --- one QEMU storage migration -----------------------------------------------
