@@ -12,6 +12,7 @@
 //!   "serial": "stdout", "api_socket": "ferry.sock" }
 //! ```
 
+use crate::util::{host_memory_mib, io_msg};
 use std::fs::{self, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
@@ -413,15 +414,6 @@ fn resolve_path(base_dir: &Path, path: &Path) -> PathBuf {
         .collect()
 }
 
-/// An io::Error's text without the "(os error N)" suffix std adds.
-fn io_msg(e: &io::Error) -> String {
-    let text = e.to_string();
-    match text.rfind(" (os error ") {
-        Some(i) if text.ends_with(')') => text[..i].to_string(),
-        _ => text,
-    }
-}
-
 /// The directory a path lives in; "." for a bare relative file name.
 fn parent_dir(path: &Path) -> &Path {
     match path.parent() {
@@ -635,22 +627,6 @@ fn parse_cpu_list(list: &str) -> Option<usize> {
         count = count.checked_add(last.checked_sub(first)?.checked_add(1)?)?;
     }
     (count > 0).then_some(count)
-}
-
-/// MemTotal from /proc/meminfo, in MiB.
-fn host_memory_mib() -> Option<u64> {
-    let text = fs::read_to_string("/proc/meminfo").ok()?;
-    parse_mem_total_mib(&text)
-}
-
-fn parse_mem_total_mib(meminfo: &str) -> Option<u64> {
-    let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
-    let mut fields = line["MemTotal:".len()..].split_whitespace();
-    let kib: u64 = fields.next()?.parse().ok()?;
-    match fields.next() {
-        Some("kB") | None => Some(kib / 1024),
-        Some(_) => None,
-    }
 }
 
 #[cfg(test)]
@@ -1342,10 +1318,10 @@ mod tests {
         assert_eq!(parse_cpu_list(""), None);
         assert_eq!(parse_cpu_list("3-1"), None);
         assert_eq!(
-            parse_mem_total_mib("MemTotal:       16303808 kB\nMemFree: 1 kB\n"),
+            crate::util::parse_mem_total_mib("MemTotal:       16303808 kB\nMemFree: 1 kB\n"),
             Some(15921)
         );
-        assert_eq!(parse_mem_total_mib("MemFree: 1 kB\n"), None);
+        assert_eq!(crate::util::parse_mem_total_mib("MemFree: 1 kB\n"), None);
         assert!(host_cpus().is_some());
         assert!(host_memory_mib().is_some());
     }

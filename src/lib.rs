@@ -9,6 +9,7 @@ pub mod devices;
 pub mod migration;
 pub mod snapshot;
 pub mod sparse;
+pub mod util;
 pub mod vmm;
 pub mod vstate;
 

@@ -2,6 +2,7 @@
 //! threads), then runs the event loop (device queues, console input, the
 //! control socket) until the guest or a request ends it.
 
+use crate::util::lock;
 use std::fs::File;
 use std::io::{LineWriter, Read, Write};
 use std::os::fd::AsRawFd;
@@ -407,10 +408,6 @@ impl MutEventSubscriber for Controller {
             _ => {}
         }
     }
-}
-
-fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// A virtio-blk drive: its transport on the MMIO bus and the device behind it.

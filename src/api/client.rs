@@ -2,6 +2,7 @@
 //! one HTTP/1.1 request per connection (`Connection: close`), the response
 //! read to the end and parsed with httparse.
 
+use crate::util::io_msg;
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -206,15 +207,6 @@ fn decode_chunked(mut data: &[u8]) -> Result<Vec<u8>, String> {
             .get(start + chunk.len()..)
             .and_then(|rest| rest.strip_prefix(b"\r\n"))
             .ok_or("malformed chunked body")?;
-    }
-}
-
-/// An io::Error's text without the "(os error N)" suffix std adds.
-fn io_msg(e: &io::Error) -> String {
-    let text = e.to_string();
-    match text.rfind(" (os error ") {
-        Some(i) if text.ends_with(')') => text[..i].to_string(),
-        _ => text,
     }
 }
 

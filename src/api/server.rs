@@ -4,6 +4,7 @@
 //! short-lived thread of its own, so that a client that sends its body slowly,
 //! or a VMM that is slow to answer, holds up only that one request.
 
+use crate::util::io_msg;
 use std::fs;
 use std::io::{self, Cursor, Read};
 use std::mem;
@@ -563,15 +564,6 @@ fn ask_vmm(action: ApiAction, context: &Context) -> Result<Reply, ApiError> {
             ),
         )),
         Err(RecvTimeoutError::Disconnected) => Err(unavailable()),
-    }
-}
-
-/// An io::Error's text without the "(os error N)" suffix std adds.
-fn io_msg(e: &io::Error) -> String {
-    let text = e.to_string();
-    match text.rfind(" (os error ") {
-        Some(i) if text.ends_with(')') => text[..i].to_string(),
-        _ => text,
     }
 }
 

@@ -234,7 +234,7 @@ fn handshake(stream: &mut TcpStream, dir: Option<&Path>) -> Result<Hello, Destin
             hello.vcpus
         )));
     }
-    let host_mib = host_memory_mib();
+    let host_mib = crate::util::host_memory_mib().unwrap_or(0);
     if hello.memory_size < MIN_MEMORY
         || !hello.memory_size.is_multiple_of(1 << 20)
         || hello.memory_size >> 20 > host_mib
@@ -246,19 +246,6 @@ fn handshake(stream: &mut TcpStream, dir: Option<&Path>) -> Result<Hello, Destin
     }
     check_cpuid(&hello.cpuid)?;
     Ok(hello)
-}
-
-fn host_memory_mib() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find(|l| l.starts_with("MemTotal:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kib| kib.parse::<u64>().ok())
-        })
-        .map(|kib| kib / 1024)
-        .unwrap_or(0)
 }
 
 /// The feature bits a guest may have come to rely on, by (leaf, subleaf,
@@ -305,21 +292,6 @@ fn check_cpuid(guest: &[kvm_bindings::kvm_cpuid_entry2]) -> Result<(), Destinati
     Ok(())
 }
 
-fn random_hex() -> String {
-    let mut b = [0u8; 16];
-    if std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))
-        .is_err()
-    {
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        b = (t ^ (std::process::id() as u128) << 64).to_le_bytes();
-    }
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
 /// Sets up the share for a storage migration: `DIR/<id>/`, served over NFS
 /// (only to `peer`) unless the source writes through its own mount.
 fn open_share(
@@ -344,7 +316,11 @@ fn open_share(
         .local_addr()
         .map_err(|e| DestinationError::Vm(e.to_string()))?
         .ip();
-    let export = format!("/ferry-{}", random_hex());
+    let export = format!(
+        "/ferry-{}",
+        crate::util::random_hex::<16>()
+            .map_err(|e| DestinationError::Vm(format!("cannot name the share: {e}")))?
+    );
     let server = NfsShareServer::start(&share_dir.path, local, &export, Some(peer.ip()))
         .map_err(|e| DestinationError::Vm(format!("cannot start the NFS share: {e}")))?;
     eprintln!(

@@ -4,6 +4,7 @@
 //! destination runs the guest. Any failure before that leaves the guest
 //! running here.
 
+use crate::util::lock;
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::net::{TcpStream, ToSocketAddrs};
@@ -168,7 +169,7 @@ pub struct Migration {
 impl Migration {
     /// Starts migrating in a thread of its own.
     pub fn start(ctx: SourceContext, req: SendRequest) -> std::io::Result<Migration> {
-        let id = format!("{:016x}", rand_u64());
+        let id = crate::util::random_hex::<8>()?;
         let status = Arc::new(Mutex::new(MigrationStatus {
             phase: Phase::Setup,
             migration_id: id,
@@ -249,28 +250,8 @@ impl Drop for Migration {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
-}
-
-fn rand_u64() -> u64 {
-    let mut b = [0u8; 8];
-    // A random id that only the two ends learn; failing that, the clock.
-    if std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))
-        .is_err()
-    {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0);
-        b = (nanos ^ ((std::process::id() as u64) << 32)).to_le_bytes();
-    }
-    u64::from_le_bytes(b)
 }
 
 /// Holds the vCPUs back for `percent` of every period while set.

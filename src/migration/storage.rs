@@ -11,6 +11,7 @@
 //! So if the copier read the chunk before the guest wrote it, the mirror's
 //! write lands after the copier's; if after, the copier read the new data.
 
+use crate::util::lock;
 use std::collections::HashSet;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -36,10 +37,6 @@ const GUEST_ROOM: std::time::Duration = std::time::Duration::from_millis(3);
 /// Zero detection granularity inside a chunk: runs of zero blocks of this
 /// size are not written, so they stay holes on the destination.
 const ZERO_BLOCK: usize = 64 << 10;
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// Locks over chunk indices of one file.
 #[derive(Default)]

@@ -3,6 +3,7 @@
 //! with a signal whose handler sets `immediate_exit`, so a kick that lands
 //! just before `KVM_RUN` is not lost.
 
+use crate::util::lock;
 use std::cell::Cell;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -352,10 +353,6 @@ impl Vcpu {
             }
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// One `KVM_RUN`; Some when the VM must end.
