@@ -690,7 +690,7 @@ mod tests {
         &problems[0]
     }
 
-    /// Permission tests mean nothing when running as root.
+    /// Whether file modes stop this thread from opening a file.
     fn permissions_enforced(dir: &Path) -> bool {
         let probe = dir.join("probe");
         fs::write(&probe, b"x").expect("write probe");
@@ -698,6 +698,63 @@ mod tests {
         let enforced = fs::File::open(&probe).is_err();
         let _ = fs::remove_file(&probe);
         enforced
+    }
+
+    /// Runs `check` where file modes apply even to root (CI runs as root):
+    /// on a thread of its own without CAP_DAC_OVERRIDE and
+    /// CAP_DAC_READ_SEARCH. Linux keeps capabilities per thread, so the rest
+    /// of the test process keeps them.
+    fn with_file_modes_enforced<T: Send>(dir: &Path, check: impl FnOnce() -> T + Send) -> T {
+        #[repr(C)]
+        struct CapHeader {
+            version: u32,
+            pid: i32,
+        }
+        #[repr(C)]
+        #[derive(Clone, Copy, Default)]
+        struct CapData {
+            effective: u32,
+            permitted: u32,
+            inheritable: u32,
+        }
+        const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+        const CAP_DAC_OVERRIDE: u32 = 1;
+        const CAP_DAC_READ_SEARCH: u32 = 2;
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    let mut header = CapHeader {
+                        version: LINUX_CAPABILITY_VERSION_3,
+                        pid: 0,
+                    };
+                    let mut data = [CapData::default(); 2];
+                    // SAFETY: capget/capset with a v3 header and the two data
+                    // words v3 expects, both live for the calls; pid 0 is
+                    // this thread only.
+                    unsafe {
+                        assert_eq!(
+                            libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()),
+                            0,
+                            "capget: {}",
+                            io::Error::last_os_error()
+                        );
+                        data[0].effective &= !(1 << CAP_DAC_OVERRIDE | 1 << CAP_DAC_READ_SEARCH);
+                        assert_eq!(
+                            libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()),
+                            0,
+                            "capset: {}",
+                            io::Error::last_os_error()
+                        );
+                    }
+                    assert!(
+                        permissions_enforced(dir),
+                        "file modes still not enforced without CAP_DAC_OVERRIDE"
+                    );
+                    check()
+                })
+                .join()
+                .unwrap_or_else(|e| std::panic::resume_unwind(e))
+        })
     }
 
     #[test]
@@ -887,26 +944,27 @@ mod tests {
     #[test]
     fn unreadable_kernel_and_initrd_name_the_path() {
         let f = Fixture::new();
-        if !permissions_enforced(f.dir.path()) {
-            return;
-        }
-        fs::set_permissions(f.path("vmlinux"), fs::Permissions::from_mode(0o200)).expect("chmod");
-        fs::write(f.path("initrd"), b"x").expect("write");
-        fs::set_permissions(f.path("initrd"), fs::Permissions::from_mode(0o000)).expect("chmod");
-        let problems = f.problems(r#"{"kernel": "vmlinux", "initrd": "initrd"}"#);
-        assert_eq!(
-            problems,
-            vec![
-                format!(
-                    "kernel: cannot read {}: Permission denied",
-                    f.path("vmlinux").display()
-                ),
-                format!(
-                    "initrd: cannot read {}: Permission denied",
-                    f.path("initrd").display()
-                ),
-            ]
-        );
+        with_file_modes_enforced(f.dir.path(), || {
+            fs::set_permissions(f.path("vmlinux"), fs::Permissions::from_mode(0o200))
+                .expect("chmod");
+            fs::write(f.path("initrd"), b"x").expect("write");
+            fs::set_permissions(f.path("initrd"), fs::Permissions::from_mode(0o000))
+                .expect("chmod");
+            let problems = f.problems(r#"{"kernel": "vmlinux", "initrd": "initrd"}"#);
+            assert_eq!(
+                problems,
+                vec![
+                    format!(
+                        "kernel: cannot read {}: Permission denied",
+                        f.path("vmlinux").display()
+                    ),
+                    format!(
+                        "initrd: cannot read {}: Permission denied",
+                        f.path("initrd").display()
+                    ),
+                ]
+            );
+        });
     }
 
     #[test]
@@ -1182,23 +1240,23 @@ mod tests {
     #[test]
     fn read_write_drive_must_be_writable() {
         let f = Fixture::new();
-        if !permissions_enforced(f.dir.path()) {
-            return;
-        }
-        fs::write(f.path("ro.img"), b"").expect("write");
-        fs::set_permissions(f.path("ro.img"), fs::Permissions::from_mode(0o400)).expect("chmod");
-        let problems =
-            f.problems(r#"{"kernel": "vmlinux", "drives": [{"id": "a", "path": "ro.img"}]}"#);
-        assert_eq!(
-            only_problem(&problems),
-            format!(
+        with_file_modes_enforced(f.dir.path(), || {
+            fs::write(f.path("ro.img"), b"").expect("write");
+            fs::set_permissions(f.path("ro.img"), fs::Permissions::from_mode(0o400))
+                .expect("chmod");
+            let problems =
+                f.problems(r#"{"kernel": "vmlinux", "drives": [{"id": "a", "path": "ro.img"}]}"#);
+            assert_eq!(
+                only_problem(&problems),
+                format!(
                 "drives[0].path: cannot open {} for reading and writing: Permission denied (set \
                  \"read_only\": true to use it read-only)",
                 f.path("ro.img").display()
             )
-        );
-        f.load(r#"{"kernel": "vmlinux", "drives": [{"id": "a", "path": "ro.img", "read_only": true}]}"#)
+            );
+            f.load(r#"{"kernel": "vmlinux", "drives": [{"id": "a", "path": "ro.img", "read_only": true}]}"#)
             .expect("read-only is fine");
+        });
     }
 
     #[test]

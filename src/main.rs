@@ -1,11 +1,16 @@
 //! The `ferry` command line: run a VM, or talk to a running one.
 
-use std::path::PathBuf;
+use std::io::{self, IsTerminal, Write};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::{Duration, Instant};
 
-use clap::{Parser, Subcommand};
+use clap::{ArgGroup, Parser, Subcommand};
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
+use ferry::api::client::{self, ClientError};
 use ferry::config::VmConfig;
+use ferry::migration::{MigrationStatus, Phase};
 use ferry::vmm::{self, VmExit};
 
 #[derive(Parser)]
@@ -23,9 +28,11 @@ struct Cli {
 enum Command {
     /// Boot a VM from a JSON config (or restore a snapshot) and run it until
     /// it resets or shuts down.
+    // One required group, so that the usage error names both ways to start.
+    #[command(group(ArgGroup::new("start").required(true).args(["config", "restore"])))]
     Run {
         /// The VM config (JSON).
-        #[arg(long, required_unless_present = "restore", conflicts_with = "restore")]
+        #[arg(long)]
         config: Option<PathBuf>,
         /// Restore the snapshot in this directory instead of booting.
         #[arg(long)]
@@ -109,11 +116,25 @@ fn run(config: Option<PathBuf>, restore: Option<PathBuf>, api_sock: Option<PathB
                 }
             };
             let api_sock = api_sock.or_else(|| config.api_socket.clone());
+            if let Some(Err(code)) = api_sock
+                .as_deref()
+                .map(|p| check_socket_path("--api-sock", p))
+            {
+                return code;
+            }
             vmm::run(config, api_sock)
         }
-        (None, Some(dir)) => vmm::restore(&dir, api_sock),
+        (None, Some(dir)) => {
+            if let Some(Err(code)) = api_sock
+                .as_deref()
+                .map(|p| check_socket_path("--api-sock", p))
+            {
+                return code;
+            }
+            vmm::restore(&dir, api_sock)
+        }
         (None, None) => {
-            eprintln!("ferry: give --config FILE or --restore DIR");
+            say(format_args!("ferry: give --config FILE or --restore DIR"));
             return ExitCode::from(EXIT_BAD_INPUT);
         }
     };
@@ -148,6 +169,14 @@ fn finish(result: Result<VmExit, vmm::VmmError>) -> ExitCode {
 }
 
 fn ctl(sock: PathBuf, action: CtlAction) -> ExitCode {
+    if sock.is_dir() {
+        say(format_args!(
+            "ferry: --sock {0}: {0} is a directory, not a control socket (give the socket \
+             file: ferry run --api-sock PATH)",
+            sock.display()
+        ));
+        return ExitCode::from(EXIT_BAD_INPUT);
+    }
     if let CtlAction::Migrate {
         to,
         max_downtime_ms,
@@ -175,162 +204,363 @@ fn ctl(sock: PathBuf, action: CtlAction) -> ExitCode {
             )
         }
     };
-    match ferry::api::client::request(&sock, method, path, body.as_ref()) {
-        Ok((status, body)) if (200..300).contains(&status) => {
-            if !body.is_null() {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&body).unwrap_or_else(|_| body.to_string())
-                );
+    match client::request_typed::<serde_json::Value>(&sock, method, path, body.as_ref()) {
+        Ok(body) if body.is_null() => ExitCode::SUCCESS,
+        Ok(body) => {
+            let text = serde_json::to_string_pretty(&body).unwrap_or_else(|_| body.to_string());
+            match writeln!(io::stdout(), "{text}").and_then(|()| io::stdout().flush()) {
+                Ok(()) => ExitCode::SUCCESS,
+                // `ferry ctl ... | head -1`: the reader has all it wanted.
+                Err(e) if e.kind() == io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+                Err(e) => {
+                    say(format_args!(
+                        "ferry: cannot write the answer: {}",
+                        ferry::util::io_msg(&e)
+                    ));
+                    ExitCode::from(EXIT_RUNTIME)
+                }
             }
-            ExitCode::SUCCESS
-        }
-        Ok((status, body)) => {
-            let msg = body
-                .get("error")
-                .and_then(|m| m.as_str())
-                .map(str::to_string)
-                .unwrap_or_else(|| body.to_string());
-            eprintln!("ferry: {method} {path} failed ({status}): {msg}");
-            ExitCode::from(EXIT_RUNTIME)
         }
         Err(e) => {
-            eprintln!("ferry: {e}");
+            say(format_args!("ferry: {e}"));
             ExitCode::from(EXIT_RUNTIME)
         }
     }
 }
 
-fn error_text(body: &serde_json::Value) -> String {
-    body.get("error")
-        .and_then(|m| m.as_str())
-        .map(str::to_string)
-        .unwrap_or_else(|| body.to_string())
+/// One line to stderr. Unlike `eprintln!`, a closed stderr does not panic:
+/// there is nobody left to tell.
+fn say(line: std::fmt::Arguments) {
+    let _ = writeln!(io::stderr(), "{line}");
 }
 
 fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1 << 20) as f64
 }
 
-/// Starts a migration and follows it with a progress line until it ends.
-fn migrate(
-    sock: &std::path::Path,
-    to: &str,
-    max_downtime_ms: u64,
-    bandwidth: Option<u64>,
-) -> ExitCode {
-    use std::io::Write;
+/// `n pass` or `n passes`.
+fn passes(n: u32) -> String {
+    format!("{n} pass{}", if n == 1 { "" } else { "es" })
+}
+
+/// Memory progress as (done, total) bytes: the pass in progress, as far as
+/// it got. A whole-VM ratio (bytes sent over RAM size) would fill up halfway
+/// through a migration with many passes.
+fn memory_progress(s: &MigrationStatus) -> (u64, u64) {
+    if s.phase == Phase::Completed || s.pass_bytes == 0 && s.pass > 0 {
+        // Done, or a pass with nothing to copy.
+        let total = s.pass_bytes.max(1);
+        return (total, total);
+    }
+    (s.pass_done_bytes.min(s.pass_bytes), s.pass_bytes)
+}
+
+/// Disk progress as (copied, total) bytes, when the migration copies disks.
+fn disk_progress(s: &MigrationStatus) -> Option<(u64, u64)> {
+    (s.storage_total_bytes > 0).then(|| {
+        (
+            s.storage_copied_bytes.min(s.storage_total_bytes),
+            s.storage_total_bytes,
+        )
+    })
+}
+
+fn percent((done, total): (u64, u64)) -> f64 {
+    if total == 0 {
+        0.0
+    } else {
+        done as f64 * 100.0 / total as f64
+    }
+}
+
+fn phase_name(phase: Phase) -> String {
+    serde_json::to_value(phase)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_else(|| format!("{phase:?}"))
+}
+
+/// The figures that do not fit a bar.
+fn rates(s: &MigrationStatus) -> String {
+    format!(
+        "sent {:.1} MiB, dirty {:.1} MiB/s, bw {:.1} MiB/s, left {:.1} MiB, est. downtime {:.1} ms, throttle {}%",
+        mib(s.bytes_sent),
+        s.dirty_rate_mib_s,
+        s.bandwidth_mib_s,
+        mib(s.remaining_bytes),
+        s.expected_downtime_ms,
+        s.throttle_percent,
+    )
+}
+
+/// One self-contained progress line, for logs.
+fn progress_line(s: &MigrationStatus) -> String {
+    let memory = memory_progress(s);
+    let mut line = format!(
+        "{} pass {}: memory {:.1}/{:.1} MiB ({:.0}%)",
+        phase_name(s.phase),
+        s.pass,
+        mib(memory.0),
+        mib(memory.1),
+        percent(memory)
+    );
+    if let Some(disk) = disk_progress(s) {
+        line += &format!(
+            ", disks {:.1}/{:.1} MiB ({:.0}%), {} writes mirrored",
+            mib(disk.0),
+            mib(disk.1),
+            percent(disk),
+            s.mirrored_writes
+        );
+    }
+    line + "; " + &rates(s)
+}
+
+/// How `ferry ctl migrate` shows progress: bars that redraw in place on a
+/// terminal, else a line per phase or pass.
+enum Progress {
+    Bars {
+        multi: MultiProgress,
+        memory: ProgressBar,
+        disk: Option<ProgressBar>,
+        info: ProgressBar,
+    },
+    Lines {
+        last: Option<(Phase, u32)>,
+        printed_at: Instant,
+    },
+}
+
+/// Plain lines come at most this often, however fast passes go by...
+const LINE_MIN_INTERVAL: Duration = Duration::from_secs(1);
+/// ...and at least this often during a long pass.
+const LINE_MAX_INTERVAL: Duration = Duration::from_secs(10);
+
+fn bar_style(template: &str) -> ProgressStyle {
+    ProgressStyle::with_template(template)
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("#>-")
+}
+
+impl Progress {
+    fn new() -> Progress {
+        // The progress goes to stderr, like every other ferry message: that
+        // is the stream to ask about.
+        if !io::stderr().is_terminal() {
+            return Progress::Lines {
+                last: None,
+                printed_at: Instant::now(),
+            };
+        }
+        let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
+        let memory = multi.add(ProgressBar::new(1));
+        memory.set_style(bar_style(
+            "{prefix:<13} [{wide_bar}] {binary_bytes:>10} / {binary_total_bytes:<10}",
+        ));
+        let info = multi.add(ProgressBar::new(1));
+        info.set_style(bar_style("{wide_msg}"));
+        Progress::Bars {
+            multi,
+            memory,
+            disk: None,
+            info,
+        }
+    }
+
+    fn show(&mut self, s: &MigrationStatus) {
+        match self {
+            Progress::Bars {
+                multi,
+                memory,
+                disk,
+                info,
+            } => {
+                let (done, total) = memory_progress(s);
+                memory.set_prefix(format!("memory pass {}", s.pass));
+                memory.set_length(total.max(1));
+                memory.set_position(done);
+                if let Some((copied, total)) = disk_progress(s) {
+                    let bar = disk.get_or_insert_with(|| {
+                        let bar = multi.insert_after(memory, ProgressBar::new(total));
+                        bar.set_style(bar_style(
+                            "{prefix:<13} [{wide_bar}] {binary_bytes:>10} / {binary_total_bytes:<10} {msg}",
+                        ));
+                        bar.set_prefix("disks");
+                        bar
+                    });
+                    bar.set_length(total);
+                    bar.set_position(copied);
+                    bar.set_message(format!("{} mirrored", s.mirrored_writes));
+                }
+                info.set_message(format!("{}: {}", phase_name(s.phase), rates(s)));
+            }
+            Progress::Lines { last, printed_at } => {
+                let now = (s.phase, s.pass);
+                let changed = *last != Some(now);
+                let since = printed_at.elapsed();
+                if (changed && since >= LINE_MIN_INTERVAL)
+                    || since >= LINE_MAX_INTERVAL
+                    || (changed && last.is_none())
+                {
+                    say(format_args!("{}", progress_line(s)));
+                    *last = Some(now);
+                    *printed_at = Instant::now();
+                }
+            }
+        }
+    }
+
+    /// The last state, before the summary line.
+    fn finish(&mut self, s: Option<&MigrationStatus>) {
+        match self {
+            Progress::Bars {
+                memory, disk, info, ..
+            } => {
+                for bar in [Some(&*memory), disk.as_ref(), Some(&*info)]
+                    .into_iter()
+                    .flatten()
+                {
+                    bar.abandon();
+                }
+            }
+            Progress::Lines { last, .. } => {
+                if let Some(s) = s.filter(|s| *last != Some((s.phase, s.pass))) {
+                    say(format_args!("{}", progress_line(s)));
+                }
+            }
+        }
+    }
+}
+
+/// Starts a migration and follows it until it ends.
+fn migrate(sock: &Path, to: &str, max_downtime_ms: u64, bandwidth: Option<u64>) -> ExitCode {
     let req = serde_json::json!({
         "destination": to,
         "max_downtime_ms": max_downtime_ms,
         "bandwidth_mib_s": bandwidth,
     });
-    match ferry::api::client::request(sock, "PUT", "/migration/send", Some(&req)) {
-        Ok((200, _)) => {}
-        Ok((status, body)) => {
-            eprintln!("ferry: migration refused ({status}): {}", error_text(&body));
+    match client::request_typed::<MigrationStatus>(sock, "PUT", "/migration/send", Some(&req)) {
+        Ok(_) => {}
+        Err(ClientError::Status {
+            status, message, ..
+        }) => {
+            say(format_args!(
+                "ferry: migration refused ({status}): {message}"
+            ));
             return ExitCode::from(EXIT_RUNTIME);
         }
         Err(e) => {
-            eprintln!("ferry: {e}");
+            say(format_args!("ferry: {e}"));
             return ExitCode::from(EXIT_RUNTIME);
         }
     }
-    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let mut last_line = String::new();
+    let mut progress = Progress::new();
     let mut handed_over = false;
     loop {
-        std::thread::sleep(std::time::Duration::from_millis(100));
-        let status = match ferry::api::client::request(sock, "GET", "/migration", None) {
-            Ok((200, s)) => s,
-            Ok((code, body)) => {
-                eprintln!(
-                    "\nferry: cannot read progress ({code}): {}",
-                    error_text(&body)
-                );
+        std::thread::sleep(Duration::from_millis(100));
+        let status = match client::request_typed::<MigrationStatus>(sock, "GET", "/migration", None)
+        {
+            Ok(s) => s,
+            Err(ClientError::Status {
+                status, message, ..
+            }) => {
+                progress.finish(None);
+                say(format_args!(
+                    "ferry: cannot read progress ({status}): {message}"
+                ));
                 return ExitCode::from(EXIT_RUNTIME);
             }
             // The source exits once the guest runs at the destination: the
             // socket going away right after the hand-over is how success
             // can look. Going away before it is not.
             Err(e) if handed_over => {
-                eprintln!(
-                    "\nferry: the source has stopped after handing the guest over to {to} ({e})"
-                );
+                progress.finish(None);
+                say(format_args!(
+                    "ferry: the source has stopped after handing the guest over to {to} ({e})"
+                ));
                 return ExitCode::SUCCESS;
             }
             Err(e) => {
-                eprintln!("\nferry: lost the source VM before the hand-over: {e}");
+                progress.finish(None);
+                say(format_args!(
+                    "ferry: lost the source VM before the hand-over: {e}"
+                ));
                 return ExitCode::from(EXIT_RUNTIME);
             }
         };
-        let phase = status["phase"].as_str().unwrap_or("?").to_string();
-        handed_over |= status["handed_over"].as_bool().unwrap_or(false);
-        let memory = status["memory_bytes"].as_u64().unwrap_or(0);
-        let sent = status["bytes_sent"].as_u64().unwrap_or(0);
-        let frac = if memory > 0 {
-            (sent as f64 / memory as f64).min(1.0)
-        } else {
-            0.0
-        };
-        let width = 24;
-        let filled = (frac * width as f64) as usize;
-        let disk_total = status["storage_total_bytes"].as_u64().unwrap_or(0);
-        let disk = if disk_total > 0 {
-            format!(
-                "  disks {:.0}/{:.0} MiB, {} writes mirrored",
-                mib(status["storage_copied_bytes"].as_u64().unwrap_or(0)),
-                mib(disk_total),
-                status["mirrored_writes"].as_u64().unwrap_or(0)
-            )
-        } else {
-            String::new()
-        };
-        let line = format!(
-            "[{}{}] {:<13} pass {:>2}  sent {:>8.1} MiB  dirty {:>7.1} MiB/s  bw {:>7.1} MiB/s  left {:>7.1} MiB  est. downtime {:>6.1} ms  throttle {:>2}%{disk}",
-            "#".repeat(filled),
-            "-".repeat(width - filled),
-            phase,
-            status["pass"].as_u64().unwrap_or(0),
-            mib(sent),
-            status["dirty_rate_mib_s"].as_f64().unwrap_or(0.0),
-            status["bandwidth_mib_s"].as_f64().unwrap_or(0.0),
-            mib(status["remaining_bytes"].as_u64().unwrap_or(0)),
-            status["expected_downtime_ms"].as_f64().unwrap_or(0.0),
-            status["throttle_percent"].as_u64().unwrap_or(0),
-        );
-        if tty {
-            eprint!("\r{line}");
-            let _ = std::io::stderr().flush();
-        } else if line != last_line {
-            eprintln!("{line}");
-        }
-        last_line = line;
-        match phase.as_str() {
-            "completed" => {
-                eprintln!(
-                    "\nferry: migrated to {to} in {:.1} ms: downtime {:.1} ms, {:.1} MiB sent in {} passes",
-                    status["elapsed_ms"].as_f64().unwrap_or(0.0),
-                    status["downtime_ms"].as_f64().unwrap_or(0.0),
-                    mib(sent),
-                    status["pass"].as_u64().unwrap_or(0)
-                );
+        handed_over |= status.handed_over;
+        progress.show(&status);
+        match status.phase {
+            Phase::Completed => {
+                progress.finish(Some(&status));
+                say(format_args!(
+                    "ferry: migrated to {to} in {:.1} ms: downtime {:.1} ms, {:.1} MiB sent in {}",
+                    status.elapsed_ms,
+                    status.downtime_ms.unwrap_or(0.0),
+                    mib(status.bytes_sent),
+                    passes(status.pass)
+                ));
                 return ExitCode::SUCCESS;
             }
-            "failed" | "cancelled" => {
-                let why = status["error"].as_str().unwrap_or("no reason given");
+            Phase::Failed | Phase::Cancelled => {
+                progress.finish(Some(&status));
+                let phase = phase_name(status.phase);
+                let why = status.error.as_deref().unwrap_or("no reason given");
                 if handed_over {
-                    eprintln!(
-                        "\nferry: migration {phase} after the hand-over: {why}; the guest stays paused here so that it never runs twice: check {to}"
-                    );
+                    say(format_args!(
+                        "ferry: migration {phase} after the hand-over: {why}; the guest stays paused here so that it never runs twice: check {to}"
+                    ));
                 } else {
-                    eprintln!("\nferry: migration {phase}: {why}; the guest runs on here");
+                    say(format_args!(
+                        "ferry: migration {phase}: {why}; the guest runs on here"
+                    ));
                 }
                 return ExitCode::from(EXIT_RUNTIME);
             }
             _ => {}
         }
     }
+}
+
+/// Refuses a directory where a socket path belongs, before anything starts:
+/// otherwise the error comes late and talks about sockets.
+fn check_socket_path(flag: &str, path: &Path) -> Result<(), ExitCode> {
+    if path.is_dir() {
+        say(format_args!(
+            "ferry: {flag} {0}: {0} is a directory; give the path of the socket file",
+            path.display()
+        ));
+        return Err(ExitCode::from(EXIT_BAD_INPUT));
+    }
+    Ok(())
+}
+
+fn receive(
+    listen: &str,
+    dir: Option<PathBuf>,
+    paused: bool,
+    api_sock: Option<PathBuf>,
+) -> ExitCode {
+    if let Some(sock) = &api_sock {
+        if let Err(code) = check_socket_path("--api-sock", sock) {
+            return code;
+        }
+    }
+    if let Some(d) = &dir {
+        let problem = match std::fs::metadata(d) {
+            Ok(meta) if meta.is_dir() => None,
+            Ok(_) => Some("not a directory".to_string()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                Some("no such directory (create it first)".to_string())
+            }
+            Err(e) => Some(ferry::util::io_msg(&e)),
+        };
+        if let Some(problem) = problem {
+            say(format_args!("ferry: --dir {}: {problem}", d.display()));
+            return ExitCode::from(EXIT_BAD_INPUT);
+        }
+    }
+    finish(vmm::receive(listen, dir.as_deref(), api_sock, paused))
 }
 
 fn main() -> ExitCode {
@@ -348,6 +578,6 @@ fn main() -> ExitCode {
             dir,
             paused,
             api_sock,
-        } => finish(vmm::receive(&listen, dir.as_deref(), api_sock, paused)),
+        } => receive(&listen, dir, paused, api_sock),
     }
 }

@@ -783,6 +783,11 @@ fn run_vm(
     })?;
     let (pio, mmio, mut event_manager, serial, reset_evt, drives, vcpus, guest_cpuid) = built;
 
+    // Issue 8, signals: installed before the control socket exists, so that
+    // from here on SIGTERM/SIGINT take the normal exit path, which removes it.
+    let shutdown_signals = crate::signals::ShutdownSignals::install()
+        .map_err(|e| VmmError::EventLoop(e.to_string()))?;
+
     // Control socket.
     let (api_tx, api_rx) = mpsc::channel();
     let api_evt = eventfd()?;
@@ -837,6 +842,10 @@ fn run_vm(
         linger_until: None,
     }));
     event_manager.add_subscriber(controller.clone());
+    // Issue 8, signals: handled like ApiAction::Shutdown.
+    event_manager.add_subscriber(Arc::new(Mutex::new(
+        shutdown_signals.into_subscriber(exit.clone()),
+    )));
 
     // A migrated guest runs only once the source has let go of it.
     if let Some((stream, _, _, share_dir)) = incoming.as_mut() {

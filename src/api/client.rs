@@ -34,6 +34,13 @@ pub enum ClientError {
     Receive { path: PathBuf, source: io::Error },
     #[error("{}: bad response: {reason}", path.display())]
     BadResponse { path: PathBuf, reason: String },
+    #[error("{method} {request} failed ({status}): {message}")]
+    Status {
+        method: String,
+        request: String,
+        status: u16,
+        message: String,
+    },
 }
 
 /// Sends one request and returns the status and the JSON body (`Null` when
@@ -91,6 +98,32 @@ pub fn request_with_timeout(
     parse_response(&response, method == "HEAD").map_err(|reason| ClientError::BadResponse {
         path: sock.to_path_buf(),
         reason,
+    })
+}
+
+/// [`request`] for a typed answer: an error status becomes
+/// [`ClientError::Status`], a body that is not a `T` a
+/// [`ClientError::BadResponse`].
+pub fn request_typed<T: serde::de::DeserializeOwned>(
+    sock: &Path,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+) -> Result<T, ClientError> {
+    let (status, value) = request(sock, method, path, body)?;
+    if !(200..300).contains(&status) {
+        return Err(ClientError::Status {
+            method: method.to_string(),
+            request: path.to_string(),
+            status,
+            message: error_message(&value)
+                .map(str::to_string)
+                .unwrap_or_else(|| value.to_string()),
+        });
+    }
+    serde_json::from_value(value).map_err(|e| ClientError::BadResponse {
+        path: sock.to_path_buf(),
+        reason: format!("unexpected body for {method} {path}: {e}"),
     })
 }
 

@@ -100,6 +100,14 @@ pub struct MigrationStatus {
     pub max_downtime_ms: u64,
     /// Memory pre-copy pass in progress (1 = the full copy).
     pub pass: u32,
+    /// Guest memory the pass in progress copies: every populated page in
+    /// pass 1, what got dirty in later ones.
+    #[serde(default)]
+    pub pass_bytes: u64,
+    /// How much of `pass_bytes` the pass has covered so far (zero pages,
+    /// sent as markers, count in full).
+    #[serde(default)]
+    pub pass_done_bytes: u64,
     pub memory_bytes: u64,
     /// Bytes put on the wire so far (frames included).
     pub bytes_sent: u64,

@@ -561,6 +561,9 @@ impl Run<'_> {
             self.update(|s| {
                 s.phase = Phase::Precopy;
                 s.pass = pass;
+                // Issue 8, progress: what this pass covers.
+                s.pass_bytes = ranges.iter().map(|r| r.1).sum();
+                s.pass_done_bytes = 0;
             });
             let pass_start = Instant::now();
             let wire_before = wire_total;
@@ -573,6 +576,9 @@ impl Run<'_> {
                 let disk = storage.as_deref().map(|c| c.progress.clone());
                 let mut last = 0u64;
                 let last_wire = &mut last;
+                // Issue 8, progress: (bytes of the ranges done, wire bytes
+                // at the current range's start, its length).
+                let range_progress = std::cell::Cell::new((0u64, 0u64, 0u64));
                 let mut between = |wire: u64| -> Result<(), ProtocolError> {
                     if cancel.load(Ordering::SeqCst) {
                         return Err(ProtocolError::Io(std::io::Error::other("cancelled")));
@@ -582,6 +588,10 @@ impl Run<'_> {
                     *last_wire = wire;
                     let mut s = lock(status);
                     s.bytes_sent = total;
+                    // Issue 8, progress: ranges done, plus this one's wire
+                    // bytes (fewer than its guest bytes where pages are zero).
+                    let (done, range_wire, range_len) = range_progress.get();
+                    s.pass_done_bytes = done + (wire - range_wire).min(range_len);
                     if let Some(p) = &disk {
                         s.storage_copied_bytes = p.copied_bytes.load(Ordering::Relaxed);
                         s.mirrored_writes = p.mirrored_writes.load(Ordering::Relaxed);
@@ -590,9 +600,13 @@ impl Run<'_> {
                     Ok(())
                 };
                 for (gpa, len) in &ranges {
+                    // Issue 8, progress.
+                    let (done, _, _) = range_progress.get();
+                    range_progress.set((done, sender.wire_bytes, *len));
                     sender
                         .send_range(*gpa, *len, false, &mut between)
                         .map_err(|e| self.cancelled_or(e))?;
+                    range_progress.set((done + len, sender.wire_bytes, 0));
                 }
                 wire_total = base + sender.wire_bytes;
                 wire_total += send_json(sender.w, Kind::PassEnd, &PassEnd { pass })?;

@@ -13,19 +13,33 @@ use std::time::{Duration, Instant};
 pub const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
 pub const TESTKERNEL: &str = env!("FERRY_TESTKERNEL");
 
-/// True when /dev/kvm is usable; otherwise says why the test is skipped.
+/// True when /dev/kvm is usable. A test may skip (false, with the reason
+/// printed) only where there is no /dev/kvm at all and CI is not set: on a
+/// host that has KVM, or in CI, a KVM test that cannot run fails, so that a
+/// green run never hides tests that did not run.
 pub fn kvm_available(test: &str) -> bool {
+    let ci = std::env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "false");
     match std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open("/dev/kvm")
     {
         Ok(_) => true,
-        Err(e) => {
-            eprintln!("SKIPPED {test}: /dev/kvm is not usable here ({e})");
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !ci => {
+            eprintln!("SKIPPED {test}: there is no /dev/kvm here");
             false
         }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            panic!("{test}: CI is set but there is no /dev/kvm: KVM tests must run in CI")
+        }
+        Err(e) => panic!("{test}: /dev/kvm exists but cannot be opened: {e}"),
     }
+}
+
+/// True when this process runs as root (network namespaces, mounts).
+pub fn running_as_root() -> bool {
+    // SAFETY: geteuid() takes nothing and cannot fail.
+    unsafe { libc::geteuid() == 0 }
 }
 
 pub fn tempdir() -> tempfile::TempDir {
@@ -339,7 +353,8 @@ pub struct TwoHosts {
 }
 
 impl TwoHosts {
-    /// None (with a printed reason) where namespaces cannot be made.
+    /// None (with a printed reason) where namespaces cannot be made because
+    /// this is not root; as root, a failure panics.
     pub fn create(test: &str) -> Option<TwoHosts> {
         use std::sync::atomic::{AtomicU32, Ordering};
         static NEXT: AtomicU32 = AtomicU32::new(0);
@@ -357,6 +372,13 @@ impl TwoHosts {
             }),
             other => {
                 let _ = Command::new(script).args(["down", &name]).output();
+                // As root the namespaces can be made: failing to is a broken
+                // host, not a reason to skip.
+                if running_as_root() {
+                    panic!(
+                        "{test}: running as root, yet cannot create network namespaces: {other:?}"
+                    );
+                }
                 eprintln!("SKIPPED {test}: cannot create network namespaces (root and iproute2 needed): {other:?}");
                 None
             }
