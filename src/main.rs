@@ -319,11 +319,12 @@ fn progress_line(s: &MigrationStatus) -> String {
 /// How `ferry ctl migrate` shows progress: bars that redraw in place on a
 /// terminal, else a line per phase or pass.
 enum Progress {
+    /// Each bar appears with the first status that has something for it.
     Bars {
         multi: MultiProgress,
-        memory: ProgressBar,
+        memory: Option<ProgressBar>,
         disk: Option<ProgressBar>,
-        info: ProgressBar,
+        info: Option<ProgressBar>,
     },
     Lines {
         last: Option<(Phase, u32)>,
@@ -352,18 +353,11 @@ impl Progress {
                 printed_at: Instant::now(),
             };
         }
-        let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
-        let memory = multi.add(ProgressBar::new(1));
-        memory.set_style(bar_style(
-            "{prefix:<13} [{wide_bar}] {binary_bytes:>10} / {binary_total_bytes:<10}",
-        ));
-        let info = multi.add(ProgressBar::new(1));
-        info.set_style(bar_style("{wide_msg}"));
         Progress::Bars {
-            multi,
-            memory,
+            multi: MultiProgress::with_draw_target(ProgressDrawTarget::stderr()),
+            memory: None,
             disk: None,
-            info,
+            info: None,
         }
     }
 
@@ -376,6 +370,13 @@ impl Progress {
                 info,
             } => {
                 let (done, total) = memory_progress(s);
+                let memory = memory.get_or_insert_with(|| {
+                    let bar = multi.add(ProgressBar::new(total.max(1)));
+                    bar.set_style(bar_style(
+                        "{prefix:<13} [{wide_bar}] {binary_bytes:>10} / {binary_total_bytes:<10}",
+                    ));
+                    bar
+                });
                 memory.set_prefix(format!("memory pass {}", s.pass));
                 memory.set_length(total.max(1));
                 memory.set_position(done);
@@ -392,6 +393,11 @@ impl Progress {
                     bar.set_position(copied);
                     bar.set_message(format!("{} mirrored", s.mirrored_writes));
                 }
+                let info = info.get_or_insert_with(|| {
+                    let bar = multi.add(ProgressBar::new(1));
+                    bar.set_style(bar_style("{wide_msg}"));
+                    bar
+                });
                 info.set_message(format!("{}: {}", phase_name(s.phase), rates(s)));
             }
             Progress::Lines { last, printed_at } => {
@@ -416,7 +422,7 @@ impl Progress {
             Progress::Bars {
                 memory, disk, info, ..
             } => {
-                for bar in [Some(&*memory), disk.as_ref(), Some(&*info)]
+                for bar in [memory.as_ref(), disk.as_ref(), info.as_ref()]
                     .into_iter()
                     .flatten()
                 {
@@ -579,5 +585,77 @@ fn main() -> ExitCode {
             paused,
             api_sock,
         } => receive(&listen, dir, paused, api_sock),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(phase: Phase, pass: u32, done: u64, of: u64) -> MigrationStatus {
+        MigrationStatus {
+            phase,
+            pass,
+            pass_bytes: of,
+            pass_done_bytes: done,
+            memory_bytes: 256 << 20,
+            bytes_sent: 5 * (256 << 20),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn memory_progress_is_the_pass_in_progress() {
+        // Pass 5 of a busy guest: far more sent than RAM, the pass half done.
+        let s = status(Phase::Precopy, 5, 8 << 20, 16 << 20);
+        assert_eq!(memory_progress(&s), (8 << 20, 16 << 20));
+        assert_eq!(percent(memory_progress(&s)), 50.0);
+        // Wire bytes run ahead of guest bytes by the frame headers: capped.
+        let s = status(Phase::Precopy, 1, 17 << 20, 16 << 20);
+        assert_eq!(memory_progress(&s), (16 << 20, 16 << 20));
+        // A pass with nothing dirty is complete, not 0 of 0.
+        let s = status(Phase::Precopy, 3, 0, 0);
+        assert_eq!(percent(memory_progress(&s)), 100.0);
+        let s = status(Phase::Completed, 2, 0, 4096);
+        assert_eq!(percent(memory_progress(&s)), 100.0);
+        // Before the first pass: nothing to show yet.
+        let s = status(Phase::Setup, 0, 0, 0);
+        assert_eq!(memory_progress(&s), (0, 0));
+        assert_eq!(percent(memory_progress(&s)), 0.0);
+    }
+
+    #[test]
+    fn disk_progress_is_copied_over_total() {
+        let mut s = status(Phase::Completed, 1, 1, 1);
+        assert_eq!(disk_progress(&s), None);
+        s.storage_total_bytes = 2064 << 20;
+        s.storage_copied_bytes = 2064 << 20;
+        assert_eq!(percent(disk_progress(&s).unwrap()), 100.0);
+        s.storage_copied_bytes = 516 << 20;
+        assert_eq!(percent(disk_progress(&s).unwrap()), 25.0);
+    }
+
+    #[test]
+    fn pass_counts_agree_in_number() {
+        assert_eq!(passes(1), "1 pass");
+        assert_eq!(passes(2), "2 passes");
+        assert_eq!(passes(0), "0 passes");
+    }
+
+    #[test]
+    fn a_plain_line_says_everything() {
+        let mut s = status(Phase::Precopy, 2, 4 << 20, 16 << 20);
+        s.storage_total_bytes = 8 << 20;
+        s.storage_copied_bytes = 2 << 20;
+        s.mirrored_writes = 7;
+        s.throttle_percent = 20;
+        assert_eq!(
+            progress_line(&s),
+            "precopy pass 2: memory 4.0/16.0 MiB (25%), disks 2.0/8.0 MiB (25%), 7 writes \
+             mirrored; sent 1280.0 MiB, dirty 0.0 MiB/s, bw 0.0 MiB/s, left 0.0 MiB, est. \
+             downtime 0.0 ms, throttle 20%"
+        );
+        assert!(progress_line(&status(Phase::StopAndCopy, 1, 1, 1))
+            .starts_with("stop-and-copy pass 1: memory"));
     }
 }

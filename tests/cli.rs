@@ -233,3 +233,175 @@ fn a_closed_stdout_ends_ctl_quietly() {
     assert_eq!(f.api("PUT", "/vm/shutdown").0, 200);
     assert!(f.wait_exit(BOOT).success());
 }
+
+/// A guest on loopback being migrated by `ferry ctl migrate`, run through
+/// `program args` (so that a test can give it a terminal); returns what the
+/// command printed on stderr (or on the terminal) and its exit status.
+fn ctl_migrate_output(
+    test: &str,
+    wrap: impl FnOnce(Vec<String>) -> Command,
+) -> Option<(String, std::process::ExitStatus)> {
+    if !kvm_available(test) {
+        return None;
+    }
+    let dir = tempdir();
+    let (dst, port) = receiver(dir.path());
+    let mut src = Ferry::run(
+        dir.path(),
+        &config(1, 128, "testkernel.workload=dirty testkernel.dirty_mib=8"),
+    );
+    src.wait_api(BOOT);
+    let args = vec![
+        FERRY.to_string(),
+        "ctl".into(),
+        "--sock".into(),
+        src.api_sock.as_ref().unwrap().to_str().unwrap().into(),
+        "migrate".into(),
+        "--to".into(),
+        format!("127.0.0.1:{port}"),
+        "--bandwidth-mib-s".into(),
+        "64".into(),
+    ];
+    let out = wrap(args).stdin(Stdio::null()).output().unwrap();
+    let mut text = String::from_utf8_lossy(&out.stderr).into_owned();
+    text += &String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "ctl migrate: {text}");
+    assert!(src.wait_exit(BOOT).success(), "{}", src.stderr());
+    drop(dst);
+    Some((text, out.status))
+}
+
+/// "N pass" / "N passes" agrees with N.
+fn assert_summary(text: &str) {
+    let summary = text
+        .lines()
+        .find(|l| l.contains("ferry: migrated to"))
+        .unwrap_or_else(|| panic!("no summary: {text}"));
+    let tail = summary.rsplit(" sent in ").next().unwrap().trim();
+    let (n, word) = tail.split_once(' ').unwrap();
+    let n: u32 = n.parse().unwrap();
+    assert_eq!(word, if n == 1 { "pass" } else { "passes" }, "{summary}");
+}
+
+#[test]
+fn ctl_migrate_prints_plain_lines_when_not_a_terminal() {
+    let Some((text, status)) = ctl_migrate_output(
+        "ctl_migrate_prints_plain_lines_when_not_a_terminal",
+        |args| {
+            let mut c = Command::new(&args[0]);
+            c.args(&args[1..]);
+            c
+        },
+    ) else {
+        return;
+    };
+    assert!(status.success(), "{text}");
+    assert!(!text.contains('\r') && !text.contains('\x1b'), "{text:?}");
+    let progress: Vec<&str> = text.lines().filter(|l| l.contains(": memory ")).collect();
+    assert!(
+        progress
+            .iter()
+            .any(|l| l.starts_with("precopy pass 1: memory ")),
+        "{text}"
+    );
+    for line in &progress {
+        let pct: f64 = line
+            .split(" MiB (")
+            .nth(1)
+            .and_then(|r| r.split("%)").next())
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("no percentage in {line}"));
+        assert!((0.0..=100.0).contains(&pct), "{line}");
+    }
+    // One per phase or pass change (and a line every 10 s at most), not
+    // one per poll.
+    let mut seen: Vec<&str> = progress
+        .iter()
+        .map(|l| l.split(": memory").next().unwrap())
+        .collect();
+    seen.dedup();
+    assert!(progress.len() <= seen.len() + 2, "{text}");
+    assert!(
+        progress.last().unwrap().starts_with("completed pass "),
+        "{text}"
+    );
+    assert_summary(&text);
+}
+
+#[test]
+fn ctl_migrate_on_a_terminal_redraws_within_its_width() {
+    const COLS: usize = 60;
+    let Some((text, status)) = ctl_migrate_output(
+        "ctl_migrate_on_a_terminal_redraws_within_its_width",
+        |args| {
+            let quoted: Vec<String> = args.iter().map(|a| format!("'{a}'")).collect();
+            let mut c = Command::new("script");
+            c.args([
+                "-qec",
+                &format!("stty cols {COLS} rows 24; exec {}", quoted.join(" ")),
+                "/dev/null",
+            ]);
+            c
+        },
+    ) else {
+        return;
+    };
+    assert!(status.success(), "{text}");
+    // Redrawn in place: the cursor goes back up over the bars.
+    assert!(text.contains("\x1b["), "no terminal control: {text:?}");
+    assert!(text.contains("memory pass 1"), "{text:?}");
+    // indicatif pads each bar to the full width and lets the terminal wrap
+    // to the next row, so a redraw is one run of COLS-wide rows: each row
+    // must start a bar. A line wider than the terminal would shift the rest.
+    let starts = [
+        "memory pass ",
+        "disks ",
+        "setup: ",
+        "precopy: ",
+        "stop-and-copy: ",
+        "completed: ",
+    ];
+    let mut rows = 0;
+    for segment in text.split(['\n', '\r']) {
+        let visible: Vec<char> = strip_ansi(segment).chars().collect();
+        if visible.starts_with(&['f', 'e', 'r', 'r', 'y', ':']) {
+            continue; // a closing sentence may wrap like any message
+        }
+        for row in visible.chunks(COLS) {
+            let row: String = row.iter().collect();
+            if row.starts_with("ferry: ") {
+                break; // the summary, after the bars' last rows
+            }
+            if row.trim().is_empty() {
+                continue;
+            }
+            assert!(
+                starts.iter().any(|s| row.starts_with(s)),
+                "row {row:?} does not start a bar: a line overflowed {COLS} columns in {text:?}"
+            );
+            rows += 1;
+        }
+    }
+    assert!(rows >= 2, "{text:?}");
+    assert_summary(&strip_ansi(&text));
+}
+
+/// `s` without ANSI escape sequences (CSI ... final byte).
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::new();
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            if chars.next() == Some('[') {
+                for c in chars.by_ref() {
+                    if ('@'..='~').contains(&c) {
+                        break;
+                    }
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}

@@ -21,38 +21,6 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// `ferry receive` on an ephemeral port of loopback; returns it and the port
-/// it listens on (from its "waiting for a migration on ..." line).
-fn receiver(dir: &Path) -> (Ferry, u16) {
-    let sock = dir.join("dst.sock");
-    let mut f = Ferry::spawn(&[
-        "receive",
-        "--listen",
-        "127.0.0.1:0",
-        "--api-sock",
-        sock.to_str().unwrap(),
-    ]);
-    f.api_sock = Some(sock);
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let err = f.stderr();
-        if let Some(rest) = err.split("waiting for a migration on 127.0.0.1:").nth(1) {
-            let port: u16 = rest
-                .split(|c: char| !c.is_ascii_digit())
-                .next()
-                .unwrap()
-                .parse()
-                .unwrap();
-            return (f, port);
-        }
-        assert!(
-            Instant::now() < deadline && f.running(),
-            "receiver never listened: {err}"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
 fn start_migration(src: &Ferry, dest: &str, bandwidth: Option<u64>) -> (u16, serde_json::Value) {
     send(
         src,

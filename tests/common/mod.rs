@@ -268,6 +268,38 @@ impl Drop for Ferry {
     }
 }
 
+/// `ferry receive` on an ephemeral port of loopback; returns it and the port
+/// it listens on (from its "waiting for a migration on ..." line).
+pub fn receiver(dir: &Path) -> (Ferry, u16) {
+    let sock = dir.join("dst.sock");
+    let mut f = Ferry::spawn(&[
+        "receive",
+        "--listen",
+        "127.0.0.1:0",
+        "--api-sock",
+        sock.to_str().unwrap(),
+    ]);
+    f.api_sock = Some(sock);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let err = f.stderr();
+        if let Some(rest) = err.split("waiting for a migration on 127.0.0.1:").nth(1) {
+            let port: u16 = rest
+                .split(|c: char| !c.is_ascii_digit())
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap();
+            return (f, port);
+        }
+        assert!(
+            Instant::now() < deadline && f.running(),
+            "receiver never listened: {err}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// A testkernel block header (docs/testkernel.md) with word 2 = `w2`.
 pub fn block_header(block: u64, w2: u64) -> [u64; 4] {
     let w0 = 0x4b4c_4259_5252_4546u64;
