@@ -8,7 +8,7 @@ use crate::util::io_msg;
 use std::fs;
 use std::io::{self, Cursor, Read};
 use std::mem;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -20,6 +20,7 @@ use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
 use serde_json::Value;
+use socket2::{Domain, SockAddr, Socket, Type};
 use tiny_http::{Header, Request, Response, Server};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -325,64 +326,35 @@ fn remove_stale_socket(path: &Path) -> Result<(), ApiServerError> {
 /// never exists with looser permissions, without changing the process-wide
 /// umask under the feet of other threads.
 fn bind_owner_only(path: &Path) -> io::Result<UnixListener> {
-    let bytes = path.as_os_str().as_bytes();
-    // SAFETY: sockaddr_un is plain old data, for which all zeroes is valid.
-    let mut addr: libc::sockaddr_un = unsafe { mem::zeroed() };
-    if bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
+    // The kernel would cut the name at a NUL: bind() somewhere else.
+    if path.as_os_str().as_bytes().contains(&0) {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             "not usable as a Unix socket path",
         ));
     }
-    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
-    for (dst, src) in addr.sun_path.iter_mut().zip(bytes) {
-        *dst = *src as libc::c_char;
-    }
-    let addr_len = mem::size_of::<libc::sa_family_t>() + bytes.len() + 1;
-
-    // SAFETY: socket() takes no pointers; the result is checked.
-    let raw = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-    if raw < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `raw` is a fresh descriptor that nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-    // SAFETY: fchmod() on a descriptor we own; no pointers.
-    if unsafe { libc::fchmod(fd.as_raw_fd(), 0o600) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `addr` is an initialized sockaddr_un that outlives the call and
-    // `addr_len` does not exceed its size (checked against sun_path above).
-    let bound = unsafe {
-        libc::bind(
-            fd.as_raw_fd(),
-            (&addr as *const libc::sockaddr_un).cast::<libc::sockaddr>(),
-            addr_len as libc::socklen_t,
-        )
+    let address = SockAddr::unix(path)?;
+    let socket = Socket::new(Domain::UNIX, Type::STREAM.cloexec(), None)?;
+    // fchmod(2) through File: std offers it on any descriptor that way.
+    let socket = {
+        let file = fs::File::from(OwnedFd::from(socket));
+        file.set_permissions(fs::Permissions::from_mode(0o600))?;
+        Socket::from(OwnedFd::from(file))
     };
-    if bound < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let listener = UnixListener::from(fd);
-    let result = (|| {
-        // SAFETY: listen() on a bound socket we own; no pointers.
-        if unsafe { libc::listen(listener.as_raw_fd(), 128) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
+    socket.bind(&address)?;
+    let listener = (|| {
+        socket.listen(128)?;
         // The umask can only have removed bits; give the owner back rw.
         let mode = fs::symlink_metadata(path)?.permissions().mode() & 0o777;
         if mode != 0o600 {
             fs::set_permissions(path, fs::Permissions::from_mode(0o600))?;
         }
-        Ok(())
+        Ok(UnixListener::from(socket))
     })();
-    match result {
-        Ok(()) => Ok(listener),
-        Err(e) => {
-            let _ = fs::remove_file(path);
-            Err(e)
-        }
+    if listener.is_err() {
+        let _ = fs::remove_file(path);
     }
+    listener
 }
 
 struct Context {
