@@ -296,3 +296,25 @@ fn block_device_as_a_drive() {
     drop(_detach);
     verify_blk_image(&image, 100, 1).unwrap();
 }
+
+#[test]
+fn an_empty_initrd_boots_as_no_initrd() {
+    if !kvm_available("an_empty_initrd_boots_as_no_initrd") {
+        return;
+    }
+    let dir = tempdir();
+    let initrd = dir.path().join("initrd.img");
+    std::fs::write(&initrd, b"").unwrap();
+    let mut cfg = config(1, 64, "testkernel.workload=idle");
+    cfg["initrd"] = serde_json::json!(initrd);
+    let mut f = Ferry::run(dir.path(), &cfg);
+    let line = booted_line(&f);
+    assert!(
+        line.starts_with("testkernel: booted cpus=1 mem=64 "),
+        "{line}"
+    );
+    f.wait_api(BOOT);
+    assert_eq!(f.api("PUT", "/vm/shutdown").0, 200);
+    let status = f.wait_exit(BOOT);
+    assert!(status.success(), "{status:?} {}", f.stderr());
+}

@@ -136,6 +136,11 @@ fn load_initrd(
         path: path.display().to_string(),
         size,
     };
+    if size == 0 {
+        // Nothing to copy, and no address to give: the top of RAM is not in
+        // guest memory, so even an empty slice there does not exist.
+        return Ok((0, 0));
+    }
     let addr = low_end.checked_sub(size).ok_or_else(too_big)? & !0xfff;
     if addr < kernel_end.max(HIGH_MEMORY_START) {
         return Err(too_big());
@@ -213,8 +218,12 @@ pub fn configure_linux_boot(
     params.hdr.kernel_alignment = KERNEL_MIN_ALIGNMENT_BYTES;
     if let Some(path) = initrd {
         let (addr, size) = load_initrd(mem, path, entry.kernel_end)?;
-        params.hdr.ramdisk_image = addr as u32;
-        params.hdr.ramdisk_size = size as u32;
+        // An empty initrd is no initrd: Linux looks at ramdisk_image only
+        // when ramdisk_size is not zero.
+        if size > 0 {
+            params.hdr.ramdisk_image = addr as u32;
+            params.hdr.ramdisk_size = size as u32;
+        }
     }
     let map = e820_map(mem_size);
     for (slot, e) in params.e820_table.iter_mut().zip(map.iter()) {
@@ -233,6 +242,49 @@ pub fn configure_linux_boot(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vm_memory::Bytes;
+
+    /// Boots the test kernel's set-up with an initrd holding `contents`.
+    fn boot_params_with_initrd(contents: &[u8]) -> (boot_params, GuestMemoryMmap) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let initrd = dir.path().join("initrd");
+        std::fs::write(&initrd, contents).expect("write initrd");
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 64 << 20)]).expect("memory");
+        let mut cmdline = Cmdline::new(256).expect("cmdline");
+        cmdline.insert_str("console=ttyS0").expect("cmdline");
+        configure_linux_boot(
+            &mem,
+            64 << 20,
+            Path::new(env!("FERRY_TESTKERNEL")),
+            Some(&initrd),
+            &cmdline,
+        )
+        .expect("boot set-up");
+        let params = mem
+            .read_obj(GuestAddress(ZERO_PAGE_START))
+            .expect("boot_params");
+        (params, mem)
+    }
+
+    #[test]
+    fn an_empty_initrd_is_no_initrd() {
+        let (params, _) = boot_params_with_initrd(b"");
+        let (image, size) = (params.hdr.ramdisk_image, params.hdr.ramdisk_size);
+        assert_eq!((image, size), (0, 0));
+    }
+
+    #[test]
+    fn an_initrd_is_copied_page_aligned_below_the_top_of_ram() {
+        let (params, mem) = boot_params_with_initrd(b"initrd!");
+        let (image, size) = (params.hdr.ramdisk_image, params.hdr.ramdisk_size);
+        assert_eq!(size, 7);
+        assert_eq!(image % 4096, 0);
+        assert!(u64::from(image) + 7 <= 64 << 20 && u64::from(image) >= (63 << 20));
+        let mut copied = [0u8; 7];
+        mem.read_slice(&mut copied, GuestAddress(image.into()))
+            .expect("read initrd");
+        assert_eq!(&copied, b"initrd!");
+    }
 
     #[test]
     fn e820_small_and_large() {
