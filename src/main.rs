@@ -44,7 +44,7 @@ enum Command {
     /// Wait for one incoming migration, then run the guest it brings.
     Receive {
         /// Address to listen on for the migration stream, e.g. 0.0.0.0:7777.
-        #[arg(long)]
+        #[arg(long, value_parser = listen_address)]
         listen: String,
         /// Where a storage migration puts the VM's files (in a directory
         /// named after the migration), served to the source over NFSv3.
@@ -100,6 +100,20 @@ enum CtlAction {
         /// Directory for the snapshot (created if missing).
         dir: PathBuf,
     },
+}
+
+/// A `--listen` that cannot name an address is a usage error (exit 2), found
+/// before anything starts.
+fn listen_address(text: &str) -> Result<String, String> {
+    use std::net::ToSocketAddrs;
+    match text.to_socket_addrs().map(|mut addrs| addrs.next()) {
+        Ok(Some(_)) => Ok(text.to_string()),
+        Ok(None) => Err("names no address".to_string()),
+        Err(e) => Err(format!(
+            "{} (give HOST:PORT, e.g. 0.0.0.0:7777)",
+            ferry::util::io_msg(&e)
+        )),
+    }
 }
 
 const EXIT_RUNTIME: u8 = 1;

@@ -146,6 +146,8 @@ fn usage_errors_exit_2_for_every_subcommand() {
         &["receive"],
         &["receive", "--dir", "/tmp"],
         &["receive", "--listen", "127.0.0.1:0", "--bogus"],
+        &["receive", "--listen", "notanaddress"],
+        &["receive", "--listen", "127.0.0.1:99999"],
         &["ctl"],
         &["ctl", "--sock", "x.sock"],
         &["ctl", "--sock", "x.sock", "frobnicate"],
