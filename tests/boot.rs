@@ -275,7 +275,11 @@ fn block_device_as_a_drive() {
     let loopdev = match out {
         Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim().to_string(),
         other => {
-            eprintln!("SKIPPED block_device_as_a_drive: cannot set up a loop device: {other:?}");
+            skip_unless_required(
+                "block_device_as_a_drive",
+                running_as_root(),
+                &format!("cannot set up a loop device: {other:?}"),
+            );
             return;
         }
     };

@@ -18,7 +18,7 @@ pub const TESTKERNEL: &str = env!("FERRY_TESTKERNEL");
 /// host that has KVM, or in CI, a KVM test that cannot run fails, so that a
 /// green run never hides tests that did not run.
 pub fn kvm_available(test: &str) -> bool {
-    let ci = std::env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "false");
+    let ci = in_ci();
     match std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -34,6 +34,22 @@ pub fn kvm_available(test: &str) -> bool {
         }
         Err(e) => panic!("{test}: /dev/kvm exists but cannot be opened: {e}"),
     }
+}
+
+/// Says why `test` cannot run and lets it return, unless it should have been
+/// able to (`must_run`: e.g. root for a loop device, CI for an installed
+/// tool): then it fails, so that a green run never hides a test that did not
+/// run.
+pub fn skip_unless_required(test: &str, must_run: bool, why: &str) {
+    if must_run {
+        panic!("{test}: {why}");
+    }
+    eprintln!("SKIPPED {test}: {why}");
+}
+
+/// True when CI is set (CI runs every test: nothing may skip there).
+pub fn in_ci() -> bool {
+    std::env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "false")
 }
 
 /// True when this process runs as root (network namespaces, mounts).
