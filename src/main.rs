@@ -129,11 +129,13 @@ fn run(config: Option<PathBuf>, restore: Option<PathBuf>, api_sock: Option<PathB
                     return ExitCode::from(EXIT_BAD_INPUT);
                 }
             };
+            let label = if api_sock.is_some() {
+                "--api-sock"
+            } else {
+                "api_socket"
+            };
             let api_sock = api_sock.or_else(|| config.api_socket.clone());
-            if let Some(Err(code)) = api_sock
-                .as_deref()
-                .map(|p| check_socket_path("--api-sock", p))
-            {
+            if let Some(Err(code)) = api_sock.as_deref().map(|p| check_socket_path(label, p)) {
                 return code;
             }
             vmm::run(config, api_sock)
