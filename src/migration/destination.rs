@@ -127,6 +127,54 @@ pub enum ReceiveState {
     Aborted,
 }
 
+/// What a received frame makes the destination do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    Pages,
+    ZeroPages,
+    PassEnd,
+    Heartbeat,
+    State,
+    PeerError,
+}
+
+/// Which frames each state takes while receiving (`Established` and
+/// `Memory`); any other frame, or any frame in another state, is a protocol
+/// error. The source's `Error` is taken in every state.
+fn frame_step(state: ReceiveState, kind: Kind) -> Result<Step, ProtocolError> {
+    use ReceiveState::*;
+    let receiving = matches!(state, Established | Memory { .. });
+    Ok(match kind {
+        Kind::Error => Step::PeerError,
+        Kind::Heartbeat if receiving => Step::Heartbeat,
+        Kind::MemoryPages if receiving => Step::Pages,
+        Kind::ZeroPages if receiving => Step::ZeroPages,
+        Kind::PassEnd if receiving => Step::PassEnd,
+        Kind::State if receiving => Step::State,
+        other => {
+            return Err(ProtocolError::Unexpected {
+                expected: if receiving {
+                    "memory or state"
+                } else {
+                    "nothing while the guest is handed over"
+                },
+                got: other,
+            })
+        }
+    })
+}
+
+/// The state after an accepted frame of `kind`.
+fn next_state(state: ReceiveState, kind: Kind) -> ReceiveState {
+    use ReceiveState::*;
+    match (state, kind) {
+        (Established, Kind::PassEnd) => Memory { passes: 1 },
+        (Memory { passes }, Kind::PassEnd) => Memory { passes: passes + 1 },
+        (_, Kind::State) => StateReceived,
+        (s, _) => s,
+    }
+}
+
 /// A listening `ferry receive`.
 pub struct Receiver {
     listener: TcpListener,
@@ -314,51 +362,36 @@ impl IncomingMigration {
 
     /// One frame, and the transition it makes.
     fn next_frame(&mut self, reader: &mut impl Read) -> Result<(), DestinationError> {
-        use ReceiveState::*;
         let h = read_header(reader)?;
-        match (self.state, h.kind) {
-            (_, Kind::Error) => {
+        match frame_step(self.state, h.kind)? {
+            Step::PeerError => {
                 let r: Reason = parse_json(Kind::Error, &read_payload(reader, &h)?)?;
-                Err(ProtocolError::Peer(r.reason).into())
+                return Err(ProtocolError::Peer(r.reason).into());
             }
-            (Established | Memory { .. }, Kind::Heartbeat) => {
+            Step::Heartbeat => {
                 read_payload(reader, &h)?;
-                Ok(())
             }
-            (Established | Memory { .. }, Kind::MemoryPages) => {
+            Step::Pages => {
                 receive_pages(reader, &h, &self.mem)?;
-                Ok(())
             }
-            (Established | Memory { .. }, Kind::ZeroPages) => {
+            Step::ZeroPages => {
                 receive_zero(reader, &h, &self.mem)?;
-                Ok(())
             }
-            (Established | Memory { .. }, Kind::PassEnd) => {
+            Step::PassEnd => {
                 let _: PassEnd = parse_json(Kind::PassEnd, &read_payload(reader, &h)?)?;
-                let passes = match self.state {
-                    Memory { passes } => passes + 1,
-                    _ => 1,
-                };
-                self.state = Memory { passes };
-                Ok(())
             }
-            (Established | Memory { .. }, Kind::State) => {
+            Step::State => {
                 let payload = read_payload(reader, &h)?;
                 let mut state: VmState = parse_json(Kind::State, &payload)?;
                 check_state(&self.hello, &state)?;
                 if let Some(d) = &self.share_dir {
-                    local_paths(&mut state, &d.path);
+                    local_paths(&mut state.config, &d.path);
                 }
                 self.vm_state = Some(state);
-                self.state = StateReceived;
-                Ok(())
             }
-            (_, other) => Err(ProtocolError::Unexpected {
-                expected: "memory or state",
-                got: other,
-            }
-            .into()),
         }
+        self.state = next_state(self.state, h.kind);
+        Ok(())
     }
 
     /// The hand-over, `StateReceived` to `Running`: `build` makes the guest
@@ -426,9 +459,8 @@ impl IncomingMigration {
 
 /// The copies live in the share directory, named as the source's config
 /// says: the config is the one place that names the guest's files.
-fn local_paths(state: &mut VmState, dir: &Path) {
+fn local_paths(config: &mut crate::config::VmConfig, dir: &Path) {
     let local = |p: &Path| dir.join(p.file_name().unwrap_or(p.as_os_str()));
-    let config = &mut state.config;
     config.kernel = local(&config.kernel);
     config.initrd = config.initrd.as_deref().map(local);
     for drive in config.drives.iter_mut() {
@@ -611,4 +643,83 @@ fn check_state(hello: &Hello, state: &VmState) -> Result<(), DestinationError> {
         return Err(bad("drive states do not match the config".into()));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ReceiveState::*;
+
+    #[test]
+    fn memory_then_state_is_the_only_way_to_a_received_guest() {
+        let mut st = Established;
+        for kind in [
+            Kind::MemoryPages,
+            Kind::ZeroPages,
+            Kind::PassEnd,
+            Kind::Heartbeat,
+            Kind::MemoryPages,
+            Kind::PassEnd,
+        ] {
+            frame_step(st, kind).unwrap();
+            st = next_state(st, kind);
+        }
+        assert_eq!(st, Memory { passes: 2 });
+        assert_eq!(frame_step(st, Kind::State).unwrap(), Step::State);
+        assert_eq!(next_state(st, Kind::State), StateReceived);
+        // A state with no memory before it is allowed: a guest of zero pages
+        // still sends its state (and check_state vets it).
+        assert_eq!(frame_step(Established, Kind::State).unwrap(), Step::State);
+    }
+
+    #[test]
+    fn hand_over_frames_are_refused_while_receiving() {
+        for st in [Established, Memory { passes: 3 }] {
+            for kind in [
+                Kind::Go,
+                Kind::Ready,
+                Kind::Resumed,
+                Kind::Hello,
+                Kind::HelloAck,
+            ] {
+                assert!(
+                    matches!(
+                        frame_step(st, kind),
+                        Err(ProtocolError::Unexpected { got, .. }) if got == kind
+                    ),
+                    "{kind:?} in {st:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn nothing_but_an_error_is_taken_once_the_state_arrived() {
+        for st in [StateReceived, Ready, Running, Aborted] {
+            for kind in [
+                Kind::MemoryPages,
+                Kind::ZeroPages,
+                Kind::State,
+                Kind::PassEnd,
+            ] {
+                assert!(frame_step(st, kind).is_err(), "{kind:?} in {st:?}");
+            }
+            assert_eq!(frame_step(st, Kind::Error).unwrap(), Step::PeerError);
+        }
+    }
+
+    #[test]
+    fn copied_files_are_named_inside_the_share_directory() {
+        let mut config: crate::config::VmConfig = serde_json::from_value(serde_json::json!({
+            "kernel": "kernel",
+            "initrd": "initrd",
+            "drives": [{"id": "d0", "path": "../../etc/drive0-d0.img"}],
+        }))
+        .unwrap();
+        config.kernel = "/somewhere/kernel".into();
+        local_paths(&mut config, Path::new("/dst/abc"));
+        assert_eq!(config.kernel, Path::new("/dst/abc/kernel"));
+        assert_eq!(config.initrd.as_deref(), Some(Path::new("/dst/abc/initrd")));
+        assert_eq!(config.drives[0].path, Path::new("/dst/abc/drive0-d0.img"));
+    }
 }
