@@ -36,8 +36,27 @@ pub enum DestinationError {
     Refused(String),
     #[error(transparent)]
     Protocol(#[from] ProtocolError),
+    #[error("--dir {0}: not a directory")]
+    NotADirectory(PathBuf),
+    #[error("cannot create {path}: {}", crate::util::io_msg(source))]
+    ShareDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot start the NFS share: {0}")]
+    Share(#[from] super::share::ShareError),
+    #[error("cannot set up the share: {0}")]
+    ShareSetup(std::io::Error),
     #[error("cannot set up the VM: {0}")]
-    Vm(String),
+    Vm(#[from] crate::vstate::vm::VmError),
+    #[error("cannot set up guest memory: {0}")]
+    Memory(#[from] crate::vstate::memory::MemoryError),
+    #[error("cannot read this host's CPUID: {0}")]
+    Cpuid(kvm_ioctls::Error),
+    #[error("nothing was received to build the guest from")]
+    NothingReceived,
+    #[error("cannot build the guest here: {0}")]
+    Build(String),
 }
 
 /// `DIR/<migration id>/`: deleted on drop unless `keep` was called, so a
@@ -57,8 +76,9 @@ impl ShareDir {
 
     fn create(base: &Path, id: &str) -> Result<ShareDir, DestinationError> {
         let path = base.join(id);
-        let err = |e: std::io::Error| {
-            DestinationError::Vm(format!("cannot create {}: {e}", path.display()))
+        let err = |source| DestinationError::ShareDir {
+            path: path.clone(),
+            source,
         };
         std::fs::write(Self::marker(base, id), b"").map_err(err)?;
         std::fs::create_dir(&path).map_err(err)?;
@@ -187,10 +207,7 @@ impl Receiver {
     pub fn bind(addr: &str, dir: Option<&Path>) -> Result<Receiver, DestinationError> {
         if let Some(d) = dir {
             if !d.is_dir() {
-                return Err(DestinationError::Vm(format!(
-                    "--dir {}: not a directory",
-                    d.display()
-                )));
+                return Err(DestinationError::NotADirectory(d.to_path_buf()));
             }
             remove_leftovers(d);
         }
@@ -280,11 +297,9 @@ impl IncomingMigration {
     ) -> Result<IncomingMigration, DestinationError> {
         let setup = (|| {
             let share = open_share(&stream, peer, &hello, dir)?;
-            let vm = Vm::new().map_err(|e| DestinationError::Vm(e.to_string()))?;
-            let (memfd, mem) = create_guest_memory(hello.memory_size)
-                .map_err(|e| DestinationError::Vm(e.to_string()))?;
-            vm.set_memory(&mem, false)
-                .map_err(|e| DestinationError::Vm(e.to_string()))?;
+            let vm = Vm::new()?;
+            let (memfd, mem) = create_guest_memory(hello.memory_size)?;
+            vm.set_memory(&mem, false)?;
             Ok::<_, DestinationError>((vm, memfd, mem, share))
         })();
         let (vm, memfd, mem, share) = match setup {
@@ -408,8 +423,7 @@ impl IncomingMigration {
         E: From<DestinationError> + std::fmt::Display,
     {
         let (Some(state), Some((vm, memfd))) = (self.vm_state.take(), self.guest.take()) else {
-            let e = DestinationError::Vm("nothing was received to build the guest from".into());
-            return Err(self.abort(e).into());
+            return Err(self.abort(DestinationError::NothingReceived).into());
         };
         let received = Received {
             state,
@@ -420,7 +434,7 @@ impl IncomingMigration {
         let mut guest = match build(received) {
             Ok(g) => g,
             Err(e) => {
-                self.abort(DestinationError::Vm(e.to_string()));
+                self.abort(DestinationError::Build(e.to_string()));
                 return Err(e);
             }
         };
@@ -551,10 +565,10 @@ const FEATURE_REGS: &[(u32, u32, usize, u32)] = &[
 ];
 
 fn check_cpuid(guest: &[kvm_bindings::kvm_cpuid_entry2]) -> Result<(), DestinationError> {
-    let kvm = kvm_ioctls::Kvm::new().map_err(|e| DestinationError::Vm(e.to_string()))?;
+    let kvm = kvm_ioctls::Kvm::new().map_err(DestinationError::Cpuid)?;
     let host = kvm
         .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-        .map_err(|e| DestinationError::Vm(e.to_string()))?;
+        .map_err(DestinationError::Cpuid)?;
     let find = |set: &[kvm_bindings::kvm_cpuid_entry2], leaf: u32, sub: u32| {
         set.iter()
             .find(|e| e.function == leaf && e.index == sub)
@@ -601,15 +615,13 @@ fn open_share(
     }
     let local: IpAddr = stream
         .local_addr()
-        .map_err(|e| DestinationError::Vm(e.to_string()))?
+        .map_err(DestinationError::ShareSetup)?
         .ip();
     let export = format!(
         "/ferry-{}",
-        crate::util::random_hex::<16>()
-            .map_err(|e| DestinationError::Vm(format!("cannot name the share: {e}")))?
+        crate::util::random_hex::<16>().map_err(DestinationError::ShareSetup)?
     );
-    let server = NfsShareServer::start(&share_dir.path, local, &export, Some(peer.ip()))
-        .map_err(|e| DestinationError::Vm(format!("cannot start the NFS share: {e}")))?;
+    let server = NfsShareServer::start(&share_dir.path, local, &export, Some(peer.ip()))?;
     eprintln!(
         "ferry: sharing {} over NFSv3 at {local}:{} as {export} (only to {})",
         share_dir.path.display(),

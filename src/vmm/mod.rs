@@ -88,6 +88,7 @@ impl VmmError {
         match self {
             VmmError::Config(_) | VmmError::Cmdline(_) => true,
             VmmError::Snapshot(e) => e.is_bad_input(),
+            VmmError::Receive(destination::DestinationError::NotADirectory(_)) => true,
             VmmError::Boot(e) => !matches!(e, boot::BootError::BootParams(_)),
             VmmError::Drive { source, .. } => matches!(
                 source,
