@@ -297,9 +297,8 @@ impl IncomingMigration {
     ) -> Result<IncomingMigration, DestinationError> {
         let setup = (|| {
             let share = open_share(&stream, peer, &hello, dir)?;
-            let vm = Vm::new()?;
             let (memfd, mem) = create_guest_memory(hello.memory_size)?;
-            vm.set_memory(&mem, false)?;
+            let vm = Vm::new(&mem)?;
             Ok::<_, DestinationError>((vm, memfd, mem, share))
         })();
         let (vm, memfd, mem, share) = match setup {

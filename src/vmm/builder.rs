@@ -71,24 +71,8 @@ pub struct BuiltVm {
 
 /// Builds the VM `config` describes, from its kernel or from saved state.
 pub fn build(config: &VmConfig, boot: Boot) -> Result<BuiltVm, VmmError> {
-    let (vm, memfd, mem, saved, slots_registered) = guest_memory(config, boot)?;
-    let saved = saved.as_deref();
-    // Registering the first memory slot costs this host's KVM several
-    // milliseconds whatever the size; do it while the rest is built.
-    let devices = std::thread::scope(|scope| {
-        let slots = scope.spawn(|| {
-            if slots_registered {
-                Ok(())
-            } else {
-                vm.set_memory(&mem, false)
-            }
-        });
-        let devices = build_devices(&vm, &mem, config, saved);
-        slots
-            .join()
-            .map_err(|_| VmmError::EventLoop("the memory slot thread panicked".into()))??;
-        devices
-    })?;
+    let (vm, memfd, mem, saved) = guest_memory(config, boot)?;
+    let devices = build_devices(&vm, &mem, config, saved.as_deref())?;
     Ok(BuiltVm {
         vm,
         mem,
@@ -104,22 +88,16 @@ pub fn build(config: &VmConfig, boot: Boot) -> Result<BuiltVm, VmmError> {
     })
 }
 
-type Memory = (
-    Vm,
-    Option<File>,
-    GuestMemoryMmap,
-    Option<Box<VmState>>,
-    bool,
-);
+type Memory = (Vm, Option<File>, GuestMemoryMmap, Option<Box<VmState>>);
 
 /// The VM and its RAM: a fresh memfd, the snapshot's memory file, or what a
-/// migration brought. Also says whether the memory slots are registered.
+/// migration brought (whose VM was made with its memory).
 fn guest_memory(config: &VmConfig, boot: Boot) -> Result<Memory, VmmError> {
     let size = config.memory_mib << 20;
     Ok(match boot {
         Boot::Fresh => {
             let (fd, mem) = create_guest_memory(size)?;
-            (Vm::new()?, Some(fd), mem, None, false)
+            (Vm::new(&mem)?, Some(fd), mem, None)
         }
         Boot::Restore { state, memory } => {
             let mem = snapshot::memory::map_private(&memory, size).map_err(|source| {
@@ -128,18 +106,18 @@ fn guest_memory(config: &VmConfig, boot: Boot) -> Result<Memory, VmmError> {
                     source,
                 }
             })?;
-            (Vm::new()?, None, mem, Some(state), false)
+            (Vm::new(&mem)?, None, mem, Some(state))
         }
         Boot::Incoming {
             state,
             vm,
             memfd,
             mem,
-        } => (vm, Some(memfd), mem, Some(state), true),
+        } => (vm, Some(memfd), mem, Some(state)),
     })
 }
 
-/// Everything but the memory slots, built while they register.
+/// Everything the VM has besides its memory.
 struct Devices {
     pio: Bus,
     mmio: Bus,
