@@ -722,9 +722,6 @@ impl Run<'_> {
         let mut state = self.ctx.machine.save_state().map_err(SourceError::Vm)?;
         if let Some(plan) = plan {
             // The destination runs the guest on the copies.
-            for (d, c) in state.drives.iter_mut().zip(plan.config.drives.iter()) {
-                d.block.path = c.path.clone();
-            }
             state.config = plan.config.clone();
         }
         wire_total += send_json(w, Kind::State, &state)?;
