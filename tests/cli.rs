@@ -273,16 +273,22 @@ fn ctl_migrate_output(
     Some((text, out.status))
 }
 
-/// "N pass" / "N passes" agrees with N.
-fn assert_summary(text: &str) {
-    let summary = text
-        .lines()
-        .find(|l| l.contains("ferry: migrated to"))
-        .unwrap_or_else(|| panic!("no summary: {text}"));
+/// The closing line: "N pass" / "N passes" agrees with N. Returns false
+/// when the source went away before `ctl` read the final status (it lingers
+/// 1 s for that; a loaded host can miss it), which `ctl` reports as success.
+fn assert_summary(text: &str) -> bool {
+    let Some(summary) = text.lines().find(|l| l.contains("ferry: migrated to")) else {
+        assert!(
+            text.contains("has stopped after handing the guest over"),
+            "no summary: {text}"
+        );
+        return false;
+    };
     let tail = summary.rsplit(" sent in ").next().unwrap().trim();
     let (n, word) = tail.split_once(' ').unwrap();
     let n: u32 = n.parse().unwrap();
     assert_eq!(word, if n == 1 { "pass" } else { "passes" }, "{summary}");
+    true
 }
 
 #[test]
@@ -300,10 +306,10 @@ fn ctl_migrate_prints_plain_lines_when_not_a_terminal() {
     assert!(status.success(), "{text}");
     assert!(!text.contains('\r') && !text.contains('\x1b'), "{text:?}");
     let progress: Vec<&str> = text.lines().filter(|l| l.contains(": memory ")).collect();
+    // The first poll prints at once; later changes at most once a second.
     assert!(
-        progress
-            .iter()
-            .any(|l| l.starts_with("precopy pass 1: memory ")),
+        progress[0].starts_with("setup pass 0: memory ")
+            || progress[0].starts_with("precopy pass "),
         "{text}"
     );
     for line in &progress {
@@ -323,11 +329,12 @@ fn ctl_migrate_prints_plain_lines_when_not_a_terminal() {
         .collect();
     seen.dedup();
     assert!(progress.len() <= seen.len() + 2, "{text}");
-    assert!(
-        progress.last().unwrap().starts_with("completed pass "),
-        "{text}"
-    );
-    assert_summary(&text);
+    if assert_summary(&text) {
+        assert!(
+            progress.last().unwrap().starts_with("completed pass "),
+            "{text}"
+        );
+    }
 }
 
 #[test]
@@ -351,7 +358,7 @@ fn ctl_migrate_on_a_terminal_redraws_within_its_width() {
     assert!(status.success(), "{text}");
     // Redrawn in place: the cursor goes back up over the bars.
     assert!(text.contains("\x1b["), "no terminal control: {text:?}");
-    assert!(text.contains("memory pass 1"), "{text:?}");
+    assert!(text.contains("memory pass "), "{text:?}");
     // indicatif pads each bar to the full width and lets the terminal wrap
     // to the next row, so a redraw is one run of COLS-wide rows: each row
     // must start a bar. A line wider than the terminal would shift the rest.
