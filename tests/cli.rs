@@ -253,6 +253,8 @@ fn ctl_migrate_output(
         &config(1, 128, "testkernel.workload=dirty testkernel.dirty_mib=8"),
     );
     src.wait_api(BOOT);
+    // Into its workload, so that pass 1 has pages to copy.
+    src.wait_line(BOOT, |l| l == "testkernel: dirty pass=1 ok");
     let args = vec![
         FERRY.to_string(),
         "ctl".into(),
@@ -306,12 +308,17 @@ fn ctl_migrate_prints_plain_lines_when_not_a_terminal() {
     assert!(status.success(), "{text}");
     assert!(!text.contains('\r') && !text.contains('\x1b'), "{text:?}");
     let progress: Vec<&str> = text.lines().filter(|l| l.contains(": memory ")).collect();
-    // The first poll prints at once; later changes at most once a second.
-    assert!(
-        progress[0].starts_with("setup pass 0: memory ")
-            || progress[0].starts_with("precopy pass "),
-        "{text}"
-    );
+    // In order: phases forward, passes never back.
+    let order = ["setup", "precopy", "stop-and-copy", "completed"];
+    let keys: Vec<(usize, u32)> = progress
+        .iter()
+        .map(|l| {
+            let (phase, rest) = l.split_once(" pass ").unwrap();
+            let pass = rest.split(':').next().unwrap().parse().unwrap();
+            (order.iter().position(|p| *p == phase).unwrap(), pass)
+        })
+        .collect();
+    assert!(keys.windows(2).all(|w| w[0] <= w[1]), "{text}");
     for line in &progress {
         let pct: f64 = line
             .split(" MiB (")
