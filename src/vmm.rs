@@ -27,7 +27,7 @@ use crate::devices::virtio::block::{Block, BlockError, WriteMirror};
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::VirtioDevice;
 use crate::migration::destination::{self, Incoming};
-use crate::migration::source::{MigratableVm, Migration, SourceContext};
+use crate::migration::source::{MachineError, MigratableVm, Migration, SourceContext};
 use crate::migration::{Phase, SendRequest};
 use crate::snapshot::{self, DriveState, SnapshotError, VmState};
 use crate::vstate::memory::{create_guest_memory, GuestMemoryMmap};
@@ -432,11 +432,14 @@ struct Machine {
 impl Machine {
     /// Completes every device request in flight. The vCPUs must be paused,
     /// so that no new ones come.
-    fn quiesce(&self) -> Result<(), String> {
+    fn quiesce(&self) -> Result<(), MachineError> {
         for (i, (_, block)) in self.drives.iter().enumerate() {
             lock(block)
                 .process_queue()
-                .map_err(|e| format!("drive {}: {e}", self.config.drives[i].id))?;
+                .map_err(|source| MachineError::Quiesce {
+                    drive: self.config.drives[i].id.clone(),
+                    source,
+                })?;
         }
         Ok(())
     }
@@ -485,12 +488,14 @@ struct MachineHandle {
 }
 
 impl MigratableVm for MachineHandle {
-    fn quiesce(&self) -> Result<(), String> {
+    fn quiesce(&self) -> Result<(), MachineError> {
         lock(&self.machine).quiesce()
     }
 
-    fn save_state(&self) -> Result<VmState, String> {
-        lock(&self.machine).save_state().map_err(|e| e.to_string())
+    fn save_state(&self) -> Result<VmState, MachineError> {
+        lock(&self.machine)
+            .save_state()
+            .map_err(|e| MachineError::SaveState(Box::new(e)))
     }
 
     fn guest_cpuid(&self) -> Vec<kvm_bindings::kvm_cpuid_entry2> {

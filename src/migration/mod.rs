@@ -48,6 +48,11 @@ pub struct ShareSpec {
 }
 
 impl SendRequest {
+    /// The bandwidth limit in bytes/s, if any.
+    pub fn bandwidth_bytes_s(&self) -> Option<f64> {
+        self.bandwidth_mib_s.map(|m| m as f64 * (1u64 << 20) as f64)
+    }
+
     /// The storage mode in effect: as asked, else `shared` when the
     /// destination is this very host (a loopback address, or `localhost`),
     /// `copy` otherwise. No name lookup: this runs on the VMM's event loop.
