@@ -285,8 +285,12 @@ pub enum StorageError {
     Cancelled,
     #[error("the bulk copy did not complete")]
     Incomplete,
+    /// The copier's or a mirror's failure, found at the end of the copy.
     #[error("storage copy failed: {0}")]
     Failed(Arc<StorageError>),
+    /// The same, found while the copy runs.
+    #[error("{0}")]
+    Reported(Arc<StorageError>),
     #[error("the destination offered no share for the copy")]
     NoOffer,
     #[error("the destination offered a bad share directory {0:?}")]

@@ -288,7 +288,7 @@ impl MigrationContext<'_> {
                 s.mirrored_writes = writes;
             });
             if let Some(e) = p.failure() {
-                return Err(StorageError::Failed(e).into());
+                return Err(StorageError::Reported(e).into());
             }
         }
         Ok(())
