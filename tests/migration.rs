@@ -420,6 +420,53 @@ fn receiver_rejects_garbage_and_bad_handshakes_then_accepts_a_real_migration() {
     no_fail(&dst);
 }
 
+/// A source that completes the handshake and then skips to the hand-over
+/// (a `Go` with no memory and no state) is told the frame is out of place,
+/// and the receiver ends at once without building or running anything.
+#[test]
+fn receiver_refuses_frames_out_of_order() {
+    if !kvm_available("receiver_refuses_frames_out_of_order") {
+        return;
+    }
+    let dir = tempdir();
+    let (mut dst, port) = receiver(dir.path());
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    protocol::send_json(
+        &mut s,
+        Kind::Hello,
+        &protocol::Hello {
+            protocol: protocol::PROTOCOL_VERSION,
+            migration_id: "abc123".into(),
+            vcpus: 1,
+            memory_size: 128 << 20,
+            cpuid: vec![],
+            storage: None,
+        },
+    )
+    .unwrap();
+    let ack: HelloAck = protocol::parse_json(
+        Kind::HelloAck,
+        &protocol::expect(&mut s, Kind::HelloAck).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(ack.migration_id, "abc123");
+    protocol::send_json(&mut s, Kind::Go, &serde_json::json!({})).unwrap();
+    match protocol::expect(&mut s, Kind::Ready) {
+        Err(protocol::ProtocolError::Peer(reason)) => {
+            assert!(reason.contains("Go"), "{reason}")
+        }
+        other => panic!("expected a refusal, got {:?}", other.map(|_| ())),
+    }
+    let status = dst.wait_exit(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(1), "{}", dst.stderr());
+    assert!(dst.stderr().contains("Go"), "{}", dst.stderr());
+    assert!(
+        !dst.stderr().contains("the guest runs here"),
+        "{}",
+        dst.stderr()
+    );
+}
+
 #[test]
 fn migration_api_rejects_bad_requests() {
     if !kvm_available("migration_api_rejects_bad_requests") {

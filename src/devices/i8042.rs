@@ -5,6 +5,7 @@ use vm_superio::I8042Device;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::bus::BusDevice;
+use super::persist::Persist;
 use super::serial::EventFdTrigger;
 
 pub struct I8042 {
@@ -17,6 +18,27 @@ impl I8042 {
         Self {
             dev: I8042Device::new(EventFdTrigger::new(reset_evt)),
         }
+    }
+}
+
+/// The controller keeps no guest-visible state: it reads 0 and acts on the
+/// reset command at once. The state exists so that every device takes part
+/// in snapshots the same way, and a later, stateful model fits in.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct I8042State {}
+
+impl Persist for I8042 {
+    type State = I8042State;
+    /// The eventfd signalled on reset.
+    type ConstructorArgs = EventFd;
+    type Error = std::convert::Infallible;
+
+    fn save(&self) -> I8042State {
+        I8042State {}
+    }
+
+    fn restore(reset_evt: EventFd, _state: &I8042State) -> Result<Self, Self::Error> {
+        Ok(I8042::new(reset_evt))
     }
 }
 

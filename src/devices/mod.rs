@@ -2,5 +2,6 @@
 
 pub mod bus;
 pub mod i8042;
+pub mod persist;
 pub mod serial;
 pub mod virtio;

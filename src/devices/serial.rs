@@ -8,6 +8,7 @@ use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::bus::BusDevice;
+use super::persist::Persist;
 
 /// An interrupt line backed by an EventFd registered as a KVM irqfd.
 pub struct EventFdTrigger(EventFd);
@@ -90,17 +91,6 @@ impl SerialDevice {
         }
     }
 
-    /// A UART in the state `state` describes.
-    pub fn from_state(
-        state: &SerialDeviceState,
-        irq: EventFd,
-        out: Box<dyn Write + Send>,
-    ) -> Result<Self, String> {
-        let serial = Serial::from_state(&state.into(), EventFdTrigger::new(irq), NoEvents, out)
-            .map_err(|e| format!("invalid serial state: {e:?}"))?;
-        Ok(Self { serial })
-    }
-
     pub fn irq_evt(&self) -> &EventFd {
         self.serial.interrupt_evt().evt()
     }
@@ -110,12 +100,39 @@ impl SerialDevice {
         self.serial.enqueue_raw_bytes(bytes).unwrap_or(0)
     }
 
-    pub fn state(&self) -> SerialDeviceState {
+    pub fn flush(&mut self) {
+        let _ = self.serial.writer_mut().flush();
+    }
+}
+
+/// What a UART is rebuilt on: its interrupt line and where its output goes.
+pub struct SerialArgs {
+    pub irq: EventFd,
+    pub out: Box<dyn Write + Send>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("invalid serial state: {0}")]
+pub struct SerialError(String);
+
+impl Persist for SerialDevice {
+    type State = SerialDeviceState;
+    type ConstructorArgs = SerialArgs;
+    type Error = SerialError;
+
+    fn save(&self) -> SerialDeviceState {
         self.serial.state().into()
     }
 
-    pub fn flush(&mut self) {
-        let _ = self.serial.writer_mut().flush();
+    fn restore(args: SerialArgs, state: &SerialDeviceState) -> Result<Self, SerialError> {
+        let serial = Serial::from_state(
+            &state.into(),
+            EventFdTrigger::new(args.irq),
+            NoEvents,
+            args.out,
+        )
+        .map_err(|e| SerialError(format!("{e:?}")))?;
+        Ok(Self { serial })
     }
 }
 

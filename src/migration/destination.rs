@@ -1,9 +1,11 @@
-//! The receiving side: listens, vets what connects, receives memory straight
-//! into a fresh guest memory and then the state. The VMM turns the result
-//! into a running guest once the source says go.
+//! The receiving side, as one state machine (after Cloud Hypervisor's
+//! `ReceiveMigrationState`): a `Receiver` listens and vets what connects; the
+//! `IncomingMigration` it accepts receives memory straight into a fresh guest
+//! memory, then the state, and owns the hand-over: the VMM builds the guest
+//! when asked, and starts it only once the source has said go.
 
 use std::fs::File;
-use std::io::{BufReader, Write};
+use std::io::{BufReader, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -11,7 +13,7 @@ use std::time::Duration;
 use super::memory::{receive_pages, receive_zero};
 use super::protocol::{
     expect, parse_json, read_header, read_payload, send_json, Hello, HelloAck, Kind, PassEnd,
-    ProtocolError, Reason, ShareOffer, PAGE_SIZE, PROTOCOL_VERSION,
+    ProtocolError, Reason, ShareOffer, PROTOCOL_VERSION,
 };
 use super::share::NfsShareServer;
 use crate::snapshot::VmState;
@@ -34,22 +36,27 @@ pub enum DestinationError {
     Refused(String),
     #[error(transparent)]
     Protocol(#[from] ProtocolError),
+    #[error("--dir {0}: not a directory")]
+    NotADirectory(PathBuf),
+    #[error("cannot create {path}: {}", crate::util::io_msg(source))]
+    ShareDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot start the NFS share: {0}")]
+    Share(#[from] super::share::ShareError),
+    #[error("cannot set up the share: {0}")]
+    ShareSetup(std::io::Error),
     #[error("cannot set up the VM: {0}")]
-    Vm(String),
-}
-
-/// A guest fully received, not yet running.
-pub struct Incoming {
-    pub stream: TcpStream,
-    pub peer: SocketAddr,
-    pub hello: Hello,
-    pub vm: Vm,
-    pub memfd: File,
-    pub mem: GuestMemoryMmap,
-    pub state: VmState,
-    /// Where the VM's files were copied (storage migration); removed again
-    /// if the guest never runs here.
-    pub share_dir: Option<ShareDir>,
+    Vm(#[from] crate::vstate::vm::VmError),
+    #[error("cannot set up guest memory: {0}")]
+    Memory(#[from] crate::vstate::memory::MemoryError),
+    #[error("cannot read this host's CPUID: {0}")]
+    Cpuid(kvm_ioctls::Error),
+    #[error("nothing was received to build the guest from")]
+    NothingReceived,
+    #[error("cannot build the guest here: {0}")]
+    Build(String),
 }
 
 /// `DIR/<migration id>/`: deleted on drop unless `keep` was called, so a
@@ -69,8 +76,9 @@ impl ShareDir {
 
     fn create(base: &Path, id: &str) -> Result<ShareDir, DestinationError> {
         let path = base.join(id);
-        let err = |e: std::io::Error| {
-            DestinationError::Vm(format!("cannot create {}: {e}", path.display()))
+        let err = |source| DestinationError::ShareDir {
+            path: path.clone(),
+            source,
         };
         std::fs::write(Self::marker(base, id), b"").map_err(err)?;
         std::fs::create_dir(&path).map_err(err)?;
@@ -120,19 +128,357 @@ pub fn remove_leftovers(base: &Path) {
     }
 }
 
-/// Tells the source we are ready (restored, not running) and waits for its
-/// go: until then the guest is the source's.
-pub fn ready_and_wait_go(stream: &mut TcpStream) -> Result<(), ProtocolError> {
-    send_json(stream, Kind::Ready, &serde_json::json!({}))?;
-    stream.flush()?;
-    expect(stream, Kind::Go)?;
-    Ok(())
+/// Where a migration being received stands. Each frame is valid in some
+/// states only; anything else ends the migration (`Aborted`) and the source
+/// is told why.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReceiveState {
+    /// Handshake accepted; the VM, its memory and the share are set up.
+    Established,
+    /// Memory arriving; `passes` pre-copy passes completed.
+    Memory { passes: u32 },
+    /// The source is paused and sent the last pages and the device state.
+    StateReceived,
+    /// The guest is built here, not running; waiting for the source's go.
+    Ready,
+    /// The guest runs here; the source stops for good.
+    Running,
+    /// Failed; nothing received is kept.
+    Aborted,
 }
 
-pub fn confirm_resumed(stream: &mut TcpStream) -> Result<(), ProtocolError> {
-    send_json(stream, Kind::Resumed, &serde_json::json!({}))?;
-    stream.flush()?;
-    Ok(())
+/// What a received frame makes the destination do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    Pages,
+    ZeroPages,
+    PassEnd,
+    Heartbeat,
+    State,
+    PeerError,
+}
+
+/// Which frames each state takes while receiving (`Established` and
+/// `Memory`); any other frame, or any frame in another state, is a protocol
+/// error. The source's `Error` is taken in every state.
+fn frame_step(state: ReceiveState, kind: Kind) -> Result<Step, ProtocolError> {
+    use ReceiveState::*;
+    let receiving = matches!(state, Established | Memory { .. });
+    Ok(match kind {
+        Kind::Error => Step::PeerError,
+        Kind::Heartbeat if receiving => Step::Heartbeat,
+        Kind::MemoryPages if receiving => Step::Pages,
+        Kind::ZeroPages if receiving => Step::ZeroPages,
+        Kind::PassEnd if receiving => Step::PassEnd,
+        Kind::State if receiving => Step::State,
+        other => {
+            return Err(ProtocolError::Unexpected {
+                expected: if receiving {
+                    "memory or state"
+                } else {
+                    "nothing while the guest is handed over"
+                },
+                got: other,
+            })
+        }
+    })
+}
+
+/// The state after an accepted frame of `kind`.
+fn next_state(state: ReceiveState, kind: Kind) -> ReceiveState {
+    use ReceiveState::*;
+    match (state, kind) {
+        (Established, Kind::PassEnd) => Memory { passes: 1 },
+        (Memory { passes }, Kind::PassEnd) => Memory { passes: passes + 1 },
+        (_, Kind::State) => StateReceived,
+        (s, _) => s,
+    }
+}
+
+/// A listening `ferry receive`.
+pub struct Receiver {
+    listener: TcpListener,
+    dir: Option<PathBuf>,
+}
+
+impl Receiver {
+    /// Listens on `addr`. With `dir`, storage migrations put the VM's files
+    /// under it; incomplete copies left there by a killed receiver go first.
+    pub fn bind(addr: &str, dir: Option<&Path>) -> Result<Receiver, DestinationError> {
+        if let Some(d) = dir {
+            if !d.is_dir() {
+                return Err(DestinationError::NotADirectory(d.to_path_buf()));
+            }
+            remove_leftovers(d);
+        }
+        let listener = TcpListener::bind(addr).map_err(|source| DestinationError::Listen {
+            addr: addr.to_string(),
+            source,
+        })?;
+        Ok(Receiver {
+            listener,
+            dir: dir.map(Path::to_path_buf),
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Waits for one migration. Connections that are not a valid migration
+    /// handshake are refused and logged, and the wait goes on; once a
+    /// handshake was accepted, the VM and its memory are set up, the share
+    /// offered, and the migration is `Established`.
+    pub fn accept(&self) -> Result<IncomingMigration, DestinationError> {
+        let dir = self.dir.as_deref();
+        loop {
+            let (mut stream, peer) = match self.listener.accept() {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("ferry: accept failed: {e}");
+                    continue;
+                }
+            };
+            stream.set_nodelay(true).ok();
+            stream.set_read_timeout(Some(IDLE_TIMEOUT)).ok();
+            let hello = match handshake(&mut stream, dir) {
+                Ok(h) => h,
+                Err(e) => {
+                    eprintln!("ferry: refused a connection from {peer}: {e}");
+                    if !matches!(e, DestinationError::Protocol(ProtocolError::Io(_))) {
+                        tell_source(&mut stream, &e);
+                    }
+                    continue;
+                }
+            };
+            eprintln!(
+                "ferry: receiving migration {} from {peer}: {} vCPUs, {} MiB",
+                hello.migration_id,
+                hello.vcpus,
+                hello.memory_size >> 20
+            );
+            return IncomingMigration::establish(stream, peer, hello, dir);
+        }
+    }
+}
+
+/// What the VMM builds the guest from.
+pub struct Received {
+    pub state: VmState,
+    pub vm: Vm,
+    pub memfd: File,
+    pub mem: GuestMemoryMmap,
+}
+
+/// One migration being received, from handshake to hand-over.
+pub struct IncomingMigration {
+    state: ReceiveState,
+    stream: TcpStream,
+    peer: SocketAddr,
+    hello: Hello,
+    /// Until the guest is built: the VM (slots registered), its memory.
+    guest: Option<(Vm, File)>,
+    mem: GuestMemoryMmap,
+    /// Where the VM's files are copied (storage migration); removed again
+    /// if the guest never runs here.
+    share_dir: Option<ShareDir>,
+    /// Serves `share_dir` until the state arrives.
+    share_server: Option<NfsShareServer>,
+    vm_state: Option<VmState>,
+}
+
+impl IncomingMigration {
+    /// Sets up what the handshake asked for and acknowledges it.
+    fn establish(
+        mut stream: TcpStream,
+        peer: SocketAddr,
+        hello: Hello,
+        dir: Option<&Path>,
+    ) -> Result<IncomingMigration, DestinationError> {
+        let setup = (|| {
+            let share = open_share(&stream, peer, &hello, dir)?;
+            let (memfd, mem) = create_guest_memory(hello.memory_size)?;
+            let vm = Vm::new(&mem)?;
+            Ok::<_, DestinationError>((vm, memfd, mem, share))
+        })();
+        let (vm, memfd, mem, share) = match setup {
+            Ok(s) => s,
+            Err(e) => {
+                tell_source(&mut stream, &e);
+                return Err(e);
+            }
+        };
+        let (share_dir, share_server, offer) = match share {
+            Some((d, s, o)) => (Some(d), s, Some(o)),
+            None => (None, None, None),
+        };
+        send_json(
+            &mut stream,
+            Kind::HelloAck,
+            &HelloAck {
+                protocol: PROTOCOL_VERSION,
+                migration_id: hello.migration_id.clone(),
+                vcpus: hello.vcpus,
+                memory_size: hello.memory_size,
+                share: offer,
+            },
+        )?;
+        stream.flush().map_err(ProtocolError::from)?;
+        Ok(IncomingMigration {
+            state: ReceiveState::Established,
+            stream,
+            peer,
+            hello,
+            guest: Some((vm, memfd)),
+            mem,
+            share_dir,
+            share_server,
+            vm_state: None,
+        })
+    }
+
+    pub fn state(&self) -> ReceiveState {
+        self.state
+    }
+
+    /// Ends the migration: the source learns why, nothing received is kept.
+    fn abort(&mut self, e: DestinationError) -> DestinationError {
+        if self.state != ReceiveState::Aborted {
+            // A source that sent the reason itself needs no echo.
+            if !matches!(e, DestinationError::Protocol(ProtocolError::Peer(_))) {
+                tell_source(&mut self.stream, &e);
+            }
+            // Closing at once lets the source see the end even when our
+            // reason could not be written.
+            let _ = self.stream.shutdown(std::net::Shutdown::Both);
+            self.state = ReceiveState::Aborted;
+            self.share_server = None;
+        }
+        e
+    }
+
+    /// Receives memory, then the state: `Established` to `StateReceived`.
+    pub fn receive(&mut self) -> Result<(), DestinationError> {
+        let stream = self
+            .stream
+            .try_clone()
+            .map_err(|e| self.abort(ProtocolError::from(e).into()))?;
+        let mut reader = BufReader::with_capacity(1 << 20, stream);
+        while self.state != ReceiveState::StateReceived {
+            if let Err(e) = self.next_frame(&mut reader) {
+                return Err(self.abort(e));
+            }
+        }
+        // The source completed the storage copy before it sent the state.
+        self.share_server = None;
+        Ok(())
+    }
+
+    /// One frame, and the transition it makes.
+    fn next_frame(&mut self, reader: &mut impl Read) -> Result<(), DestinationError> {
+        let h = read_header(reader)?;
+        match frame_step(self.state, h.kind)? {
+            Step::PeerError => {
+                let r: Reason = parse_json(Kind::Error, &read_payload(reader, &h)?)?;
+                return Err(ProtocolError::Peer(r.reason).into());
+            }
+            Step::Heartbeat => {
+                read_payload(reader, &h)?;
+            }
+            Step::Pages => {
+                receive_pages(reader, &h, &self.mem)?;
+            }
+            Step::ZeroPages => {
+                receive_zero(reader, &h, &self.mem)?;
+            }
+            Step::PassEnd => {
+                let _: PassEnd = parse_json(Kind::PassEnd, &read_payload(reader, &h)?)?;
+            }
+            Step::State => {
+                let payload = read_payload(reader, &h)?;
+                let mut state: VmState = parse_json(Kind::State, &payload)?;
+                check_state(&self.hello, &state)?;
+                if let Some(d) = &self.share_dir {
+                    local_paths(&mut state.config, &d.path);
+                }
+                self.vm_state = Some(state);
+            }
+        }
+        self.state = next_state(self.state, h.kind);
+        Ok(())
+    }
+
+    /// The hand-over, `StateReceived` to `Running`: `build` makes the guest
+    /// (not running) from what was received; then the source is told we are
+    /// ready, and only on its go does `start` run the guest here, which the
+    /// source then hears. Until the go the guest is the source's: any
+    /// failure before it is sent to the source, which resumes the guest.
+    pub fn hand_over<M, E>(
+        mut self,
+        build: impl FnOnce(Received) -> Result<M, E>,
+        start: impl FnOnce(&mut M) -> Result<(), E>,
+    ) -> Result<M, E>
+    where
+        E: From<DestinationError> + std::fmt::Display,
+    {
+        let (Some(state), Some((vm, memfd))) = (self.vm_state.take(), self.guest.take()) else {
+            return Err(self.abort(DestinationError::NothingReceived).into());
+        };
+        let received = Received {
+            state,
+            vm,
+            memfd,
+            mem: self.mem.clone(),
+        };
+        let mut guest = match build(received) {
+            Ok(g) => g,
+            Err(e) => {
+                self.abort(DestinationError::Build(e.to_string()));
+                return Err(e);
+            }
+        };
+        if let Err(e) = self.ready_and_wait_go() {
+            return Err(self.abort(e).into());
+        }
+        // From now on the guest runs on the copied files here.
+        if let Some(d) = self.share_dir.as_mut() {
+            d.keep();
+        }
+        start(&mut guest)?;
+        self.state = ReceiveState::Running;
+        // The source waits for this to stop for good; if it never hears it,
+        // it stays paused rather than run the guest twice.
+        if let Err(e) = send_json(&mut self.stream, Kind::Resumed, &serde_json::json!({}))
+            .and_then(|_| self.stream.flush().map_err(ProtocolError::from))
+        {
+            eprintln!("ferry: could not confirm the resume to {}: {e}", self.peer);
+        }
+        eprintln!(
+            "ferry: migration {} from {} complete; the guest runs here",
+            self.hello.migration_id, self.peer
+        );
+        Ok(guest)
+    }
+
+    /// `StateReceived` to `Ready`, and waits for the source's go.
+    fn ready_and_wait_go(&mut self) -> Result<(), DestinationError> {
+        send_json(&mut self.stream, Kind::Ready, &serde_json::json!({}))?;
+        self.stream.flush().map_err(ProtocolError::from)?;
+        self.state = ReceiveState::Ready;
+        expect(&mut self.stream, Kind::Go)?;
+        Ok(())
+    }
+}
+
+/// The copies live in the share directory, named as the source's config
+/// says: the config is the one place that names the guest's files.
+fn local_paths(config: &mut crate::config::VmConfig, dir: &Path) {
+    let local = |p: &Path| dir.join(p.file_name().unwrap_or(p.as_os_str()));
+    config.kernel = local(&config.kernel);
+    config.initrd = config.initrd.as_deref().map(local);
+    for drive in config.drives.iter_mut() {
+        drive.path = local(&drive.path);
+    }
 }
 
 /// Best effort: the source learns why we give up.
@@ -144,52 +490,6 @@ fn tell_source(stream: &mut TcpStream, why: &dyn std::fmt::Display) {
             reason: why.to_string(),
         },
     );
-}
-
-pub fn bind(addr: &str) -> Result<TcpListener, DestinationError> {
-    TcpListener::bind(addr).map_err(|source| DestinationError::Listen {
-        addr: addr.to_string(),
-        source,
-    })
-}
-
-/// Waits for one migration. Connections that are not a valid migration
-/// handshake are refused and logged, and the wait goes on; once a handshake
-/// was accepted, any failure ends the wait with an error and everything
-/// received is dropped.
-pub fn accept_migration(
-    listener: &TcpListener,
-    dir: Option<&Path>,
-) -> Result<Incoming, DestinationError> {
-    loop {
-        let (stream, peer) = match listener.accept() {
-            Ok(c) => c,
-            Err(e) => {
-                eprintln!("ferry: accept failed: {e}");
-                continue;
-            }
-        };
-        let mut stream = stream;
-        stream.set_nodelay(true).ok();
-        stream.set_read_timeout(Some(IDLE_TIMEOUT)).ok();
-        let hello = match handshake(&mut stream, dir) {
-            Ok(h) => h,
-            Err(e) => {
-                eprintln!("ferry: refused a connection from {peer}: {e}");
-                if !matches!(e, DestinationError::Protocol(ProtocolError::Io(_))) {
-                    tell_source(&mut stream, &e);
-                }
-                continue;
-            }
-        };
-        eprintln!(
-            "ferry: receiving migration {} from {peer}: {} vCPUs, {} MiB",
-            hello.migration_id,
-            hello.vcpus,
-            hello.memory_size >> 20
-        );
-        return receive(stream, peer, hello, dir);
-    }
 }
 
 /// Reads and vets the source's Hello.
@@ -264,10 +564,10 @@ const FEATURE_REGS: &[(u32, u32, usize, u32)] = &[
 ];
 
 fn check_cpuid(guest: &[kvm_bindings::kvm_cpuid_entry2]) -> Result<(), DestinationError> {
-    let kvm = kvm_ioctls::Kvm::new().map_err(|e| DestinationError::Vm(e.to_string()))?;
+    let kvm = kvm_ioctls::Kvm::new().map_err(DestinationError::Cpuid)?;
     let host = kvm
         .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-        .map_err(|e| DestinationError::Vm(e.to_string()))?;
+        .map_err(DestinationError::Cpuid)?;
     let find = |set: &[kvm_bindings::kvm_cpuid_entry2], leaf: u32, sub: u32| {
         set.iter()
             .find(|e| e.function == leaf && e.index == sub)
@@ -314,15 +614,13 @@ fn open_share(
     }
     let local: IpAddr = stream
         .local_addr()
-        .map_err(|e| DestinationError::Vm(e.to_string()))?
+        .map_err(DestinationError::ShareSetup)?
         .ip();
     let export = format!(
         "/ferry-{}",
-        crate::util::random_hex::<16>()
-            .map_err(|e| DestinationError::Vm(format!("cannot name the share: {e}")))?
+        crate::util::random_hex::<16>().map_err(DestinationError::ShareSetup)?
     );
-    let server = NfsShareServer::start(&share_dir.path, local, &export, Some(peer.ip()))
-        .map_err(|e| DestinationError::Vm(format!("cannot start the NFS share: {e}")))?;
+    let server = NfsShareServer::start(&share_dir.path, local, &export, Some(peer.ip()))?;
     eprintln!(
         "ferry: sharing {} over NFSv3 at {local}:{} as {export} (only to {})",
         share_dir.path.display(),
@@ -335,120 +633,6 @@ fn open_share(
         export: Some(export),
     };
     Ok(Some((share_dir, Some(server), offer)))
-}
-
-fn receive(
-    stream: TcpStream,
-    peer: SocketAddr,
-    hello: Hello,
-    dir: Option<&Path>,
-) -> Result<Incoming, DestinationError> {
-    let mut stream = stream;
-    let setup = (|| {
-        let share = open_share(&stream, peer, &hello, dir)?;
-        let vm = Vm::new().map_err(|e| DestinationError::Vm(e.to_string()))?;
-        let (memfd, mem) = create_guest_memory(hello.memory_size)
-            .map_err(|e| DestinationError::Vm(e.to_string()))?;
-        vm.set_memory(&mem, false)
-            .map_err(|e| DestinationError::Vm(e.to_string()))?;
-        Ok::<_, DestinationError>((vm, memfd, mem, share))
-    })();
-    let (vm, memfd, mem, share) = match setup {
-        Ok(s) => s,
-        Err(e) => {
-            tell_source(&mut stream, &e);
-            return Err(e);
-        }
-    };
-    send_json(
-        &mut stream,
-        Kind::HelloAck,
-        &HelloAck {
-            protocol: PROTOCOL_VERSION,
-            migration_id: hello.migration_id.clone(),
-            vcpus: hello.vcpus,
-            memory_size: hello.memory_size,
-            share: share.as_ref().map(|s| s.2.clone()),
-        },
-    )?;
-    stream.flush().map_err(ProtocolError::from)?;
-    // The share lives until the state arrives (the source completes the
-    // storage copy before it sends the state), or until failure.
-    let (share_dir, share_server) = match share {
-        Some((d, s, _)) => (Some(d), s),
-        None => (None, None),
-    };
-
-    let mut reader =
-        BufReader::with_capacity(1 << 20, stream.try_clone().map_err(ProtocolError::from)?);
-    let result = (|| -> Result<VmState, DestinationError> {
-        loop {
-            let h = read_header(&mut reader)?;
-            match h.kind {
-                Kind::MemoryPages => {
-                    receive_pages(&mut reader, &h, &mem)?;
-                }
-                Kind::ZeroPages => {
-                    receive_zero(&mut reader, &h, &mem)?;
-                }
-                Kind::PassEnd => {
-                    let _: PassEnd = parse_json(Kind::PassEnd, &read_payload(&mut reader, &h)?)?;
-                }
-                Kind::Heartbeat => {
-                    read_payload(&mut reader, &h)?;
-                }
-                Kind::State => {
-                    let payload = read_payload(&mut reader, &h)?;
-                    let state: VmState = parse_json(Kind::State, &payload)?;
-                    check_state(&hello, &state)?;
-                    return Ok(state);
-                }
-                Kind::Error => {
-                    let r: Reason = parse_json(Kind::Error, &read_payload(&mut reader, &h)?)?;
-                    return Err(ProtocolError::Peer(r.reason).into());
-                }
-                other => {
-                    return Err(ProtocolError::Unexpected {
-                        expected: "memory or state",
-                        got: other,
-                    }
-                    .into())
-                }
-            }
-        }
-    })();
-    drop(share_server);
-    match result {
-        Ok(mut state) => {
-            if let Some(d) = &share_dir {
-                // The copies live in the share directory, named as the
-                // source's config says.
-                let local = |p: &Path| d.path.join(p.file_name().unwrap_or(p.as_os_str()));
-                state.config.kernel = local(&state.config.kernel);
-                state.config.initrd = state.config.initrd.as_deref().map(local);
-                for drive in state.config.drives.iter_mut() {
-                    drive.path = local(&drive.path);
-                }
-                for drive in state.drives.iter_mut() {
-                    drive.block.path = local(&drive.block.path);
-                }
-            }
-            Ok(Incoming {
-                stream,
-                peer,
-                hello,
-                vm,
-                memfd,
-                mem,
-                state,
-                share_dir,
-            })
-        }
-        Err(e) => {
-            tell_source(&mut stream, &e);
-            Err(e)
-        }
-    }
 }
 
 /// The state must describe the VM the handshake announced.
@@ -469,6 +653,84 @@ fn check_state(hello: &Hello, state: &VmState) -> Result<(), DestinationError> {
     if state.drives.len() != state.config.drives.len() {
         return Err(bad("drive states do not match the config".into()));
     }
-    let _ = PAGE_SIZE;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ReceiveState::*;
+
+    #[test]
+    fn memory_then_state_is_the_only_way_to_a_received_guest() {
+        let mut st = Established;
+        for kind in [
+            Kind::MemoryPages,
+            Kind::ZeroPages,
+            Kind::PassEnd,
+            Kind::Heartbeat,
+            Kind::MemoryPages,
+            Kind::PassEnd,
+        ] {
+            frame_step(st, kind).unwrap();
+            st = next_state(st, kind);
+        }
+        assert_eq!(st, Memory { passes: 2 });
+        assert_eq!(frame_step(st, Kind::State).unwrap(), Step::State);
+        assert_eq!(next_state(st, Kind::State), StateReceived);
+        // A state with no memory before it is allowed: a guest of zero pages
+        // still sends its state (and check_state vets it).
+        assert_eq!(frame_step(Established, Kind::State).unwrap(), Step::State);
+    }
+
+    #[test]
+    fn hand_over_frames_are_refused_while_receiving() {
+        for st in [Established, Memory { passes: 3 }] {
+            for kind in [
+                Kind::Go,
+                Kind::Ready,
+                Kind::Resumed,
+                Kind::Hello,
+                Kind::HelloAck,
+            ] {
+                assert!(
+                    matches!(
+                        frame_step(st, kind),
+                        Err(ProtocolError::Unexpected { got, .. }) if got == kind
+                    ),
+                    "{kind:?} in {st:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn nothing_but_an_error_is_taken_once_the_state_arrived() {
+        for st in [StateReceived, Ready, Running, Aborted] {
+            for kind in [
+                Kind::MemoryPages,
+                Kind::ZeroPages,
+                Kind::State,
+                Kind::PassEnd,
+            ] {
+                assert!(frame_step(st, kind).is_err(), "{kind:?} in {st:?}");
+            }
+            assert_eq!(frame_step(st, Kind::Error).unwrap(), Step::PeerError);
+        }
+    }
+
+    #[test]
+    fn copied_files_are_named_inside_the_share_directory() {
+        let mut config: crate::config::VmConfig = serde_json::from_value(serde_json::json!({
+            "kernel": "kernel",
+            "initrd": "initrd",
+            "drives": [{"id": "d0", "path": "../../etc/drive0-d0.img"}],
+        }))
+        .unwrap();
+        config.kernel = "/somewhere/kernel".into();
+        local_paths(&mut config, Path::new("/dst/abc"));
+        assert_eq!(config.kernel, Path::new("/dst/abc/kernel"));
+        assert_eq!(config.initrd.as_deref(), Some(Path::new("/dst/abc/initrd")));
+        assert_eq!(config.drives[0].path, Path::new("/dst/abc/drive0-d0.img"));
+    }
 }

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::config::VmConfig;
+use crate::devices::i8042::I8042State;
 use crate::devices::serial::SerialDeviceState;
 use crate::devices::virtio::block::BlockState;
 use crate::devices::virtio::mmio::MmioTransportState;
@@ -40,6 +41,9 @@ pub struct VmState {
     pub vm: VmArchState,
     pub vcpus: Vec<VcpuState>,
     pub serial: SerialDeviceState,
+    /// Absent from snapshots written before the i8042 took part.
+    #[serde(default)]
+    pub i8042: I8042State,
     pub drives: Vec<DriveState>,
 }
 

@@ -8,7 +8,10 @@ use std::os::fd::FromRawFd;
 
 use vm_memory::{FileOffset, GuestAddress};
 
-pub use crate::devices::virtio::GuestMemoryMmap;
+/// Guest memory as the vCPUs and every device see it. The bitmap records the
+/// writes the VMM makes into guest memory (DMA by devices), which KVM's dirty
+/// log cannot see; live migration merges both.
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
 
 /// Start of the 32-bit MMIO hole (devices, IOAPIC, LAPIC).
 pub const MMIO_HOLE_START: u64 = 0xc000_0000;

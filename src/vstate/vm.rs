@@ -55,7 +55,13 @@ pub struct Vm {
 }
 
 impl Vm {
-    pub fn new() -> Result<Self, VmError> {
+    /// A VM with `mem` as its RAM, the in-kernel irqchip and the PIT.
+    ///
+    /// The order matters: on this host's KVM the first
+    /// `KVM_SET_USER_MEMORY_REGION` costs ~7 ms (6-11 measured) when it comes
+    /// after `KVM_CREATE_IRQCHIP`, and 0.04-0.1 ms before it, so the memory
+    /// slots are registered first (as Cloud Hypervisor does).
+    pub fn new(mem: &GuestMemoryMmap) -> Result<Self, VmError> {
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
         let version = kvm.get_api_version();
         if version != 12 {
@@ -73,13 +79,16 @@ impl Vm {
         }
         let fd = kvm.create_vm().map_err(VmError::CreateVm)?;
         fd.set_tss_address(KVM_TSS_ADDRESS).map_err(VmError::Tss)?;
+        let vm = Self { kvm, fd };
+        vm.set_memory(mem, false)?;
+        let fd = &vm.fd;
         fd.create_irq_chip().map_err(VmError::IrqChip)?;
         let pit = kvm_pit_config {
             flags: KVM_PIT_SPEAKER_DUMMY,
             ..Default::default()
         };
         fd.create_pit2(pit).map_err(VmError::Pit)?;
-        Ok(Self { kvm, fd })
+        Ok(vm)
     }
 
     pub fn kvm(&self) -> &Kvm {

@@ -13,6 +13,8 @@ use std::sync::Arc;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use serde::{Deserialize, Serialize};
+
+use crate::devices::persist::Persist;
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX,
     VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
@@ -71,6 +73,13 @@ pub enum BlockError {
     },
     #[error("saved acked features {acked:#x} are not offered by this device ({avail:#x}); check read_only")]
     Features { acked: u64, avail: u64 },
+    #[error("saved state is of drive {saved:?} (read_only {saved_ro}), restored as drive {id:?} (read_only {ro})")]
+    StateMismatch {
+        id: String,
+        ro: bool,
+        saved: String,
+        saved_ro: bool,
+    },
     #[error("cannot complete a request in the used ring: {0}")]
     UsedRing(#[source] virtio_queue::Error),
     #[error("cannot raise the interrupt: {0}")]
@@ -114,11 +123,11 @@ impl BlockError {
     }
 }
 
-/// What a block device needs to be rebuilt elsewhere.
+/// What the guest saw of a block device. The image it is rebuilt on is the
+/// restoring host's choice (`BlockArgs`), never a path in the state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BlockState {
     pub id: String,
-    pub path: PathBuf,
     pub read_only: bool,
     /// Capacity when saved, checked against the image on restore.
     pub sectors: u64,
@@ -597,24 +606,37 @@ impl Block {
         }
         Ok(completed)
     }
+}
 
-    pub fn state(&self) -> BlockState {
+/// The drive a block device is rebuilt as: from this host's config.
+#[derive(Debug, Clone)]
+pub struct BlockArgs {
+    pub id: String,
+    pub path: PathBuf,
+    pub read_only: bool,
+}
+
+impl Persist for Block {
+    type State = BlockState;
+    type ConstructorArgs = BlockArgs;
+    type Error = BlockError;
+
+    fn save(&self) -> BlockState {
         BlockState {
             id: self.id.clone(),
-            path: self.path.clone(),
             read_only: self.disk.read_only,
             sectors: self.disk.sectors,
             acked_features: self.acked_features,
         }
     }
 
-    /// Rebuilds a device from saved state, opening `state.path` (change the
-    /// path first when the image moved). The transport's restore activates it.
-    pub fn restore(state: &BlockState) -> Result<Block, BlockError> {
-        let mut block = Block::new(state.id.clone(), &state.path, state.read_only)?;
+    /// Opens `args.path` and checks that it is the disk the guest saw. The
+    /// transport's restore activates the device.
+    fn restore(args: BlockArgs, state: &BlockState) -> Result<Block, BlockError> {
+        let mut block = Block::new(args.id, &args.path, args.read_only)?;
         if block.disk.sectors != state.sectors {
             return Err(BlockError::CapacityMismatch {
-                path: state.path.clone(),
+                path: args.path,
                 saved: state.sectors,
                 actual: block.disk.sectors,
             });
@@ -623,6 +645,14 @@ impl Block {
             return Err(BlockError::Features {
                 acked: state.acked_features,
                 avail: block.avail_features,
+            });
+        }
+        if block.id != state.id || block.disk.read_only != state.read_only {
+            return Err(BlockError::StateMismatch {
+                id: block.id,
+                ro: block.disk.read_only,
+                saved: state.id.clone(),
+                saved_ro: state.read_only,
             });
         }
         block.acked_features = state.acked_features;
@@ -1432,26 +1462,46 @@ mod tests {
         let img = image(DISK_SECTORS);
         let mut block = Block::new("disk-0".into(), img.path(), true).unwrap();
         block.set_acked_features(block.avail_features() | (1 << 40));
-        let state = block.state();
+        let state = block.save();
         assert_eq!(state.acked_features, block.avail_features());
         let json = serde_json::to_string(&state).unwrap();
         let back: BlockState = serde_json::from_str(&json).unwrap();
         assert_eq!(back, state);
-        let restored = Block::restore(&back).unwrap();
-        assert_eq!(restored.state(), state);
+        let args = BlockArgs {
+            id: "disk-0".into(),
+            path: img.path().to_path_buf(),
+            read_only: true,
+        };
+        let restored = Block::restore(args.clone(), &back).unwrap();
+        assert_eq!(restored.save(), state);
 
         let mut wrong = state.clone();
         wrong.sectors += 1;
         assert!(matches!(
-            Block::restore(&wrong),
+            Block::restore(args.clone(), &wrong),
             Err(BlockError::CapacityMismatch { .. })
         ));
         // RO was negotiated; a writable device does not offer it.
-        let mut wrong = state.clone();
-        wrong.read_only = false;
+        let writable = BlockArgs {
+            read_only: false,
+            ..args.clone()
+        };
         assert!(matches!(
-            Block::restore(&wrong),
+            Block::restore(writable, &state),
             Err(BlockError::Features { .. })
         ));
+        // The state of another drive is refused.
+        let other = BlockArgs {
+            id: "disk-1".into(),
+            ..args
+        };
+        assert!(matches!(
+            Block::restore(other, &state),
+            Err(BlockError::StateMismatch { .. })
+        ));
+        // Saved state from before drive paths left it still loads.
+        let old = r#"{"id":"disk-0","path":"/elsewhere/x.img","read_only":true,"sectors":0,"acked_features":0}"#;
+        let old: BlockState = serde_json::from_str(old).unwrap();
+        assert_eq!(old.id, "disk-0");
     }
 }

@@ -20,6 +20,7 @@ use super::{
     VIRTIO_INT_CONFIG, VIRTIO_RING_F_EVENT_IDX,
 };
 use crate::devices::bus::BusDevice;
+use crate::devices::persist::Persist;
 
 /// "virt" in little endian.
 pub const MMIO_MAGIC_VALUE: u32 = 0x7472_6976;
@@ -553,7 +554,7 @@ impl MmioTransport {
 
     /// The transport's state, with the ring positions taken from the device
     /// when it is running.
-    pub fn state(&self) -> MmioTransportState {
+    fn state(&self) -> MmioTransportState {
         let d = lock(&self.device);
         let live = d.is_activated() && d.queues().len() == self.queues.len();
         let queues = if live {
@@ -574,10 +575,10 @@ impl MmioTransport {
         }
     }
 
-    /// Puts a transport (normally a fresh one) into a saved state. When the
-    /// saved driver had reached DRIVER_OK the device is activated again and
-    /// picks up the rings where they were.
-    pub fn restore(&mut self, state: &MmioTransportState) -> Result<(), MmioError> {
+    /// Puts a fresh transport into a saved state. When the saved driver had
+    /// reached DRIVER_OK the device is activated again and picks up the rings
+    /// where they were.
+    fn apply(&mut self, state: &MmioTransportState) -> Result<(), MmioError> {
         if state.device_type != self.device_type {
             return Err(MmioError::DeviceType {
                 saved: state.device_type,
@@ -635,6 +636,29 @@ impl MmioTransport {
         self.device_status = state.device_status;
         self.irq.set_status(state.interrupt_status);
         Ok(())
+    }
+}
+
+/// A transport is rebuilt in front of its (already restored) device, on this
+/// host's guest memory.
+pub struct MmioArgs {
+    pub mem: GuestMemoryMmap,
+    pub device: Arc<Mutex<dyn VirtioDevice>>,
+}
+
+impl Persist for MmioTransport {
+    type State = MmioTransportState;
+    type ConstructorArgs = MmioArgs;
+    type Error = MmioError;
+
+    fn save(&self) -> MmioTransportState {
+        self.state()
+    }
+
+    fn restore(args: MmioArgs, state: &MmioTransportState) -> Result<Self, MmioError> {
+        let mut t = MmioTransport::new(args.mem, args.device);
+        t.apply(state)?;
+        Ok(t)
     }
 }
 
@@ -699,6 +723,7 @@ mod tests {
     use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
     use super::*;
+    use crate::devices::virtio::block::BlockArgs;
     use crate::devices::virtio::{Block, BlockState, VIRTIO_INT_VRING};
 
     const ACK: u32 = VIRTIO_CONFIG_S_ACKNOWLEDGE;
@@ -1153,34 +1178,37 @@ mod tests {
     fn restore_rejects_mismatched_state() {
         let (t, _) = dummy_transport();
         let state = t.state();
-        let (mut t2, _) = dummy_transport();
+        let restore = |bad: &MmioTransportState| {
+            let (_, dev) = dummy_transport();
+            MmioTransport::restore(
+                MmioArgs {
+                    mem: test_mem(),
+                    device: dev,
+                },
+                bad,
+            )
+        };
         let mut bad = state.clone();
         bad.device_type = 2;
-        assert!(matches!(
-            t2.restore(&bad),
-            Err(MmioError::DeviceType { .. })
-        ));
+        assert!(matches!(restore(&bad), Err(MmioError::DeviceType { .. })));
         let mut bad = state.clone();
         bad.queues.pop();
-        assert!(matches!(
-            t2.restore(&bad),
-            Err(MmioError::QueueCount { .. })
-        ));
+        assert!(matches!(restore(&bad), Err(MmioError::QueueCount { .. })));
         let mut bad = state.clone();
         bad.queues[0].size = 3;
         assert!(matches!(
-            t2.restore(&bad),
+            restore(&bad),
             Err(MmioError::InvalidQueue { index: 0, .. })
         ));
         let mut bad = state.clone();
         bad.queues[1].max_size = 16;
         assert!(matches!(
-            t2.restore(&bad),
+            restore(&bad),
             Err(MmioError::QueueMaxSize { index: 1, .. })
         ));
         let mut bad = state;
         bad.acked_features = 1 << 7;
-        assert!(matches!(t2.restore(&bad), Err(MmioError::Features { .. })));
+        assert!(matches!(restore(&bad), Err(MmioError::Features { .. })));
     }
 
     fn add_chain(vq: &MockSplitQueue<GuestMemoryMmap>, first: u16, parts: &[(u64, u32, bool)]) {
@@ -1247,7 +1275,7 @@ mod tests {
         assert_eq!(vq.used().idx().load(), 1);
 
         let state = t.state();
-        let block_state = block.lock().unwrap().state();
+        let block_state = block.lock().unwrap().save();
         assert_eq!(state.queues[0].next_avail, 1);
         assert_eq!(state.queues[0].next_used, 1);
         assert_eq!(state.interrupt_status, VIRTIO_INT_VRING);
@@ -1259,11 +1287,27 @@ mod tests {
         let block_state: BlockState =
             serde_json::from_str(&serde_json::to_string(&block_state).unwrap()).unwrap();
 
-        let block2 = Arc::new(Mutex::new(Block::restore(&block_state).unwrap()));
-        let mut t2 = MmioTransport::new(mem.clone(), block2.clone());
-        t2.restore(&state).unwrap();
+        let block2 = Arc::new(Mutex::new(
+            Block::restore(
+                BlockArgs {
+                    id: "vda".into(),
+                    path: img.path().to_path_buf(),
+                    read_only: false,
+                },
+                &block_state,
+            )
+            .unwrap(),
+        ));
+        let mut t2 = MmioTransport::restore(
+            MmioArgs {
+                mem: mem.clone(),
+                device: block2.clone(),
+            },
+            &state,
+        )
+        .unwrap();
         assert_eq!(t2.state(), state);
-        assert_eq!(block2.lock().unwrap().state(), block_state);
+        assert_eq!(block2.lock().unwrap().save(), block_state);
         assert_eq!(r(&mut t2, reg::VIRTIO_MMIO_STATUS), ACK | DRV | FEAT | OK);
 
         // The next request lands in the next ring slots.

@@ -15,9 +15,10 @@
 //! - KVM irqfd: `interrupt().evt()` on the device's GSI (edge);
 //! - event loop: `event_manager.add_subscriber(block)`.
 //!
-//! Restore order: `Block::restore(&block_state)`, then a fresh
-//! `MmioTransport::new(..)` and `transport.restore(&transport_state)`, which
-//! re-activates the device if the driver had reached DRIVER_OK.
+//! Restore order (both through `devices::persist::Persist`):
+//! `Block::restore(BlockArgs { .. }, &block_state)`, then
+//! `MmioTransport::restore(MmioArgs { mem, device }, &transport_state)`,
+//! which re-activates the device if the driver had reached DRIVER_OK.
 
 pub mod block;
 pub mod mmio;
@@ -29,13 +30,10 @@ use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-pub use block::{Block, BlockError, BlockState};
-pub use mmio::{MmioError, MmioTransport, MmioTransportState, QueueSnapshot};
+pub use block::{Block, BlockArgs, BlockError, BlockState};
+pub use mmio::{MmioArgs, MmioError, MmioTransport, MmioTransportState, QueueSnapshot};
 
-/// Guest memory as every virtio device sees it. The bitmap records the writes
-/// the VMM makes into guest memory (DMA by devices), which KVM's dirty log
-/// cannot see; live migration merges both.
-pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
+pub use crate::vstate::memory::GuestMemoryMmap;
 
 /// Feature bit: the device complies with virtio 1.0+ (required here: the
 /// transport only speaks the modern interface).

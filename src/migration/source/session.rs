@@ -453,9 +453,6 @@ impl MigrationContext<'_> {
         let mut state = self.src.machine.save_state()?;
         if let Some(plan) = &self.plan {
             // The destination runs the guest on the copies.
-            for (d, c) in state.drives.iter_mut().zip(plan.config.drives.iter()) {
-                d.block.path = c.path.clone();
-            }
             state.config = plan.config.clone();
         }
         self.send(Kind::State, &state)?;

@@ -1,0 +1,394 @@
+//! Builds a VM from its config, one step per device, in the style of
+//! Firecracker's builder: memory, legacy devices, block devices, boot state,
+//! vCPUs. The same steps build a fresh guest, a restored snapshot and a
+//! received migration; the difference is whether a step starts a device anew
+//! or rebuilds it from saved state (`Persist::restore`).
+
+use std::fs::File;
+use std::io::{LineWriter, Write};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+use linux_loader::loader::Cmdline;
+use vm_memory::GuestAddress;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::VmmError;
+use crate::arch::x86_64::layout::*;
+use crate::arch::x86_64::{boot, cpuid, mptable, regs};
+use crate::config::{DriveConfig, SerialConfig, VmConfig};
+use crate::devices::bus::Bus;
+use crate::devices::i8042::I8042;
+use crate::devices::persist::Persist;
+use crate::devices::serial::{SerialArgs, SerialDevice};
+use crate::devices::virtio::mmio::NOTIFY_REG_OFFSET;
+use crate::devices::virtio::{Block, BlockArgs, MmioArgs, MmioTransport, VirtioDevice};
+use crate::snapshot::{self, SnapshotError, VmState};
+use crate::vstate::memory::{create_guest_memory, GuestMemoryMmap};
+use crate::vstate::state;
+use crate::vstate::vcpu::{Vcpu, VcpuError};
+use crate::vstate::vm::Vm;
+
+pub type EventLoop = EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>;
+
+/// A virtio-blk drive: its transport on the MMIO bus and the device behind it.
+pub type Drive = (Arc<Mutex<MmioTransport>>, Arc<Mutex<Block>>);
+
+/// How the VM comes to life.
+pub enum Boot {
+    /// Booted from its kernel.
+    Fresh,
+    /// From a snapshot: state, and the memory file mapped copy-on-write.
+    Restore { state: Box<VmState>, memory: File },
+    /// From a migration source: the VM and its memory were created (slots
+    /// registered) before the memory arrived.
+    Incoming {
+        state: Box<VmState>,
+        vm: Vm,
+        memfd: File,
+        mem: GuestMemoryMmap,
+    },
+}
+
+/// A VM with all its devices, vCPUs created and set, nothing running yet.
+pub struct BuiltVm {
+    pub vm: Vm,
+    pub mem: GuestMemoryMmap,
+    /// The memfd behind guest RAM (None when RAM maps a snapshot file).
+    pub memfd: Option<File>,
+    pub pio: Bus,
+    pub mmio: Bus,
+    pub event_loop: EventLoop,
+    pub serial: Arc<Mutex<SerialDevice>>,
+    /// Signalled when the guest resets the machine through the i8042.
+    pub reset_evt: EventFd,
+    pub drives: Vec<Drive>,
+    pub vcpus: Vec<Vcpu>,
+    /// The CPUID vCPU 0 was given, which a migration destination checks.
+    pub guest_cpuid: Vec<kvm_bindings::kvm_cpuid_entry2>,
+}
+
+/// Builds the VM `config` describes, from its kernel or from saved state.
+pub fn build(config: &VmConfig, boot: Boot) -> Result<BuiltVm, VmmError> {
+    let (vm, memfd, mem, saved) = guest_memory(config, boot)?;
+    let devices = build_devices(&vm, &mem, config, saved.as_deref())?;
+    Ok(BuiltVm {
+        vm,
+        mem,
+        memfd,
+        pio: devices.pio,
+        mmio: devices.mmio,
+        event_loop: devices.event_loop,
+        serial: devices.serial,
+        reset_evt: devices.reset_evt,
+        drives: devices.drives,
+        vcpus: devices.vcpus,
+        guest_cpuid: devices.guest_cpuid,
+    })
+}
+
+type Memory = (Vm, Option<File>, GuestMemoryMmap, Option<Box<VmState>>);
+
+/// The VM and its RAM: a fresh memfd, the snapshot's memory file, or what a
+/// migration brought (whose VM was made with its memory).
+fn guest_memory(config: &VmConfig, boot: Boot) -> Result<Memory, VmmError> {
+    let size = config.memory_mib << 20;
+    Ok(match boot {
+        Boot::Fresh => {
+            let (fd, mem) = create_guest_memory(size)?;
+            (Vm::new(&mem)?, Some(fd), mem, None)
+        }
+        Boot::Restore { state, memory } => {
+            let mem = snapshot::memory::map_private(&memory, size).map_err(|source| {
+                SnapshotError::Io {
+                    path: PathBuf::from(snapshot::MEMORY_FILE),
+                    source,
+                }
+            })?;
+            (Vm::new(&mem)?, None, mem, Some(state))
+        }
+        Boot::Incoming {
+            state,
+            vm,
+            memfd,
+            mem,
+        } => (vm, Some(memfd), mem, Some(state)),
+    })
+}
+
+/// Everything the VM has besides its memory.
+struct Devices {
+    pio: Bus,
+    mmio: Bus,
+    event_loop: EventLoop,
+    serial: Arc<Mutex<SerialDevice>>,
+    reset_evt: EventFd,
+    drives: Vec<Drive>,
+    vcpus: Vec<Vcpu>,
+    guest_cpuid: Vec<kvm_bindings::kvm_cpuid_entry2>,
+}
+
+fn build_devices(
+    vm: &Vm,
+    mem: &GuestMemoryMmap,
+    config: &VmConfig,
+    saved: Option<&VmState>,
+) -> Result<Devices, VmmError> {
+    let mut b = Builder {
+        vm,
+        mem,
+        config,
+        saved,
+        pio: Bus::new(),
+        mmio: Bus::new(),
+        event_loop: EventManager::new().map_err(|e| VmmError::EventLoop(format!("{e:?}")))?,
+        cmdline: Cmdline::try_from(&config.cmdline, CMDLINE_MAX_SIZE).map_err(VmmError::Cmdline)?,
+    };
+    let serial = b.attach_serial()?;
+    let reset_evt = b.attach_i8042()?;
+    let drives = b.attach_block_devices()?;
+    let entry = b.boot_state()?;
+    let (vcpus, guest_cpuid) = b.create_vcpus(entry)?;
+    Ok(Devices {
+        pio: b.pio,
+        mmio: b.mmio,
+        event_loop: b.event_loop,
+        serial,
+        reset_evt,
+        drives,
+        vcpus,
+        guest_cpuid,
+    })
+}
+
+/// What the steps share while the VM is put together.
+struct Builder<'a> {
+    vm: &'a Vm,
+    mem: &'a GuestMemoryMmap,
+    config: &'a VmConfig,
+    /// The state to rebuild from (snapshot or migration), if any.
+    saved: Option<&'a VmState>,
+    pio: Bus,
+    mmio: Bus,
+    event_loop: EventLoop,
+    /// The guest's command line, to which each virtio device is added.
+    cmdline: Cmdline,
+}
+
+fn eventfd() -> Result<EventFd, VmmError> {
+    EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)
+}
+
+/// Where the guest's console goes. A restored guest appends to its log file:
+/// its earlier output is part of the same story.
+fn serial_output(cfg: &SerialConfig, append: bool) -> Result<Box<dyn Write + Send>, VmmError> {
+    Ok(match cfg {
+        SerialConfig::Stdout => Box::new(std::io::stdout()),
+        SerialConfig::File(path) => {
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .write(true)
+                .append(append)
+                .truncate(!append)
+                .open(path)
+                .map_err(|source| VmmError::SerialFile {
+                    path: path.display().to_string(),
+                    source,
+                })?;
+            Box::new(LineWriter::new(f))
+        }
+    })
+}
+
+impl Builder<'_> {
+    /// The 16550 at COM1, its interrupt on an irqfd.
+    fn attach_serial(&mut self) -> Result<Arc<Mutex<SerialDevice>>, VmmError> {
+        let irq = eventfd()?;
+        self.vm.register_irqfd(&irq, SERIAL_IRQ)?;
+        let out = serial_output(&self.config.serial, self.saved.is_some())?;
+        let serial = match self.saved {
+            None => SerialDevice::new(irq, out),
+            Some(st) => SerialDevice::restore(SerialArgs { irq, out }, &st.serial)?,
+        };
+        let serial = Arc::new(Mutex::new(serial));
+        self.pio.insert(serial.clone(), SERIAL_PORT, 8)?;
+        Ok(serial)
+    }
+
+    /// The i8042, only for the guest's reset; returns the reset event.
+    fn attach_i8042(&mut self) -> Result<EventFd, VmmError> {
+        let reset_evt = eventfd()?;
+        let evt = reset_evt.try_clone().map_err(VmmError::EventFd)?;
+        let i8042 = match self.saved {
+            None => I8042::new(evt),
+            Some(st) => {
+                let Ok(dev) = I8042::restore(evt, &st.i8042);
+                dev
+            }
+        };
+        self.pio
+            .insert(Arc::new(Mutex::new(i8042)), I8042_PORT, 5)?;
+        Ok(reset_evt)
+    }
+
+    fn attach_block_devices(&mut self) -> Result<Vec<Drive>, VmmError> {
+        let config = self.config;
+        config
+            .drives
+            .iter()
+            .enumerate()
+            .map(|(i, drive)| self.attach_block_device(i, drive))
+            .collect()
+    }
+
+    /// A virtio-blk drive in the `index`th virtio-mmio window: ioeventfd on
+    /// its queue, irqfd on its line, announced on the command line. The image
+    /// is always the config's path: saved state never names one.
+    fn attach_block_device(
+        &mut self,
+        index: usize,
+        drive: &DriveConfig,
+    ) -> Result<Drive, VmmError> {
+        let drive_err = |source| VmmError::Drive {
+            id: drive.id.clone(),
+            source,
+        };
+        let args = BlockArgs {
+            id: drive.id.clone(),
+            path: drive.path.clone(),
+            read_only: drive.read_only,
+        };
+        let saved = self.saved.map(|st| &st.drives[index]);
+        let block = match saved {
+            None => Block::new(args.id, &args.path, args.read_only),
+            Some(st) => Block::restore(args, &st.block),
+        }
+        .map_err(drive_err)?;
+        let base = MMIO_DEVICES_START + index as u64 * MMIO_DEVICE_SIZE;
+        let irq = FIRST_VIRTIO_IRQ + index as u32;
+        for (q, evt) in block.queue_events().iter().enumerate() {
+            self.vm
+                .register_mmio_ioevent(evt, base + NOTIFY_REG_OFFSET, q as u32)?;
+        }
+        self.vm.register_irqfd(block.interrupt().evt(), irq)?;
+        let block = Arc::new(Mutex::new(block));
+        let args = MmioArgs {
+            mem: self.mem.clone(),
+            device: block.clone(),
+        };
+        let transport = match saved {
+            None => MmioTransport::new(args.mem, args.device),
+            Some(st) => MmioTransport::restore(args, &st.transport).map_err(|source| {
+                VmmError::Transport {
+                    id: drive.id.clone(),
+                    source,
+                }
+            })?,
+        };
+        let transport = Arc::new(Mutex::new(transport));
+        self.mmio
+            .insert(transport.clone(), base, MMIO_DEVICE_SIZE)?;
+        self.event_loop.add_subscriber(block.clone());
+        self.cmdline
+            .add_virtio_mmio_device(MMIO_DEVICE_SIZE, GuestAddress(base), irq, None)
+            .map_err(VmmError::Cmdline)?;
+        Ok((transport, block))
+    }
+
+    /// A fresh guest gets its boot tables and kernel in memory and returns
+    /// the kernel's entry; a saved one gets its interrupt controllers, PIT
+    /// and clock back (its memory already holds the rest).
+    fn boot_state(&mut self) -> Result<Option<u64>, VmmError> {
+        match self.saved {
+            None => {
+                regs::write_boot_tables(self.mem)?;
+                mptable::setup_mptable(self.mem, self.config.vcpus)?;
+                Ok(Some(boot::configure_linux_boot(
+                    self.mem,
+                    self.config.memory_mib << 20,
+                    &self.config.kernel,
+                    self.config.initrd.as_deref(),
+                    &self.cmdline,
+                )?))
+            }
+            Some(st) => {
+                state::restore_vm(self.vm.fd(), &st.vm)?;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Creates every vCPU, set for boot at `entry` or restored from state.
+    /// Returns them with the CPUID vCPU 0 sees.
+    fn create_vcpus(
+        &mut self,
+        entry: Option<u64>,
+    ) -> Result<(Vec<Vcpu>, Vec<kvm_bindings::kvm_cpuid_entry2>), VmmError> {
+        let supported = self.vm.supported_cpuid()?;
+        let count = self.config.vcpus;
+        let mut vcpus = Vec::with_capacity(count as usize);
+        let mut guest_cpuid = Vec::new();
+        for index in 0..count {
+            let fd = self
+                .vm
+                .fd()
+                .create_vcpu(index as u64)
+                .map_err(|source| VcpuError::Create { index, source })?;
+            let cpuid = match (self.saved, entry) {
+                (Some(st), _) => restore_vcpu(&fd, index, st)?,
+                (None, Some(entry)) => configure_vcpu(&fd, index, count, &supported, entry)?,
+                (None, None) => {
+                    return Err(VmmError::EventLoop(
+                        "neither a kernel entry point nor a saved state to start from".into(),
+                    ))
+                }
+            };
+            if index == 0 {
+                guest_cpuid = cpuid;
+            }
+            vcpus.push(Vcpu::new(index, fd));
+        }
+        Ok((vcpus, guest_cpuid))
+    }
+}
+
+/// Sets a vCPU up for the 64-bit Linux boot protocol; returns its CPUID.
+fn configure_vcpu(
+    fd: &kvm_ioctls::VcpuFd,
+    index: u8,
+    count: u8,
+    supported: &kvm_bindings::CpuId,
+    entry: u64,
+) -> Result<Vec<kvm_bindings::kvm_cpuid_entry2>, VmmError> {
+    let tsc_khz = fd.get_tsc_khz().ok();
+    let cpuid = cpuid::vcpu_cpuid(supported, index, count, tsc_khz)?;
+    fd.set_cpuid2(&cpuid)
+        .map_err(|source| regs::RegsError::Kvm {
+            op: "set",
+            what: "CPUID",
+            source,
+        })?;
+    regs::setup_msrs(fd)?;
+    regs::setup_fpu(fd)?;
+    regs::setup_regs(fd, entry)?;
+    regs::setup_sregs(fd)?;
+    regs::setup_lint(fd)?;
+    Ok(cpuid.as_slice().to_vec())
+}
+
+/// Puts a vCPU back into its saved state; returns the CPUID it had.
+fn restore_vcpu(
+    fd: &kvm_ioctls::VcpuFd,
+    index: u8,
+    saved: &VmState,
+) -> Result<Vec<kvm_bindings::kvm_cpuid_entry2>, VmmError> {
+    let st = &saved.vcpus[index as usize];
+    let refused = state::restore_vcpu(fd, st)?;
+    if !refused.is_empty() {
+        eprintln!(
+            "ferry: vCPU {index}: KVM refused to restore MSRs {refused:x?}; they keep this host's values"
+        );
+    }
+    Ok(st.cpuid.clone())
+}

@@ -1,0 +1,130 @@
+//! The running VM as state is saved from it: config, KVM VM and vCPUs,
+//! memory, devices. Snapshots and migration both read it through here.
+
+use std::fs::File;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use super::builder::Drive;
+use super::VmmError;
+use crate::config::VmConfig;
+use crate::devices::i8042::I8042State;
+use crate::devices::persist::Persist;
+use crate::devices::serial::SerialDevice;
+use crate::devices::virtio::block::WriteMirror;
+use crate::migration::source::{MachineError, MigratableVm};
+use crate::snapshot::{DriveState, VmState};
+use crate::util::lock;
+use crate::vstate::memory::GuestMemoryMmap;
+use crate::vstate::state;
+use crate::vstate::vcpu::{ExitSignal, VmExit};
+use crate::vstate::vm::Vm;
+
+/// Everything that makes up the running VM, as needed to save its state.
+pub struct Machine {
+    pub config: VmConfig,
+    pub vm: Arc<Vm>,
+    pub mem: GuestMemoryMmap,
+    /// The memfd behind guest RAM (None when RAM maps a snapshot file).
+    pub memfd: Option<Arc<File>>,
+    /// The CPUID vCPU 0 was given, which a migration destination checks.
+    pub guest_cpuid: Vec<kvm_bindings::kvm_cpuid_entry2>,
+    pub vcpus: Vec<Arc<Mutex<kvm_ioctls::VcpuFd>>>,
+    pub serial: Arc<Mutex<SerialDevice>>,
+    pub drives: Vec<Drive>,
+    /// The MSRs this host lets us read, found on first use.
+    pub msrs: Option<Vec<u32>>,
+}
+
+impl Machine {
+    /// Completes every device request in flight. The vCPUs must be paused,
+    /// so that no new ones come.
+    pub fn quiesce(&self) -> Result<(), MachineError> {
+        for (i, (_, block)) in self.drives.iter().enumerate() {
+            lock(block)
+                .process_queue()
+                .map_err(|source| MachineError::Quiesce {
+                    drive: self.config.drives[i].id.clone(),
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
+    /// The whole VM state. The vCPUs must be paused.
+    pub fn save_state(&mut self) -> Result<VmState, VmmError> {
+        let msrs = match &self.msrs {
+            Some(m) => m.clone(),
+            None => {
+                let m = state::saveable_msrs(self.vm.kvm(), &lock(&self.vcpus[0]))?;
+                self.msrs = Some(m.clone());
+                m
+            }
+        };
+        let vcpus = self
+            .vcpus
+            .iter()
+            .enumerate()
+            .map(|(i, fd)| state::save_vcpu(i as u8, &lock(fd), &msrs))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut serial = lock(&self.serial);
+        serial.flush();
+        Ok(VmState {
+            config: self.config.clone(),
+            memory_size: self.config.memory_mib << 20,
+            vm: state::save_vm(self.vm.fd())?,
+            vcpus,
+            serial: serial.save(),
+            i8042: I8042State {},
+            drives: self
+                .drives
+                .iter()
+                .map(|(t, b)| DriveState {
+                    transport: lock(t).save(),
+                    block: lock(b).save(),
+                })
+                .collect(),
+        })
+    }
+}
+
+/// What a migration needs of the VMM, kept out of the migration module.
+pub struct MachineHandle {
+    pub machine: Arc<Mutex<Machine>>,
+    pub exit: Arc<ExitSignal>,
+    pub cpuid: Vec<kvm_bindings::kvm_cpuid_entry2>,
+}
+
+impl MigratableVm for MachineHandle {
+    fn quiesce(&self) -> Result<(), MachineError> {
+        lock(&self.machine).quiesce()
+    }
+
+    fn save_state(&self) -> Result<VmState, MachineError> {
+        lock(&self.machine)
+            .save_state()
+            .map_err(|e| MachineError::SaveState(Box::new(e)))
+    }
+
+    fn guest_cpuid(&self) -> Vec<kvm_bindings::kvm_cpuid_entry2> {
+        self.cpuid.clone()
+    }
+
+    fn config(&self) -> VmConfig {
+        lock(&self.machine).config.clone()
+    }
+
+    fn set_mirrors(&self, mirrors: Option<Vec<Arc<dyn WriteMirror>>>) {
+        let m = lock(&self.machine);
+        for (i, (_, block)) in m.drives.iter().enumerate() {
+            lock(block).set_mirror(mirrors.as_ref().and_then(|v| v.get(i).cloned()));
+        }
+    }
+
+    fn migrated(&self, destination: &str, downtime: Duration) {
+        self.exit.exit(VmExit::Migrated {
+            destination: destination.to_string(),
+            downtime_ms: downtime.as_secs_f64() * 1000.0,
+        });
+    }
+}
