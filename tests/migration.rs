@@ -518,3 +518,84 @@ fn a_migration_that_cannot_converge_throttles_then_fails_clearly() {
     assert_source_runs_on(&src);
     assert!(!dst.wait_exit(WAIT).success());
 }
+
+/// How long `ferry receive` may take to notice that the source gave up:
+/// far below its 30 s idle timeout, which is what it waited for when the
+/// source went quiet without a word.
+const GIVE_UP_NOTICE: Duration = Duration::from_secs(5);
+
+/// Waits for the receiver to exit after the source gave up; returns its
+/// stderr.
+fn receiver_gives_up_promptly(dst: &mut Ferry) -> String {
+    let t = Instant::now();
+    let exit = dst.wait_exit(WAIT);
+    let took = t.elapsed();
+    let err = dst.stderr();
+    assert!(!exit.success(), "{exit:?} {err}");
+    assert!(
+        took < GIVE_UP_NOTICE,
+        "the destination took {took:?} to notice: {err}"
+    );
+    assert!(
+        !err.contains("Resource temporarily unavailable"),
+        "the destination timed out instead of hearing why: {err}"
+    );
+    assert!(
+        dst.lines().is_empty(),
+        "the destination ran the guest: {:?}",
+        dst.lines()
+    );
+    err
+}
+
+#[test]
+fn a_cancel_on_the_source_ends_the_destination_at_once_with_the_reason() {
+    if !kvm_available("a_cancel_on_the_source_ends_the_destination_at_once_with_the_reason") {
+        return;
+    }
+    let dir = tempdir();
+    let (mut dst, port) = receiver(dir.path());
+    let src = slow_migration(dir.path(), port);
+    let (status, body) = src.api("PUT", "/migration/cancel");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["phase"], "cancelled", "{body}");
+    let err = receiver_gives_up_promptly(&mut dst);
+    assert!(
+        err.contains("the peer reported: the migration was cancelled on the source"),
+        "{err}"
+    );
+    assert_source_runs_on(&src);
+}
+
+#[test]
+fn a_source_that_cannot_converge_ends_the_destination_at_once_with_the_reason() {
+    if !kvm_available("a_source_that_cannot_converge_ends_the_destination_at_once_with_the_reason")
+    {
+        return;
+    }
+    let dir = tempdir();
+    let (mut dst, port) = receiver(dir.path());
+    let src = Ferry::run(
+        dir.path(),
+        &config(1, 128, "testkernel.workload=dirty testkernel.dirty_mib=32"),
+    );
+    src.wait_line(WAIT, |l| l == "testkernel: dirty pass=1 ok");
+    let (status, body) = send(
+        &src,
+        serde_json::json!({
+            "destination": format!("127.0.0.1:{port}"),
+            "max_downtime_ms": 1,
+        }),
+    );
+    assert_eq!(status, 200, "{body}");
+    let st = wait_status(&src, |s| s["phase"] == "failed");
+    let why = st["error"].as_str().unwrap();
+    assert!(why.contains("did not converge"), "{st}");
+    // The source's own words, on the destination's stderr.
+    let err = receiver_gives_up_promptly(&mut dst);
+    assert!(
+        err.contains(&format!("the peer reported: {why}")),
+        "{why} / {err}"
+    );
+    assert_source_runs_on(&src);
+}

@@ -104,26 +104,8 @@ fn migration_send(body: Option<Value>) -> Result<ApiAction, ApiError> {
     })?;
     let req: crate::migration::SendRequest = serde_json::from_value(body)
         .map_err(|e| ApiError::bad_request(format!("invalid migration request: {e}")))?;
-    if req.destination.is_empty() || !req.destination.contains(':') {
-        return Err(ApiError::bad_request(
-            "\"destination\" must be <host>:<port> of a `ferry receive`",
-        ));
-    }
-    if req.max_downtime_ms == 0 || req.max_downtime_ms > 60_000 {
-        return Err(ApiError::bad_request(
-            "\"max_downtime_ms\" must be between 1 and 60000",
-        ));
-    }
-    if req.share.is_some() && req.storage == Some(crate::migration::StorageMode::Shared) {
-        return Err(ApiError::bad_request(
-            "\"share\" is for copying the VM's files: it does not go with \"storage\": \"shared\"",
-        ));
-    }
-    if req.bandwidth_mib_s.is_some_and(|b| b == 0 || b > 1 << 20) {
-        return Err(ApiError::bad_request(
-            "\"bandwidth_mib_s\" must be between 1 and 1048576, or null for unlimited",
-        ));
-    }
+    req.validate()
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
     Ok(ApiAction::MigrationSend(req))
 }
 
@@ -665,6 +647,48 @@ mod tests {
         assert_eq!(status, 400);
         assert!(error_message(&body).is_some_and(|m| m.contains("takes no parameters")));
         assert_eq!(h.call("GET", "/vm", None).1, json!({"state": "paused"}));
+    }
+
+    #[test]
+    fn migration_send_is_validated_before_it_reaches_the_vmm() {
+        let h = Harness::new();
+        let cases = [
+            (
+                json!({"destination": "nowhere"}),
+                "\"destination\" must be <host>:<port>",
+            ),
+            (
+                json!({"destination": "h:1", "max_downtime_ms": 0}),
+                "\"max_downtime_ms\" must be between 1 and 60000",
+            ),
+            (
+                json!({"destination": "h:1", "bandwidth_mib_s": 0}),
+                "\"bandwidth_mib_s\" must be between 1 and 1048576",
+            ),
+            (
+                json!({"destination": "h:1", "storage": "shared", "share": {"path": "/x"}}),
+                "does not go with \"storage\": \"shared\"",
+            ),
+            (
+                json!({"destination": "h:1", "bogus": 1}),
+                "invalid migration request",
+            ),
+        ];
+        for (body, want) in cases {
+            let (status, reply) = h.call("PUT", "/migration/send", Some(body.clone()));
+            assert_eq!(status, 400, "{body} -> {reply}");
+            let msg = error_message(&reply).unwrap_or_default();
+            assert!(msg.contains(want), "{body} -> {msg}");
+        }
+        // A valid one goes through to the VMM as given.
+        let (status, reply) = h.call(
+            "PUT",
+            "/migration/send",
+            Some(json!({"destination": "h:1", "max_downtime_ms": 1})),
+        );
+        assert_eq!(status, 200, "{reply}");
+        let action = reply["action"].as_str().unwrap_or_default();
+        assert!(action.contains("max_downtime_ms: 1"), "{action}");
     }
 
     #[test]

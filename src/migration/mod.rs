@@ -47,7 +47,59 @@ pub struct ShareSpec {
     pub path: std::path::PathBuf,
 }
 
+/// Why a `SendRequest` is refused before anything starts.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    #[error("\"destination\" must be <host>:<port> of a `ferry receive`")]
+    Destination,
+    #[error("\"max_downtime_ms\" must be between {MIN_MAX_DOWNTIME_MS} and {MAX_MAX_DOWNTIME_MS}")]
+    MaxDowntime,
+    #[error(
+        "\"share\" is for copying the VM's files: it does not go with \"storage\": \"shared\""
+    )]
+    ShareWithoutCopy,
+    #[error(
+        "\"bandwidth_mib_s\" must be between 1 and {MAX_BANDWIDTH_MIB_S}, or null for unlimited"
+    )]
+    Bandwidth,
+}
+
+/// No hand-over is shorter: it pauses every vCPU, sends the device state
+/// and waits for two answers from the destination. What a hand-over is
+/// estimated to cost beyond that (`source::FIXED_DOWNTIME_MS`) is explained
+/// by the migration when it gives up, since it depends on the host.
+pub const MIN_MAX_DOWNTIME_MS: u64 = 1;
+/// A pause longer than a minute is an outage, not a live migration.
+pub const MAX_MAX_DOWNTIME_MS: u64 = 60_000;
+pub const MAX_BANDWIDTH_MIB_S: u64 = 1 << 20;
+
 impl SendRequest {
+    /// Checks what can be checked without the network, so that a bad
+    /// request is refused up front rather than failing in the background.
+    pub fn validate(&self) -> Result<(), RequestError> {
+        if self.destination.is_empty() || !self.destination.contains(':') {
+            return Err(RequestError::Destination);
+        }
+        if !(MIN_MAX_DOWNTIME_MS..=MAX_MAX_DOWNTIME_MS).contains(&self.max_downtime_ms) {
+            return Err(RequestError::MaxDowntime);
+        }
+        if self.share.is_some() && self.storage == Some(StorageMode::Shared) {
+            return Err(RequestError::ShareWithoutCopy);
+        }
+        if self
+            .bandwidth_mib_s
+            .is_some_and(|b| b == 0 || b > MAX_BANDWIDTH_MIB_S)
+        {
+            return Err(RequestError::Bandwidth);
+        }
+        Ok(())
+    }
+
+    /// The bandwidth limit in bytes/s, if any.
+    pub fn bandwidth_bytes_s(&self) -> Option<f64> {
+        self.bandwidth_mib_s.map(|m| m as f64 * (1u64 << 20) as f64)
+    }
+
     /// The storage mode in effect: as asked, else `shared` when the
     /// destination is this very host (a loopback address, or `localhost`),
     /// `copy` otherwise. No name lookup: this runs on the VMM's event loop.
@@ -142,5 +194,86 @@ impl MigrationStatus {
             self.phase,
             Phase::Setup | Phase::Precopy | Phase::StopAndCopy
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(v: serde_json::Value) -> SendRequest {
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn a_plain_request_is_valid_with_defaults() {
+        let r = req(serde_json::json!({"destination": "10.0.0.2:7777"}));
+        assert_eq!(r.validate(), Ok(()));
+        assert_eq!(r.max_downtime_ms, default_max_downtime_ms());
+        assert_eq!(r.bandwidth_bytes_s(), None);
+    }
+
+    #[test]
+    fn each_bad_field_is_refused_with_its_reason() {
+        let cases = [
+            (
+                serde_json::json!({"destination": ""}),
+                RequestError::Destination,
+            ),
+            (
+                serde_json::json!({"destination": "nowhere"}),
+                RequestError::Destination,
+            ),
+            (
+                serde_json::json!({"destination": "h:1", "max_downtime_ms": 0}),
+                RequestError::MaxDowntime,
+            ),
+            (
+                serde_json::json!({"destination": "h:1", "max_downtime_ms": 60_001}),
+                RequestError::MaxDowntime,
+            ),
+            (
+                serde_json::json!({"destination": "h:1", "bandwidth_mib_s": 0}),
+                RequestError::Bandwidth,
+            ),
+            (
+                serde_json::json!({"destination": "h:1", "bandwidth_mib_s": (1u64 << 20) + 1}),
+                RequestError::Bandwidth,
+            ),
+            (
+                serde_json::json!({"destination": "h:1", "storage": "shared", "share": {"path": "/mnt"}}),
+                RequestError::ShareWithoutCopy,
+            ),
+        ];
+        for (body, want) in cases {
+            assert_eq!(req(body.clone()).validate(), Err(want), "{body}");
+        }
+    }
+
+    #[test]
+    fn the_bounds_themselves_are_valid() {
+        for body in [
+            serde_json::json!({"destination": "h:1", "max_downtime_ms": MIN_MAX_DOWNTIME_MS}),
+            serde_json::json!({"destination": "h:1", "max_downtime_ms": MAX_MAX_DOWNTIME_MS}),
+            serde_json::json!({"destination": "h:1", "bandwidth_mib_s": 1}),
+            serde_json::json!({"destination": "h:1", "bandwidth_mib_s": MAX_BANDWIDTH_MIB_S}),
+            serde_json::json!({"destination": "h:1", "storage": "copy", "share": {"path": "/mnt"}}),
+        ] {
+            assert_eq!(req(body.clone()).validate(), Ok(()), "{body}");
+        }
+        let r = req(serde_json::json!({"destination": "h:1", "bandwidth_mib_s": 2}));
+        assert_eq!(r.bandwidth_bytes_s(), Some(2.0 * 1048576.0));
+    }
+
+    #[test]
+    fn messages_name_the_field_and_the_range() {
+        assert_eq!(
+            RequestError::MaxDowntime.to_string(),
+            "\"max_downtime_ms\" must be between 1 and 60000"
+        );
+        assert_eq!(
+            RequestError::Bandwidth.to_string(),
+            "\"bandwidth_mib_s\" must be between 1 and 1048576, or null for unlimited"
+        );
     }
 }

@@ -37,6 +37,8 @@ const GUEST_ROOM: std::time::Duration = std::time::Duration::from_millis(3);
 /// Zero detection granularity inside a chunk: runs of zero blocks of this
 /// size are not written, so they stay holes on the destination.
 const ZERO_BLOCK: usize = 64 << 10;
+/// A bandwidth-limit wait looks at its cancel flag this often.
+const PACER_SLICE: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// Locks over chunk indices of one file.
 #[derive(Default)]
@@ -94,14 +96,17 @@ impl Pacer {
         }
     }
 
-    /// Accounts for `n` bytes and sleeps as long as the budget requires.
-    pub fn consume(&self, n: u64) {
+    /// Accounts for `n` bytes and sleeps as long as the budget requires, or
+    /// until `cancel` is set: at a low limit one chunk's wait is seconds.
+    pub fn consume(&self, n: u64, cancel: &AtomicBool) {
         let total = self.sent.fetch_add(n, Ordering::Relaxed) + n;
         if let Some(rate) = self.bytes_per_s {
             let due = std::time::Duration::from_secs_f64(total as f64 / rate);
-            let spent = self.start.elapsed();
-            if due > spent {
-                std::thread::sleep(due - spent);
+            while !cancel.load(Ordering::SeqCst) {
+                let Some(rest) = due.checked_sub(self.start.elapsed()) else {
+                    break;
+                };
+                std::thread::sleep(rest.min(PACER_SLICE));
             }
         }
     }
@@ -119,18 +124,19 @@ pub struct StorageProgress {
     /// When the last mirrored write started, in ns since `epoch`.
     last_mirror_ns: AtomicU64,
     epoch: std::sync::OnceLock<std::time::Instant>,
-    failure: Mutex<Option<String>>,
+    failure: Mutex<Option<Arc<StorageError>>>,
 }
 
 impl StorageProgress {
-    fn fail(&self, why: String) {
+    fn fail(&self, why: StorageError) {
         let mut f = lock(&self.failure);
         if f.is_none() {
-            *f = Some(why);
+            *f = Some(Arc::new(why));
         }
     }
 
-    pub fn failure(&self) -> Option<String> {
+    /// The first failure of the copier or a mirror.
+    pub fn failure(&self) -> Option<Arc<StorageError>> {
         lock(&self.failure).clone()
     }
 
@@ -182,11 +188,11 @@ impl WriteMirror for Mirror {
                     .mirrored_bytes
                     .fetch_add(data.len() as u64, Ordering::Relaxed);
             }
-            Err(e) => self.give_up(format!(
-                "mirroring a guest write to {}: {}",
-                self.name,
-                describe(&e)
-            )),
+            Err(source) => self.give_up(StorageError::Mirror {
+                what: "mirroring a guest write to",
+                name: self.name.clone(),
+                source,
+            }),
         }
     }
 
@@ -194,27 +200,22 @@ impl WriteMirror for Mirror {
         if self.failed.load(Ordering::SeqCst) {
             return;
         }
-        if let Err(e) = self.file.sync() {
-            self.give_up(format!(
-                "flushing the copy of {}: {}",
-                self.name,
-                describe(&e)
-            ));
+        if let Err(source) = self.file.sync() {
+            self.give_up(StorageError::Mirror {
+                what: "flushing the copy of",
+                name: self.name.clone(),
+                source,
+            });
         }
     }
 }
 
 impl Mirror {
     /// Stops mirroring: the migration fails, the guest goes on locally.
-    fn give_up(&self, why: String) {
+    fn give_up(&self, why: StorageError) {
         self.failed.store(true, Ordering::SeqCst);
         self.progress.fail(why);
     }
-}
-
-/// Share errors say what failed, a full destination disk included.
-fn describe(e: &ShareError) -> String {
-    e.to_string()
 }
 
 /// One file to copy into the share.
@@ -236,6 +237,16 @@ struct Target {
     locks: Arc<ChunkLocks>,
 }
 
+impl Target {
+    /// Makes the copy durable on the destination.
+    fn commit(&self) -> Result<(), StorageError> {
+        self.file.sync().map_err(|source| StorageError::Commit {
+            name: self.item.name.clone(),
+            source,
+        })
+    }
+}
+
 /// A storage copy in progress.
 pub struct StorageCopy {
     pub progress: Arc<StorageProgress>,
@@ -245,6 +256,7 @@ pub struct StorageCopy {
     thread: Option<JoinHandle<()>>,
 }
 
+/// Share errors say what failed, a full destination disk included.
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
     #[error("cannot read {path}: {source}")]
@@ -252,10 +264,43 @@ pub enum StorageError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("{path}: {source}")]
+    Extents {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("share: {0}")]
-    Share(String),
+    Share(#[from] ShareError),
+    #[error("copying {name}: {source}")]
+    Copy { name: String, source: ShareError },
+    #[error("committing {name}: {source}")]
+    Commit { name: String, source: ShareError },
+    #[error("{what} {name}: {source}")]
+    Mirror {
+        what: &'static str,
+        name: String,
+        source: ShareError,
+    },
+    #[error("cancelled")]
+    Cancelled,
+    #[error("the bulk copy did not complete")]
+    Incomplete,
+    /// The copier's or a mirror's failure, found at the end of the copy.
     #[error("storage copy failed: {0}")]
-    Failed(String),
+    Failed(Arc<StorageError>),
+    /// The same, found while the copy runs.
+    #[error("{0}")]
+    Reported(Arc<StorageError>),
+    #[error("the destination offered no share for the copy")]
+    NoOffer,
+    #[error("the destination offered a bad share directory {0:?}")]
+    BadShareDir(String),
+    #[error("the destination offered neither an NFS share nor a mounted directory")]
+    NoShare,
+    #[error("cannot reach the share: {0}")]
+    Unreachable(ShareError),
+    #[error("cannot start the copy: {0}")]
+    Start(std::io::Error),
 }
 
 impl StorageCopy {
@@ -277,9 +322,7 @@ impl StorageCopy {
                     source,
                 })?
                 .len();
-            let file = share
-                .create(&item.name, size)
-                .map_err(|e| StorageError::Share(describe(&e)))?;
+            let file = share.create(&item.name, size)?;
             progress.total_bytes += size;
             targets.push(Arc::new(Target {
                 item,
@@ -326,21 +369,14 @@ impl StorageCopy {
                 .spawn(move || {
                     let result = copy_all(&targets, &progress, &pacer).and_then(|()| {
                         for (name, bytes) in &extra {
-                            let f = share
-                                .create(name, bytes.len() as u64)
-                                .map_err(|e| describe(&e))?;
-                            f.write_at(0, bytes).map_err(|e| describe(&e))?;
-                            f.sync().map_err(|e| describe(&e))?;
+                            let f = share.create(name, bytes.len() as u64)?;
+                            f.write_at(0, bytes)?;
+                            f.sync()?;
                         }
                         // Commit the bulk of the copy now, while the guest
                         // runs: the final commit, in the pause, then only
                         // has what was mirrored since.
-                        for t in &targets {
-                            t.file.sync().map_err(|e| {
-                                format!("committing {}: {}", t.item.name, describe(&e))
-                            })?;
-                        }
-                        Ok(())
+                        targets.iter().try_for_each(|t| t.commit())
                     });
                     match result {
                         Ok(()) => progress.copy_done.store(true, Ordering::SeqCst),
@@ -362,16 +398,9 @@ impl StorageCopy {
             return Err(StorageError::Failed(why));
         }
         if !self.progress.copy_done.load(Ordering::SeqCst) {
-            return Err(StorageError::Failed(
-                "the bulk copy did not complete".into(),
-            ));
+            return Err(StorageError::Incomplete);
         }
-        for t in &self.targets {
-            t.file.sync().map_err(|e| {
-                StorageError::Failed(format!("committing {}: {}", t.item.name, describe(&e)))
-            })?;
-        }
-        Ok(())
+        self.targets.iter().try_for_each(|t| t.commit())
     }
 
     /// Stops the copy (the mirrors must have been detached already).
@@ -393,14 +422,19 @@ fn copy_all(
     targets: &[Arc<Target>],
     progress: &StorageProgress,
     pacer: &Pacer,
-) -> Result<(), String> {
+) -> Result<(), StorageError> {
     let mut buf = vec![0u8; CHUNK as usize];
     for t in targets {
-        let src = File::open(&t.item.source)
-            .map_err(|e| format!("cannot read {}: {e}", t.item.source.display()))?;
+        let local = |source| StorageError::Local {
+            path: t.item.source.clone(),
+            source,
+        };
+        let src = File::open(&t.item.source).map_err(local)?;
         let extents = if t.item.mirrored {
-            data_extents(&src, 0, t.size)
-                .map_err(|e| format!("{}: {e}", t.item.source.display()))?
+            data_extents(&src, 0, t.size).map_err(|source| StorageError::Extents {
+                path: t.item.source.clone(),
+                source,
+            })?
         } else {
             vec![(0, t.size)]
         };
@@ -411,10 +445,10 @@ fn copy_all(
             let mut chunk = start / CHUNK;
             while chunk * CHUNK < end {
                 if progress.cancel.load(Ordering::SeqCst) {
-                    return Err("cancelled".into());
+                    return Err(StorageError::Cancelled);
                 }
                 if let Some(why) = progress.failure() {
-                    return Err(why);
+                    return Err(StorageError::Failed(why));
                 }
                 progress.make_room_for_guest();
                 let from = (chunk * CHUNK).max(start);
@@ -422,8 +456,7 @@ fn copy_all(
                 let n = (to - from) as usize;
                 {
                     let _guard = t.locks.lock(chunk, chunk);
-                    src.read_exact_at(&mut buf[..n], from)
-                        .map_err(|e| format!("cannot read {}: {e}", t.item.source.display()))?;
+                    src.read_exact_at(&mut buf[..n], from).map_err(local)?;
                     // Write the non-zero runs only: zero runs stay holes.
                     let mut i = 0;
                     while i < n {
@@ -437,10 +470,13 @@ fn copy_all(
                             i += ZERO_BLOCK;
                         }
                         let run_end = i.min(n);
-                        pacer.consume((run_end - run) as u64);
+                        pacer.consume((run_end - run) as u64, &progress.cancel);
                         t.file
                             .write_at(from + run as u64, &buf[run..run_end])
-                            .map_err(|e| format!("copying {}: {}", t.item.name, describe(&e)))?;
+                            .map_err(|source| StorageError::Copy {
+                                name: t.item.name.clone(),
+                                source,
+                            })?;
                     }
                 }
                 progress.copied_bytes.fetch_add(n as u64, Ordering::Relaxed);

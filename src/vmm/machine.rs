@@ -12,7 +12,7 @@ use crate::devices::i8042::I8042State;
 use crate::devices::persist::Persist;
 use crate::devices::serial::SerialDevice;
 use crate::devices::virtio::block::WriteMirror;
-use crate::migration::source::MigratableVm;
+use crate::migration::source::{MachineError, MigratableVm};
 use crate::snapshot::{DriveState, VmState};
 use crate::util::lock;
 use crate::vstate::memory::GuestMemoryMmap;
@@ -39,11 +39,14 @@ pub struct Machine {
 impl Machine {
     /// Completes every device request in flight. The vCPUs must be paused,
     /// so that no new ones come.
-    pub fn quiesce(&self) -> Result<(), String> {
+    pub fn quiesce(&self) -> Result<(), MachineError> {
         for (i, (_, block)) in self.drives.iter().enumerate() {
             lock(block)
                 .process_queue()
-                .map_err(|e| format!("drive {}: {e}", self.config.drives[i].id))?;
+                .map_err(|source| MachineError::Quiesce {
+                    drive: self.config.drives[i].id.clone(),
+                    source,
+                })?;
         }
         Ok(())
     }
@@ -93,12 +96,14 @@ pub struct MachineHandle {
 }
 
 impl MigratableVm for MachineHandle {
-    fn quiesce(&self) -> Result<(), String> {
+    fn quiesce(&self) -> Result<(), MachineError> {
         lock(&self.machine).quiesce()
     }
 
-    fn save_state(&self) -> Result<VmState, String> {
-        lock(&self.machine).save_state().map_err(|e| e.to_string())
+    fn save_state(&self) -> Result<VmState, MachineError> {
+        lock(&self.machine)
+            .save_state()
+            .map_err(|e| MachineError::SaveState(Box::new(e)))
     }
 
     fn guest_cpuid(&self) -> Vec<kvm_bindings::kvm_cpuid_entry2> {
