@@ -269,6 +269,7 @@ fn incompatible_destinations_are_refused_and_the_source_is_unharmed() {
                     vcpus: h.vcpus,
                     memory_size: h.memory_size * 2,
                     share: None,
+                    nonce: "0123abcd".into(),
                 };
                 protocol::send_json(s, Kind::HelloAck, &ack).unwrap();
             }),
@@ -282,6 +283,7 @@ fn incompatible_destinations_are_refused_and_the_source_is_unharmed() {
                     vcpus: h.vcpus,
                     memory_size: h.memory_size,
                     share: None,
+                    nonce: "0123abcd".into(),
                 };
                 protocol::send_json(s, Kind::HelloAck, &ack).unwrap();
             }),

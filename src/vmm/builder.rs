@@ -6,6 +6,7 @@
 
 use std::fs::File;
 use std::io::{LineWriter, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -186,8 +187,10 @@ fn serial_output(cfg: &SerialConfig, append: bool) -> Result<Box<dyn Write + Sen
     Ok(match cfg {
         SerialConfig::Stdout => Box::new(std::io::stdout()),
         SerialConfig::File(path) => {
+            // The console carries guest data: for this host's owner only.
             let f = std::fs::OpenOptions::new()
                 .create(true)
+                .mode(0o600)
                 .write(true)
                 .append(append)
                 .truncate(!append)
