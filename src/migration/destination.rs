@@ -1259,4 +1259,138 @@ mod tests {
         assert_eq!(config.initrd.as_deref(), Some(Path::new("/dst/abc/initrd")));
         assert_eq!(config.drives[0].path, Path::new("/dst/abc/drive0-d0.img"));
     }
+
+    fn tempdir() -> PathBuf {
+        let d = std::env::temp_dir().join(format!(
+            "ferry-dest-test-{}",
+            crate::util::random_hex::<8>().unwrap()
+        ));
+        std::fs::create_dir(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn leftovers_are_removed_only_when_no_live_receiver_holds_them() {
+        let base = tempdir();
+        // A dead receiver's copy: marker and directory, nobody holds them.
+        std::fs::create_dir(base.join("aa11")).unwrap();
+        std::fs::write(base.join("aa11/disk.img"), b"partial").unwrap();
+        std::fs::write(base.join(".aa11.partial"), b"").unwrap();
+        // A live receiver's copy in progress: this process holds it.
+        let mut live = ShareDir::create(&base, "bb22").unwrap();
+        std::fs::write(live.path.join("disk.img"), b"copying").unwrap();
+        // A guest that runs on its copy: no marker, directory held.
+        let mut running = ShareDir::create(&base, "cc33").unwrap();
+        running.keep();
+        let guest_lock = running.take_lock();
+        assert!(guest_lock.is_some());
+        std::fs::write(base.join("cc33/disk.img"), b"running").unwrap();
+        // A forged marker naming the running guest's directory.
+        std::fs::write(base.join(".cc33.partial"), b"").unwrap();
+
+        remove_leftovers(&base);
+        assert!(!base.join("aa11").exists());
+        assert!(!base.join(".aa11.partial").exists());
+        assert_eq!(
+            std::fs::read(base.join("bb22/disk.img")).unwrap(),
+            b"copying"
+        );
+        assert!(base.join(".bb22.partial").exists());
+        assert_eq!(
+            std::fs::read(base.join("cc33/disk.img")).unwrap(),
+            b"running"
+        );
+
+        // Once nobody holds them (their receiver died), they go too.
+        live.keep = true;
+        drop(live);
+        remove_leftovers(&base);
+        assert!(!base.join("bb22").exists());
+        // The guest still runs: the directory stays while its lock is held.
+        assert!(base.join("cc33/disk.img").exists());
+        drop(guest_lock);
+        drop(running);
+        std::fs::remove_dir_all(&base).unwrap();
+    }
+
+    #[test]
+    fn an_id_in_use_is_refused_and_nothing_is_touched() {
+        let base = tempdir();
+        std::fs::create_dir(base.join("dd44")).unwrap();
+        std::fs::write(base.join("dd44/disk.img"), b"a guest's disk").unwrap();
+        assert!(ShareDir::create(&base, "dd44").is_err());
+        assert_eq!(
+            std::fs::read(base.join("dd44/disk.img")).unwrap(),
+            b"a guest's disk"
+        );
+        // No marker was left behind for a later cleanup to act on.
+        assert!(!base.join(".dd44.partial").exists());
+        remove_leftovers(&base);
+        assert!(base.join("dd44/disk.img").exists());
+        std::fs::remove_dir_all(&base).unwrap();
+    }
+
+    #[test]
+    fn the_page_map_needs_every_page_once_and_clears_only_received_data() {
+        let (_fd, mem) = create_guest_memory(16 << 20).unwrap();
+        let mut map = PageMap::new(&mem);
+        let pages = (16 << 20) / PAGE_SIZE;
+        assert_eq!(map.missing(), Some((pages, 0)));
+        map.got_data(0, 8 * PAGE_SIZE);
+        // Zero over data and fresh pages: only the data needs clearing.
+        assert_eq!(
+            map.got_zero(4 * PAGE_SIZE, 8 * PAGE_SIZE),
+            vec![(4 * PAGE_SIZE, 4 * PAGE_SIZE)]
+        );
+        assert_eq!(map.got_zero(4 * PAGE_SIZE, 8 * PAGE_SIZE), vec![]);
+        assert_eq!(map.missing(), Some((pages - 12, 12 * PAGE_SIZE)));
+        map.got_zero(12 * PAGE_SIZE, (pages - 12) * PAGE_SIZE);
+        assert_eq!(map.missing(), None);
+    }
+
+    #[test]
+    fn share_contents_must_be_announced_and_within_size() {
+        let dir = tempdir();
+        let files = vec!["disk.img".to_string(), "vm.json".to_string()];
+        std::fs::write(dir.join("disk.img"), [0u8; 100]).unwrap();
+        check_share_contents(&dir, &files, &[100, 10]).unwrap();
+        let err = check_share_contents(&dir, &files, &[99, 10]).unwrap_err();
+        assert!(err.to_string().contains("100 bytes, 99"), "{err}");
+        std::os::unix::fs::symlink("/etc/passwd", dir.join("vm.json")).unwrap();
+        let err = check_share_contents(&dir, &files, &[100, 10]).unwrap_err();
+        assert!(err.to_string().contains("vm.json"), "{err}");
+        std::fs::remove_file(dir.join("vm.json")).unwrap();
+        std::fs::write(dir.join("extra"), b"").unwrap();
+        let err = check_share_contents(&dir, &files, &[100, 10]).unwrap_err();
+        assert!(err.to_string().contains("extra"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn shared_storage_paths_must_resolve_under_the_root() {
+        let base = tempdir();
+        let root = base.join("root");
+        std::fs::create_dir(&root).unwrap();
+        std::fs::write(root.join("disk.img"), b"").unwrap();
+        std::fs::write(base.join("outside.img"), b"").unwrap();
+        std::os::unix::fs::symlink(base.join("outside.img"), root.join("link.img")).unwrap();
+        let root = std::fs::canonicalize(&root).unwrap();
+        assert_eq!(
+            under_root(&root, "d", &root.join("disk.img")).unwrap(),
+            root.join("disk.img")
+        );
+        for p in [
+            root.join("link.img"),
+            root.join("../outside.img"),
+            base.join("outside.img"),
+        ] {
+            let err = under_root(&root, "d", &p).unwrap_err();
+            assert!(
+                err.to_string().contains("outside --shared-storage-root"),
+                "{err}"
+            );
+        }
+        assert!(under_root(&root, "d", &root.join("missing.img")).is_err());
+        std::fs::remove_dir_all(&base).unwrap();
+    }
 }

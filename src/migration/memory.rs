@@ -461,4 +461,16 @@ mod tests {
         assert!(receive_zero(&mut r, &h, &dst).is_err());
     }
     const HEADER: usize = crate::migration::protocol::HEADER_LEN;
+
+    #[test]
+    fn unpopulated_ranges_are_the_rest_of_each_region() {
+        let (_fd, mem) = create_guest_memory(16 << 20).unwrap();
+        let end = 16u64 << 20;
+        assert_eq!(unpopulated_ranges(&mem, &[]), vec![(0, end)]);
+        assert_eq!(
+            unpopulated_ranges(&mem, &[(0, 4096), (8192, 4096), (end - 4096, 4096)]),
+            vec![(4096, 4096), (12288, end - 4096 - 12288)]
+        );
+        assert_eq!(unpopulated_ranges(&mem, &[(0, end)]), vec![]);
+    }
 }

@@ -522,4 +522,57 @@ mod tests {
             Err(ProtocolError::Io(_))
         ));
     }
+
+    #[test]
+    fn the_digest_written_is_the_digest_read() {
+        let mut w = DigestWriter::new(Vec::new());
+        send_json(&mut w, Kind::Hello, &PassEnd { pass: 0 }).unwrap();
+        w.start_digest("00ff");
+        send_frame(
+            &mut w,
+            Kind::MemoryPages,
+            &[&0u64.to_le_bytes(), &[7u8; 4096]],
+        )
+        .unwrap();
+        send_json(&mut w, Kind::PassEnd, &PassEnd { pass: 1 }).unwrap();
+        send_frame(&mut w, Kind::ZeroPages, &[&[0u8; 16]]).unwrap();
+        let seal = w.seal().unwrap();
+        assert_eq!(seal.frames, 3);
+        let wire = w.get_ref().clone();
+
+        let read = |wire: &[u8], nonce: &str| {
+            let mut r = wire;
+            let hello = read_header(&mut r).unwrap();
+            read_payload(&mut r, &hello).unwrap();
+            let mut d = StreamDigest::new(nonce);
+            while !r.is_empty() {
+                let h = read_header(&mut r).unwrap();
+                read_payload(&mut r, &h).unwrap();
+                d.add(&h);
+            }
+            d.seal()
+        };
+        let got = read(&wire, "00ff");
+        assert_eq!((got.frames, got.digest), (seal.frames, seal.digest));
+        // Another nonce (a recorded stream at a later migration) differs.
+        assert_ne!(read(&wire, "00fe").digest, seal.digest);
+        // So does a stream with a frame missing.
+        let first = HEADER_LEN + read_header(&mut &wire[..]).unwrap().len as usize;
+        let second = HEADER_LEN + 8 + 4096;
+        let mut cut = wire[..first].to_vec();
+        cut.extend_from_slice(&wire[first + second..]);
+        assert_ne!(read(&cut, "00ff").digest, seal.digest);
+
+        // Written a byte at a time, the digest is the same.
+        let mut w = DigestWriter::new(Vec::new());
+        w.start_digest("00ff");
+        let mut one = Vec::new();
+        send_json(&mut one, Kind::PassEnd, &PassEnd { pass: 1 }).unwrap();
+        for b in &one {
+            w.write_all(std::slice::from_ref(b)).unwrap();
+        }
+        let mut d = StreamDigest::new("00ff");
+        d.add(&read_header(&mut &one[..]).unwrap());
+        assert_eq!(w.seal().unwrap().digest, d.seal().digest);
+    }
 }

@@ -327,7 +327,7 @@ impl<S> RecordLimit<S> {
 
     /// Follows `bytes` through the record marking; an error if a record
     /// grows past the limit.
-    fn track(&mut self, mut bytes: &[u8]) -> io::Result<()> {
+    pub(crate) fn track(&mut self, mut bytes: &[u8]) -> io::Result<()> {
         while !bytes.is_empty() {
             if self.fragment_left > 0 {
                 let n = (bytes.len() as u64).min(self.fragment_left);
