@@ -700,6 +700,13 @@ impl IncomingMigration {
                         got.frames, got.digest, want.frames, want.digest
                     )));
                 }
+                // The seal ends the memory: all of it must be here.
+                if let Some((count, gpa)) = self.pages.missing() {
+                    return Err(DestinationError::Stream(format!(
+                        "{count} pages of guest memory were never sent nor declared zero \
+                         (the first at {gpa:#x})"
+                    )));
+                }
                 self.sealed = true;
             }
             Step::State => {
@@ -707,12 +714,6 @@ impl IncomingMigration {
                     return Err(DestinationError::Stream(
                         "the state came without a Seal of the stream before it".into(),
                     ));
-                }
-                if let Some((count, gpa)) = self.pages.missing() {
-                    return Err(DestinationError::Stream(format!(
-                        "{count} pages of guest memory were never sent nor declared zero \
-                         (the first at {gpa:#x})"
-                    )));
                 }
                 let payload = read_payload(reader, &h)?;
                 let mut state: VmState = parse_json(Kind::State, &payload)?;
@@ -998,16 +999,21 @@ fn handshake(
             hello.vcpus
         )));
     }
-    let host_mib = crate::util::host_memory_mib().unwrap_or(0);
-    let mib_problem = (hello.memory_size < MIN_MEMORY
-        || !hello.memory_size.is_multiple_of(1 << 20)
-        || hello.memory_size >> 20 > host_mib)
-        .then(|| "not a whole number of MiB within this host's memory".to_string())
-        .or_else(|| crate::config::memory_problem(hello.memory_size >> 20));
+    let host_mib = crate::util::host_memory_mib();
+    let mib_problem =
+        if hello.memory_size < MIN_MEMORY || !hello.memory_size.is_multiple_of(1 << 20) {
+            Some("not a whole number of MiB, at least 16".to_string())
+        } else if host_mib.is_none() {
+            // Without the host's size there is no limit to check against.
+            Some("this host's memory size is unknown (/proc/meminfo)".to_string())
+        } else {
+            crate::config::memory_problem(hello.memory_size >> 20)
+        };
     if let Some(p) = mib_problem {
         return Err(DestinationError::Refused(format!(
-            "guest memory of {} bytes does not fit this host ({host_mib} MiB): {p}",
-            hello.memory_size
+            "guest memory of {} bytes does not fit this host ({} MiB): {p}",
+            hello.memory_size,
+            host_mib.unwrap_or(0)
         )));
     }
     check_cpuid(&hello.cpuid)?;
