@@ -1002,13 +1002,13 @@ fn an_id_collision_deletes_nothing() {
     let offer = |sizes: Vec<u64>| protocol::StorageOffer {
         files: vec!["kernel".into(), "drive0-d0.img".into(), "vm.json".into()],
         sizes,
+        data_bytes: None,
         mounted_share: false,
     };
     let base_arg = base.to_str().unwrap().to_string();
     let (mut dst, port) = receiver_with(dir.path(), &["--dir", &base_arg]);
     for (id, sizes, want) in [
         ("abcd0123", vec![1, 2, 3], "already in use"),
-        ("abcd4567", vec![1 << 62, 1 << 62, 1], "not enough space"),
         ("abcd4567", vec![1, 2], "2 sizes for 3 files"),
     ] {
         let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
@@ -1039,11 +1039,38 @@ fn an_id_collision_deletes_nothing() {
         .collect();
     assert_eq!(names, vec![std::ffi::OsString::from("abcd0123")]);
     drop(dst);
-    // The next receiver's cleanup leaves it alone too.
-    let (again, _) = receiver_with(dir.path(), &["--dir", &base_arg]);
+    // The next receiver's cleanup leaves it alone too. An offer too big for
+    // the disk is refused before anything is created (and, as any failed
+    // set-up after a handshake, ends the receiver).
+    let (mut again, port) = receiver_with(dir.path(), &["--dir", &base_arg]);
     assert_eq!(
         std::fs::read(running.join("drive0-d0.img")).unwrap(),
         b"a running guest's disk"
     );
-    drop(again);
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    protocol::send_json(
+        &mut s,
+        Kind::Hello,
+        &protocol::Hello {
+            protocol: protocol::PROTOCOL_VERSION,
+            migration_id: "abcd89ab".into(),
+            vcpus: 1,
+            memory_size: 128 << 20,
+            cpuid: vec![],
+            storage: Some(offer(vec![1 << 62, 1 << 62, 1])),
+        },
+    )
+    .unwrap();
+    match protocol::expect(&mut s, Kind::HelloAck) {
+        Err(protocol::ProtocolError::Peer(reason)) => {
+            assert!(reason.contains("destination disk full"), "{reason}")
+        }
+        other => panic!("expected a refusal, got {:?}", other.map(|_| ())),
+    }
+    assert_eq!(again.wait_exit(Duration::from_secs(10)).code(), Some(1));
+    let names: Vec<_> = std::fs::read_dir(&base)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, vec![std::ffi::OsString::from("abcd0123")]);
 }

@@ -68,6 +68,12 @@ pub enum DestinationError {
     /// The stream broke the rules of a complete, untampered migration.
     #[error("incomplete or altered stream: {0}")]
     Stream(String),
+    #[error("destination disk full: the VM's files need {need_mib} MiB, --dir {} has {free_mib} MiB free", dir.display())]
+    NoSpace {
+        dir: PathBuf,
+        need_mib: u64,
+        free_mib: u64,
+    },
     /// The sent state asks for something this destination does not allow.
     #[error("refused the VM state: {0}")]
     Untrusted(String),
@@ -740,6 +746,10 @@ impl IncomingMigration {
             (Some(dir), Some(offer)) => {
                 check_share_contents(&dir.path, &offer.files, &offer.sizes)?;
                 local_paths(config, &dir.path);
+                // The copies exist; nothing is created from a sent size.
+                for d in config.drives.iter_mut() {
+                    d.create_size_mib = None;
+                }
                 let announced = |p: &Path| {
                     p.file_name()
                         .and_then(|n| n.to_str())
@@ -1020,8 +1030,8 @@ fn handshake(
     Ok(hello)
 }
 
-/// The files a storage copy announces: plain names, one size each, an id
-/// not in use under `--dir`, and room for all of them there.
+/// The files a storage copy announces: plain names, one size each, and an
+/// id not in use under `--dir`.
 fn check_offer(
     offer: &super::protocol::StorageOffer,
     base: &Path,
@@ -1059,16 +1069,6 @@ fn check_offer(
                 p.display()
             )));
         }
-    }
-    let need = offer.sizes.iter().fold(0u64, |a, &b| a.saturating_add(b));
-    let free = free_bytes(base).map_err(DestinationError::ShareSetup)?;
-    if need > free {
-        return Err(DestinationError::Refused(format!(
-            "not enough space in --dir {} for the VM's files: they need {} MiB, {} MiB are free",
-            base.display(),
-            need.div_ceil(1 << 20),
-            free >> 20
-        )));
     }
     Ok(())
 }
@@ -1128,6 +1128,18 @@ fn open_share(
     let (Some(offer), Some(base)) = (&hello.storage, dir) else {
         return Ok(None);
     };
+    // Refused before a byte is copied, rather than failing halfway.
+    let need = offer
+        .data_bytes
+        .unwrap_or_else(|| offer.sizes.iter().fold(0u64, |a, &b| a.saturating_add(b)));
+    let free = free_bytes(base).map_err(DestinationError::ShareSetup)?;
+    if need > free {
+        return Err(DestinationError::NoSpace {
+            dir: base.to_path_buf(),
+            need_mib: need.div_ceil(1 << 20),
+            free_mib: free >> 20,
+        });
+    }
     let share_dir = ShareDir::create(base, &hello.migration_id)?;
     if offer.mounted_share {
         let offer = ShareOffer {

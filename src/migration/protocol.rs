@@ -128,6 +128,12 @@ pub struct StorageOffer {
     /// against their sum before the copy starts.
     #[serde(default)]
     pub sizes: Vec<u64>,
+    /// The bytes the copy will take on the destination's disk (holes stay
+    /// holes): what its free space is checked against. Absent: the sum of
+    /// `sizes`. Only the source's own copy fails if it is too low; the
+    /// per-file sizes are what the destination enforces.
+    #[serde(default)]
+    pub data_bytes: Option<u64>,
     /// The source writes through a directory it has mounted itself (the
     /// destination's `--dir`), instead of the destination's NFS share.
     pub mounted_share: bool,

@@ -568,21 +568,30 @@ impl MigrationContext<'_> {
 fn storage_offer(plan: &SharePlan, mounted_share: bool) -> Result<StorageOffer, SourceError> {
     let mut files = Vec::new();
     let mut sizes = Vec::new();
+    let mut data_bytes = 0u64;
     for item in &plan.items {
-        let size = std::fs::metadata(&item.source)
-            .map_err(|source| StorageError::Local {
-                path: item.source.clone(),
-                source,
-            })?
-            .len();
+        let local = |source| StorageError::Local {
+            path: item.source.clone(),
+            source,
+        };
+        let file = std::fs::File::open(&item.source).map_err(local)?;
+        let size = file.metadata().map_err(local)?.len();
+        let data: u64 = crate::sparse::data_extents(&file, 0, size)
+            .map_err(local)?
+            .iter()
+            .map(|(from, to)| to - from)
+            .sum();
         files.push(item.name.clone());
         sizes.push(size);
+        data_bytes = data_bytes.saturating_add(data);
     }
+    let config = serde_json::to_vec_pretty(&plan.config)?.len() as u64;
     files.push(CONFIG_NAME.to_string());
-    sizes.push(serde_json::to_vec_pretty(&plan.config)?.len() as u64);
+    sizes.push(config);
     Ok(StorageOffer {
         files,
         sizes,
+        data_bytes: Some(data_bytes.saturating_add(config)),
         mounted_share,
     })
 }
