@@ -288,46 +288,33 @@ async fn serve(
             TRANSACTION_TRIM,
         ));
         tokio::spawn(async move {
-            let _ = process_socket(RecordLimit::new(socket, MAX_RECORD), context).await;
+            let _ =
+                process_socket(RecordLimit::new(socket, MAX_RECORD, MAX_IN_FLIGHT), context).await;
         });
     }
 }
 
-/// A stream whose incoming RPC record marks (RFC 5531 §11: a 4-byte header
-/// per fragment, length in the low 31 bits, "last fragment" in the top bit)
-/// are checked as they pass: a record that claims more than `max` bytes in
-/// all its fragments fails the read, so the connection ends before the
-/// server allocates for it. Writes pass through untouched.
-pub(crate) struct RecordLimit<S> {
-    inner: S,
-    max: u64,
-    /// Bytes of the current fragment header seen so far, and their value.
+/// Follows RPC record marking (RFC 5531 §11: a 4-byte header per fragment,
+/// length in the low 31 bits, "last fragment" in the top bit) through a
+/// byte stream, in whatever pieces it comes.
+#[derive(Default)]
+struct RecordMarks {
+    /// Bytes of the current fragment header seen so far.
     header: [u8; 4],
     header_have: usize,
     /// Payload bytes of the current fragment still to pass.
     fragment_left: u64,
     /// The fragment being passed is the record's last.
     last: bool,
-    /// Bytes of the current record announced so far.
+    /// Bytes the current record's fragments have announced so far.
     record: u64,
 }
 
-impl<S> RecordLimit<S> {
-    pub(crate) fn new(inner: S, max: u64) -> Self {
-        RecordLimit {
-            inner,
-            max,
-            header: [0; 4],
-            header_have: 0,
-            fragment_left: 0,
-            last: false,
-            record: 0,
-        }
-    }
-
-    /// Follows `bytes` through the record marking; an error if a record
-    /// grows past the limit.
-    pub(crate) fn track(&mut self, mut bytes: &[u8]) -> io::Result<()> {
+impl RecordMarks {
+    /// Feeds `bytes`; returns how many records they completed, or an error
+    /// as soon as a record announces more than `max` bytes.
+    fn feed(&mut self, mut bytes: &[u8], max: u64) -> io::Result<u32> {
+        let mut done = 0;
         while !bytes.is_empty() {
             if self.fragment_left > 0 {
                 let n = (bytes.len() as u64).min(self.fragment_left);
@@ -335,6 +322,7 @@ impl<S> RecordLimit<S> {
                 bytes = &bytes[n as usize..];
                 if self.fragment_left == 0 && self.last {
                     self.record = 0;
+                    done += 1;
                 }
                 continue;
             }
@@ -342,27 +330,85 @@ impl<S> RecordLimit<S> {
             self.header[self.header_have..self.header_have + n].copy_from_slice(&bytes[..n]);
             self.header_have += n;
             bytes = &bytes[n..];
-            if self.header_have == 4 {
-                self.header_have = 0;
-                let h = u32::from_be_bytes(self.header);
-                self.last = h & 0x8000_0000 != 0;
-                self.fragment_left = u64::from(h & 0x7fff_ffff);
-                self.record += self.fragment_left;
-                if self.record > self.max {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        format!(
-                            "RPC record of more than {} bytes (at most {} allowed)",
-                            self.record, self.max
-                        ),
-                    ));
-                }
-                if self.fragment_left == 0 && self.last {
-                    self.record = 0;
+            if self.header_have < 4 {
+                continue;
+            }
+            self.header_have = 0;
+            let h = u32::from_be_bytes(self.header);
+            self.last = h & 0x8000_0000 != 0;
+            self.fragment_left = u64::from(h & 0x7fff_ffff);
+            self.record += self.fragment_left;
+            if self.record > max {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "RPC record of more than {} bytes (at most {max} allowed)",
+                        self.record
+                    ),
+                ));
+            }
+            if self.fragment_left == 0 && self.last {
+                self.record = 0;
+                done += 1;
+            }
+        }
+        Ok(done)
+    }
+}
+
+/// Most requests one share connection may have read and not yet answered:
+/// `nfs3_server` 0.11.1 spawns a task per request as soon as it is read,
+/// each holding its record, so without this a client that pipelines WRITEs
+/// faster than the disk takes them makes the server hold all of them. Our
+/// client has one call per connection in flight; libnfs pipelines a few.
+pub(crate) const MAX_IN_FLIGHT: u32 = 16;
+
+/// A share connection's stream with its requests bounded: a record that
+/// announces more than `max` bytes fails the read before the server
+/// allocates for it, and once `max_in_flight` requests are read and not
+/// answered, reading waits for a reply to go out (the client's writes then
+/// back up in TCP). Replies are counted as they are written.
+pub(crate) struct RecordLimit<S> {
+    inner: S,
+    max: u64,
+    max_in_flight: u32,
+    incoming: RecordMarks,
+    outgoing: RecordMarks,
+    in_flight: u32,
+    /// The reader waiting for a reply to free a slot.
+    waiting: Option<std::task::Waker>,
+}
+
+impl<S> RecordLimit<S> {
+    pub(crate) fn new(inner: S, max: u64, max_in_flight: u32) -> Self {
+        RecordLimit {
+            inner,
+            max,
+            max_in_flight,
+            incoming: RecordMarks::default(),
+            outgoing: RecordMarks::default(),
+            in_flight: 0,
+            waiting: None,
+        }
+    }
+
+    /// Follows bytes read; an error if a record grows past the limit.
+    pub(crate) fn track(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.in_flight += self.incoming.feed(bytes, self.max)?;
+        Ok(())
+    }
+
+    /// Follows bytes written: every reply completed frees a slot.
+    fn track_reply(&mut self, bytes: &[u8]) {
+        // Our own replies: no limit applies (READ answers are ≤ MAX_IO).
+        if let Ok(n) = self.outgoing.feed(bytes, u64::MAX) {
+            if n > 0 {
+                self.in_flight = self.in_flight.saturating_sub(n);
+                if let Some(w) = self.waiting.take() {
+                    w.wake();
                 }
             }
         }
-        Ok(())
     }
 }
 
@@ -372,8 +418,12 @@ impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for RecordLimit<S> {
         cx: &mut std::task::Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<io::Result<()>> {
-        let before = buf.filled().len();
         let this = &mut *self;
+        if this.in_flight >= this.max_in_flight {
+            this.waiting = Some(cx.waker().clone());
+            return std::task::Poll::Pending;
+        }
+        let before = buf.filled().len();
         match std::pin::Pin::new(&mut this.inner).poll_read(cx, buf) {
             std::task::Poll::Ready(Ok(())) => {
                 std::task::Poll::Ready(this.track(&buf.filled()[before..]))
@@ -389,7 +439,14 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for RecordLimit<S> 
         cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> std::task::Poll<io::Result<usize>> {
-        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+        let this = &mut *self;
+        match std::pin::Pin::new(&mut this.inner).poll_write(cx, buf) {
+            std::task::Poll::Ready(Ok(n)) => {
+                this.track_reply(&buf[..n]);
+                std::task::Poll::Ready(Ok(n))
+            }
+            other => other,
+        }
     }
 
     fn poll_flush(

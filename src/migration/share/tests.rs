@@ -550,7 +550,7 @@ fn oversized_rpc_records_end_the_connection() {
 
 #[test]
 fn record_limit_follows_fragments_across_reads() {
-    let mut r = server::RecordLimit::new((), 100);
+    let mut r = server::RecordLimit::new((), 100, u32::MAX);
     // A record of two fragments (60 + 40), split at awkward places.
     let mut bytes = vec![0, 0, 0, 60];
     bytes.extend([1u8; 60]);
@@ -565,4 +565,40 @@ fn record_limit_follows_fragments_across_reads() {
     r.track(&next).unwrap();
     // One byte too many.
     assert!(r.track(&[0x80, 0, 0, 101]).is_err());
+}
+
+/// Requests read and not answered are bounded: reading stops until a reply
+/// goes out.
+#[test]
+fn unanswered_requests_stop_the_reading() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let (mut client, server_end) = tokio::io::duplex(1 << 16);
+        let mut limited = server::RecordLimit::new(server_end, 1024, 2);
+        let record = |b: u8| [&[0x80u8, 0, 0, 4][..], &[b; 4]].concat();
+        for b in 1..=3 {
+            client.write_all(&record(b)).await.unwrap();
+        }
+        let mut got = vec![0u8; 16];
+        limited.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got[4..8], &[1; 4]);
+        assert_eq!(&got[12..16], &[2; 4]);
+        // Two in flight: the third waits.
+        let mut third = vec![0u8; 8];
+        let waited =
+            tokio::time::timeout(Duration::from_millis(100), limited.read_exact(&mut third)).await;
+        assert!(waited.is_err(), "read a third request with two unanswered");
+        // A reply, written in two pieces as the server does, frees a slot.
+        limited.write_all(&[0x80, 0, 0, 2]).await.unwrap();
+        limited.write_all(&[9, 9]).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(5), limited.read_exact(&mut third))
+            .await
+            .expect("still waiting after a reply")
+            .unwrap();
+        assert_eq!(&third[4..8], &[3; 4]);
+    });
 }
