@@ -368,12 +368,20 @@ impl PageMap {
     /// The pages never sent nor declared zero: how many, and the address of
     /// the first.
     fn missing(&self) -> Option<(u64, u64)> {
-        let mut count = 0;
+        let mut count = 0u64;
         let mut first = None;
-        for p in 0..self.pages {
-            if self.seen[(p / 64) as usize] & (1 << (p % 64)) == 0 {
-                count += 1;
-                first.get_or_insert(p);
+        for (i, &w) in self.seen.iter().enumerate() {
+            let base = i as u64 * 64;
+            // Bits past the last page are not pages.
+            let valid = if self.pages - base >= 64 {
+                !0u64
+            } else {
+                (1u64 << (self.pages - base)) - 1
+            };
+            let unseen = !w & valid;
+            if unseen != 0 {
+                count += u64::from(unseen.count_ones());
+                first.get_or_insert(base + u64::from(unseen.trailing_zeros()));
             }
         }
         let first = first?;
@@ -1363,6 +1371,20 @@ mod tests {
         assert_eq!(map.got_zero(4 * PAGE_SIZE, 8 * PAGE_SIZE), vec![]);
         assert_eq!(map.missing(), Some((pages - 12, 12 * PAGE_SIZE)));
         map.got_zero(12 * PAGE_SIZE, (pages - 12) * PAGE_SIZE);
+        assert_eq!(map.missing(), None);
+    }
+
+    #[test]
+    fn the_page_map_follows_memory_above_the_mmio_hole() {
+        // 3 GiB below the hole, 16 MiB at 4 GiB: a sparse memfd, nothing
+        // is touched.
+        let (_fd, mem) = create_guest_memory((3 << 30) + (16 << 20)).unwrap();
+        let mut map = PageMap::new(&mem);
+        map.got_zero(0, 3 << 30);
+        assert_eq!(map.missing(), Some((4096, 4 << 30)));
+        map.got_data(4 << 30, 4 * PAGE_SIZE);
+        assert_eq!(map.missing(), Some((4092, (4 << 30) + 4 * PAGE_SIZE)));
+        map.got_zero((4 << 30) + 4 * PAGE_SIZE, (16 << 20) - 4 * PAGE_SIZE);
         assert_eq!(map.missing(), None);
     }
 
