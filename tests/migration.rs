@@ -902,6 +902,50 @@ fn a_stream_missing_a_memory_frame_is_refused() {
     )
     .unwrap_err();
     assert_refused(&mut dst, &reason, "never sent nor declared zero");
+
+    // Complete memory but no Seal: the state is not taken.
+    let (mut dst, port) = receiver(dir.path());
+    let reason = forge(
+        port,
+        &forged_hello(&state),
+        |n| {
+            let mut stream = forged_memory(&memory, size, n, None);
+            let mut r = &stream[..];
+            let mut at = 0;
+            loop {
+                let h = protocol::read_header(&mut r).unwrap();
+                protocol::read_payload(&mut r, &h).unwrap();
+                if h.kind == Kind::Seal {
+                    break;
+                }
+                at = stream.len() - r.len();
+            }
+            stream.truncate(at);
+            stream
+        },
+        &state,
+    )
+    .unwrap_err();
+    assert_refused(&mut dst, &reason, "without a Seal");
+
+    // A Hello that claims more than a Hello is ever is refused on its
+    // header, and the receiver listens on.
+    let (mut dst, port) = receiver(dir.path());
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let hdr = protocol::header_bytes(Kind::Hello, 32 << 20, 0);
+    s.write_all(&hdr).unwrap();
+    match protocol::expect(&mut s, Kind::HelloAck) {
+        Err(protocol::ProtocolError::Peer(reason)) => {
+            assert!(reason.contains("larger than allowed"), "{reason}")
+        }
+        other => panic!("expected a refusal, got {:?}", other.map(|_| ())),
+    }
+    let deadline = Instant::now() + WAIT;
+    while !dst.stderr().contains("refused a connection") {
+        assert!(Instant::now() < deadline, "{}", dst.stderr());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(dst.running(), "{}", dst.stderr());
 }
 
 /// A stream recorded at one migration and played again at a receiver is

@@ -17,8 +17,8 @@ use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 
 use super::memory::{read_zero_range, receive_pages_at, zero_range};
 use super::protocol::{
-    expect, parse_json, read_header, read_payload, send_json, Hello, HelloAck, Kind, PassEnd,
-    ProtocolError, Reason, Seal, ShareOffer, StreamDigest, PAGE_SIZE, PROTOCOL_VERSION,
+    expect, expect_small, parse_json, read_header, read_payload, send_json, Hello, HelloAck, Kind,
+    PassEnd, ProtocolError, Reason, Seal, ShareOffer, StreamDigest, PAGE_SIZE, PROTOCOL_VERSION,
 };
 use super::share::NfsShareServer;
 use crate::config::{SerialConfig, VmConfig};
@@ -30,6 +30,8 @@ use crate::vstate::vm::Vm;
 /// source sends heartbeats while it has nothing else to send).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 const MIN_MEMORY: u64 = 16 << 20;
+/// A Hello is a few KiB (vCPU 0's CPUID is most of it).
+const MAX_HELLO: u64 = 1 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DestinationError {
@@ -981,7 +983,8 @@ fn handshake(
     dir: Option<&Path>,
     policy: &ReceivePolicy,
 ) -> Result<Hello, DestinationError> {
-    let hello: Hello = parse_json(Kind::Hello, &expect(stream, Kind::Hello)?)?;
+    // Before anything is known of the peer, it gets no more than this.
+    let hello: Hello = parse_json(Kind::Hello, &expect_small(stream, Kind::Hello, MAX_HELLO)?)?;
     if hello.protocol != PROTOCOL_VERSION {
         return Err(DestinationError::Refused(format!(
             "migration protocol version {}, this ferry speaks version {PROTOCOL_VERSION}",
@@ -1195,7 +1198,8 @@ fn check_state(hello: &Hello, state: &VmState) -> Result<(), DestinationError> {
             why,
         })
     };
-    if state.memory_size != hello.memory_size || state.config.memory_mib << 20 != hello.memory_size
+    if state.memory_size != hello.memory_size
+        || state.config.memory_mib.checked_mul(1 << 20) != Some(hello.memory_size)
     {
         return Err(bad("memory size differs from the handshake".into()));
     }

@@ -436,6 +436,31 @@ pub fn expect<R: Read>(r: &mut R, want: Kind) -> Result<Vec<u8>, ProtocolError> 
     read_payload(r, &h)
 }
 
+/// [`expect`] for a frame that is never large: a longer claim is refused
+/// on the header, before the payload is allocated or read.
+pub fn expect_small<R: Read>(r: &mut R, want: Kind, max: u64) -> Result<Vec<u8>, ProtocolError> {
+    let h = read_header(r)?;
+    if h.len > max {
+        return Err(ProtocolError::TooLarge {
+            kind: h.kind,
+            len: h.len,
+            max,
+        });
+    }
+    if h.kind == Kind::Error {
+        let p = read_payload(r, &h)?;
+        let reason: Reason = parse_json(Kind::Error, &p)?;
+        return Err(ProtocolError::Peer(reason.reason));
+    }
+    if h.kind != want {
+        return Err(ProtocolError::Unexpected {
+            expected: kind_name(want),
+            got: h.kind,
+        });
+    }
+    read_payload(r, &h)
+}
+
 fn kind_name(k: Kind) -> &'static str {
     match k {
         Kind::Hello => "Hello",
