@@ -126,6 +126,10 @@ fn try_lock(path: &Path) -> std::io::Result<Option<DirLock>> {
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(path)?;
+    try_lock_file(file)
+}
+
+fn try_lock_file(file: File) -> std::io::Result<Option<DirLock>> {
     // SAFETY: flock on a descriptor we own; no memory is involved.
     if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
         Ok(Some(DirLock { _file: file }))
@@ -170,15 +174,17 @@ impl ShareDir {
             path: p.to_path_buf(),
             source,
         };
-        OpenOptions::new()
+        let file = OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o600)
+            .custom_flags(libc::O_CLOEXEC)
             .open(&marker)
             .map_err(|e| err(&marker, e))?;
-        let marker_lock = match try_lock(&marker) {
+        // Locked through the descriptor that created it, so that no other
+        // receiver's cleanup can take it in between.
+        let marker_lock = match try_lock_file(file) {
             Ok(Some(l)) => l,
-            // Another receiver's cleanup got to our new marker first.
             Ok(None) => return Err(err(&marker, std::io::Error::from_raw_os_error(libc::EBUSY))),
             Err(e) => {
                 let _ = std::fs::remove_file(&marker);
