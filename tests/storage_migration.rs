@@ -529,6 +529,28 @@ fn the_share_refuses_files_that_were_not_announced() {
         .map(|e| s.dst_dir.join(e))
         .unwrap();
     assert!(!copy_dir.join("evil.img").exists());
+    // An announced name, not yet written (the config comes at the end of
+    // the copy), takes no more than its announced size: a few hundred bytes.
+    let cp = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &s.hosts.ns('a'),
+            "nfs-cp",
+            local.to_str().unwrap(),
+            &format!("nfs://{ip}/{export}/vm.json{q}"),
+        ])
+        .output()
+        .unwrap();
+    assert!(!cp.status.success(), "{cp:?}");
+    // Created, then refused on the write (not on the name).
+    assert!(
+        String::from_utf8_lossy(&cp.stderr).contains("write"),
+        "{cp:?}"
+    );
+    if let Ok(meta) = std::fs::metadata(copy_dir.join("vm.json")) {
+        assert!(meta.len() < 64 << 10, "vm.json grew to {}", meta.len());
+    }
     use std::os::unix::fs::PermissionsExt;
     let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode(&copy_dir), 0o700);
