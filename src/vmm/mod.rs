@@ -201,6 +201,7 @@ impl Vmm {
             None => None,
         };
 
+        crate::startup::mark("api-socket");
         let exit = Arc::new(ExitSignal::new().map_err(VmmError::EventFd)?);
         let control = Arc::new(if start_paused {
             VcpuControl::new_paused()
@@ -268,6 +269,8 @@ impl Vmm {
         let mut c = lock(&self.controller);
         c.handles = handles;
         c.startup = crate::process_start().elapsed();
+        crate::startup::mark("vcpus-started");
+        crate::startup::report();
         Ok(())
     }
 
