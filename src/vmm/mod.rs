@@ -113,6 +113,7 @@ pub fn run(config: VmConfig, api_socket: Option<PathBuf>) -> Result<VmExit, VmmE
 /// Restores the snapshot in `dir` and runs the guest from where it was.
 pub fn restore(dir: &Path, api_socket: Option<PathBuf>) -> Result<VmExit, VmmError> {
     let (state, memory) = snapshot::read_snapshot(dir)?;
+    crate::startup::mark("snapshot-read");
     let config = state.config.clone();
     let boot = Boot::Restore {
         state: Box::new(state),
