@@ -10,6 +10,7 @@ pub mod migration;
 pub mod signals;
 pub mod snapshot;
 pub mod sparse;
+pub mod startup;
 pub mod util;
 pub mod vmm;
 pub mod vstate;

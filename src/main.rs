@@ -139,6 +139,7 @@ fn run(config: Option<PathBuf>, restore: Option<PathBuf>, api_sock: Option<PathB
                     return ExitCode::from(EXIT_BAD_INPUT);
                 }
             };
+            ferry::startup::mark("config");
             let label = if api_sock.is_some() {
                 "--api-sock"
             } else {
@@ -605,6 +606,7 @@ fn receive(
 fn main() -> ExitCode {
     ferry::mark_process_start();
     let cli = Cli::parse();
+    ferry::startup::mark("cli");
     match cli.command {
         Command::Run {
             config,

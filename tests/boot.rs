@@ -322,3 +322,20 @@ fn an_empty_initrd_boots_as_no_initrd() {
     let status = f.wait_exit(BOOT);
     assert!(status.success(), "{status:?} {}", f.stderr());
 }
+
+/// The answer to `PUT /vm/shutdown` races the process's own exit: it must
+/// reach the client every time, not only when the request thread wins.
+#[test]
+fn shutdown_is_answered_before_the_process_exits() {
+    if !kvm_available("shutdown_is_answered_before_the_process_exits") {
+        return;
+    }
+    let dir = tempdir();
+    for round in 0..15 {
+        let mut f = Ferry::run(dir.path(), &config(1, 32, "testkernel.workload=idle"));
+        f.wait_api(BOOT);
+        let (status, body) = f.api("PUT", "/vm/shutdown");
+        assert_eq!(status, 200, "round {round}: {body}");
+        assert!(f.wait_exit(BOOT).success(), "round {round}");
+    }
+}

@@ -4,7 +4,7 @@
 //! short-lived thread of its own, so that a client that sends its body slowly,
 //! or a VMM that is slow to answer, holds up only that one request.
 
-use crate::util::io_msg;
+use crate::util::{io_msg, lock};
 use std::fs;
 use std::io::{self, Cursor, Read};
 use std::mem;
@@ -15,9 +15,9 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError, Sender};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::{self, JoinHandle};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use socket2::{Domain, SockAddr, Socket, Type};
@@ -171,6 +171,7 @@ pub struct ApiServer {
     server: Arc<Server>,
     stopping: Arc<AtomicBool>,
     dispatcher: Option<JoinHandle<()>>,
+    context: Arc<Context>,
 }
 
 impl ApiServer {
@@ -187,6 +188,7 @@ impl Drop for ApiServer {
         if let Some(dispatcher) = self.dispatcher.take() {
             let _ = dispatcher.join();
         }
+        self.context.drain();
         // Dropping the last `Arc<Server>` next stops tiny_http's accept thread
         // and removes the socket file (tiny_http's own Drop does both).
     }
@@ -253,11 +255,14 @@ pub fn start_api_server_with_timeout(
         to_vmm,
         wake,
         reply_timeout,
+        in_flight: Mutex::new(0),
+        done: Condvar::new(),
     });
     let stopping = Arc::new(AtomicBool::new(false));
     let dispatcher = {
         let server = Arc::clone(&server);
         let stopping = Arc::clone(&stopping);
+        let context = Arc::clone(&context);
         thread::Builder::new()
             .name("ferry-api".into())
             .spawn(move || dispatch(&server, &context, &stopping))
@@ -269,6 +274,7 @@ pub fn start_api_server_with_timeout(
         server,
         stopping,
         dispatcher: Some(dispatcher),
+        context,
     })
 }
 
@@ -343,6 +349,49 @@ struct Context {
     to_vmm: Sender<ApiRequest>,
     wake: EventFd,
     reply_timeout: Duration,
+    /// Requests being answered: the server waits for them when it stops, so
+    /// that an answer given (say, to `PUT /vm/shutdown`) reaches its client
+    /// before the process ends.
+    in_flight: Mutex<usize>,
+    done: Condvar,
+}
+
+/// How long a stopping server waits for answers still being written.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
+
+impl Context {
+    fn drain(&self) {
+        let deadline = Instant::now() + DRAIN_TIMEOUT;
+        let mut n = lock(&self.in_flight);
+        while *n > 0 {
+            let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                return;
+            };
+            n = self
+                .done
+                .wait_timeout(n, left)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|e| e.into_inner().0);
+        }
+    }
+}
+
+/// Counts one request in flight for as long as it lives.
+struct InFlight(Arc<Context>);
+
+impl InFlight {
+    fn new(context: &Arc<Context>) -> InFlight {
+        *lock(&context.in_flight) += 1;
+        InFlight(Arc::clone(context))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let mut n = lock(&self.0.in_flight);
+        *n = n.saturating_sub(1);
+        self.0.done.notify_all();
+    }
 }
 
 fn dispatch(server: &Server, context: &Arc<Context>, stopping: &AtomicBool) {
@@ -358,12 +407,12 @@ fn dispatch(server: &Server, context: &Arc<Context>, stopping: &AtomicBool) {
                 return;
             }
         };
-        let context = Arc::clone(context);
+        let in_flight = InFlight::new(context);
         // If the thread cannot start, the request is dropped with the closure
         // and tiny_http answers it with 500.
         let _ = thread::Builder::new()
             .name("ferry-api-req".into())
-            .spawn(move || handle(request, &context));
+            .spawn(move || handle(request, &in_flight.0));
     }
 }
 

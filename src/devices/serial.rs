@@ -82,12 +82,14 @@ impl From<&SerialDeviceState> for SerialState {
 
 pub struct SerialDevice {
     serial: Serial<EventFdTrigger, NoEvents, Box<dyn Write + Send>>,
+    line_seen: bool,
 }
 
 impl SerialDevice {
     pub fn new(irq: EventFd, out: Box<dyn Write + Send>) -> Self {
         Self {
             serial: Serial::new(EventFdTrigger::new(irq), out),
+            line_seen: false,
         }
     }
 
@@ -132,7 +134,10 @@ impl Persist for SerialDevice {
             args.out,
         )
         .map_err(|e| SerialError(format!("{e:?}")))?;
-        Ok(Self { serial })
+        Ok(Self {
+            serial,
+            line_seen: false,
+        })
     }
 }
 
@@ -151,6 +156,13 @@ impl BusDevice for SerialDevice {
         }
         // A failed write to the console must not stop the guest.
         let _ = self.serial.write(offset as u8, data[0]);
+        if offset == 0 && data[0] == b'\n' && !self.line_seen {
+            // The guest's first console line: the end of start-up as a
+            // user sees it.
+            self.line_seen = true;
+            crate::startup::mark("first-console-line");
+            crate::startup::report();
+        }
     }
 }
 

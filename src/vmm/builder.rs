@@ -26,6 +26,7 @@ use crate::devices::serial::{SerialArgs, SerialDevice};
 use crate::devices::virtio::mmio::NOTIFY_REG_OFFSET;
 use crate::devices::virtio::{Block, BlockArgs, MmioArgs, MmioTransport, VirtioDevice};
 use crate::snapshot::{self, SnapshotError, VmState};
+use crate::startup;
 use crate::vstate::memory::{create_guest_memory, GuestMemoryMmap};
 use crate::vstate::state;
 use crate::vstate::vcpu::{Vcpu, VcpuError};
@@ -72,8 +73,26 @@ pub struct BuiltVm {
 
 /// Builds the VM `config` describes, from its kernel or from saved state.
 pub fn build(config: &VmConfig, boot: Boot) -> Result<BuiltVm, VmmError> {
-    let (vm, memfd, mem, saved) = guest_memory(config, boot)?;
-    let devices = build_devices(&vm, &mem, config, saved.as_deref())?;
+    let fresh = matches!(boot, Boot::Fresh);
+    let (vm, memfd, mem, saved, cpuid) = std::thread::scope(|scope| {
+        // A fresh guest's CPUID starts from what the host supports; ask
+        // for it while the VM and its memory are set up.
+        let cpuid = fresh.then(|| scope.spawn(crate::vstate::vm::host_cpuid));
+        let memory = guest_memory(config, boot);
+        let cpuid = match cpuid.map(|t| t.join()) {
+            None => None,
+            Some(Ok(c)) => Some(c?),
+            Some(Err(_)) => {
+                return Err(VmmError::EventLoop(
+                    "the thread asking KVM for CPUID panicked".into(),
+                ))
+            }
+        };
+        let (vm, memfd, mem, saved) = memory?;
+        Ok((vm, memfd, mem, saved, cpuid))
+    })?;
+    startup::mark("vm-and-memory");
+    let devices = build_devices(&vm, &mem, config, saved.as_deref(), cpuid)?;
     Ok(BuiltVm {
         vm,
         mem,
@@ -135,8 +154,10 @@ fn build_devices(
     mem: &GuestMemoryMmap,
     config: &VmConfig,
     saved: Option<&VmState>,
+    supported_cpuid: Option<kvm_bindings::CpuId>,
 ) -> Result<Devices, VmmError> {
     let mut b = Builder {
+        supported_cpuid,
         vm,
         mem,
         config,
@@ -146,11 +167,16 @@ fn build_devices(
         event_loop: EventManager::new().map_err(|e| VmmError::EventLoop(format!("{e:?}")))?,
         cmdline: Cmdline::try_from(&config.cmdline, CMDLINE_MAX_SIZE).map_err(VmmError::Cmdline)?,
     };
+    startup::mark("event-loop");
     let serial = b.attach_serial()?;
+    startup::mark("serial");
     let reset_evt = b.attach_i8042()?;
     let drives = b.attach_block_devices()?;
+    startup::mark("drives");
     let entry = b.boot_state()?;
+    startup::mark("boot-state");
     let (vcpus, guest_cpuid) = b.create_vcpus(entry)?;
+    startup::mark("vcpus");
     Ok(Devices {
         pio: b.pio,
         mmio: b.mmio,
@@ -170,6 +196,8 @@ struct Builder<'a> {
     config: &'a VmConfig,
     /// The state to rebuild from (snapshot or migration), if any.
     saved: Option<&'a VmState>,
+    /// What the host supports, for a fresh guest's CPUID.
+    supported_cpuid: Option<kvm_bindings::CpuId>,
     pio: Bus,
     mmio: Bus,
     event_loop: EventLoop,
@@ -328,7 +356,10 @@ impl Builder<'_> {
         &mut self,
         entry: Option<u64>,
     ) -> Result<(Vec<Vcpu>, Vec<kvm_bindings::kvm_cpuid_entry2>), VmmError> {
-        let supported = self.vm.supported_cpuid()?;
+        let supported = match self.supported_cpuid.take() {
+            Some(c) => c,
+            None => self.vm.supported_cpuid()?,
+        };
         let count = self.config.vcpus;
         let mut vcpus = Vec::with_capacity(count as usize);
         let mut guest_cpuid = Vec::new();

@@ -116,6 +116,7 @@ pub fn run(config: VmConfig, api_socket: Option<PathBuf>) -> Result<VmExit, VmmE
 /// Restores the snapshot in `dir` and runs the guest from where it was.
 pub fn restore(dir: &Path, api_socket: Option<PathBuf>) -> Result<VmExit, VmmError> {
     let (state, memory) = snapshot::read_snapshot(dir)?;
+    crate::startup::mark("snapshot-read");
     let config = state.config.clone();
     let boot = Boot::Restore {
         state: Box::new(state),
@@ -211,6 +212,7 @@ impl Vmm {
             None => None,
         };
 
+        crate::startup::mark("api-socket");
         let exit = Arc::new(ExitSignal::new().map_err(VmmError::EventFd)?);
         let control = Arc::new(if start_paused {
             VcpuControl::new_paused()
@@ -279,6 +281,8 @@ impl Vmm {
         let mut c = lock(&self.controller);
         c.handles = handles;
         c.startup = crate::process_start().elapsed();
+        crate::startup::mark("vcpus-started");
+        crate::startup::report();
         Ok(())
     }
 
