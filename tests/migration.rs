@@ -1,5 +1,6 @@
 //! Live migration between two ferry processes on this machine (loopback),
-//! with the disks on shared storage (the same paths).
+//! with the disks on shared storage (the same paths), over mutual TLS with
+//! certificates from `ferry tls-init` (and one test of `--insecure`).
 
 mod common;
 
@@ -10,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use ferry::migration::protocol::{self, HelloAck, Kind};
+use ferry::migration::transport::{peer_name, Channel, TlsIdentity};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -32,8 +34,13 @@ fn start_migration(src: &Ferry, dest: &str, bandwidth: Option<u64>) -> (u16, ser
     )
 }
 
-/// `PUT /migration/send` with `body`.
-fn send(src: &Ferry, body: serde_json::Value) -> (u16, serde_json::Value) {
+/// `PUT /migration/send` with `body`, over TLS with the certificates of
+/// the test's directory unless the body says otherwise.
+fn send(src: &Ferry, mut body: serde_json::Value) -> (u16, serde_json::Value) {
+    if body.get("tls_dir").is_none() && body.get("insecure").is_none() {
+        let dir = src.api_sock.as_ref().unwrap().parent().unwrap();
+        body["tls_dir"] = serde_json::json!(tls_dir(dir));
+    }
     ferry::api::client::request(
         src.api_sock.as_ref().unwrap(),
         "PUT",
@@ -144,6 +151,8 @@ fn idle_guest_heartbeat_continues_on_the_destination() {
             "migrate",
             "--to",
             &format!("127.0.0.1:{port}"),
+            "--tls-dir",
+            tls_dir(dir.path()).to_str().unwrap(),
         ])
         .output()
         .unwrap();
@@ -232,12 +241,20 @@ fn killed_destination_leaves_the_guest_running() {
     assert_source_runs_on(&src);
 }
 
-/// A fake destination: answers the source's Hello with `reply`.
-fn fake_destination(reply: impl FnOnce(&mut TcpStream, protocol::Hello) + Send + 'static) -> u16 {
+/// A fake destination, with the certificates of `dir`: answers the
+/// source's Hello with `reply`.
+fn fake_destination(
+    dir: &Path,
+    reply: impl FnOnce(&mut Channel, protocol::Hello) + Send + 'static,
+) -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
+    let id = TlsIdentity::load(&tls_dir(dir)).unwrap();
     std::thread::spawn(move || {
-        if let Ok((mut s, _)) = listener.accept() {
+        if let Ok((tcp, _)) = listener.accept() {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let mut s = Channel::accept(tcp, &id, deadline).unwrap();
+            s.clear_deadline(None);
             let hello: protocol::Hello =
                 protocol::parse_json(Kind::Hello, &protocol::expect(&mut s, Kind::Hello).unwrap())
                     .unwrap();
@@ -246,6 +263,16 @@ fn fake_destination(reply: impl FnOnce(&mut TcpStream, protocol::Hello) + Send +
         }
     });
     port
+}
+
+/// A TLS client with the certificates of `dir`, as a source would connect.
+fn tls_client(dir: &Path, port: u16) -> Channel {
+    let id = TlsIdentity::load(&tls_dir(dir)).unwrap();
+    let tcp = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut s = Channel::connect(tcp, &id, peer_name("127.0.0.1").unwrap(), deadline).unwrap();
+    s.clear_deadline(Some(Duration::from_secs(30)));
+    s
 }
 
 #[test]
@@ -262,7 +289,7 @@ fn incompatible_destinations_are_refused_and_the_source_is_unharmed() {
     let cases: Vec<(&str, u16)> = vec![
         (
             "different VM",
-            fake_destination(|s, h| {
+            fake_destination(dir.path(), |s, h| {
                 let ack = HelloAck {
                     protocol: h.protocol,
                     migration_id: h.migration_id,
@@ -275,7 +302,7 @@ fn incompatible_destinations_are_refused_and_the_source_is_unharmed() {
         ),
         (
             "different VM",
-            fake_destination(|s, h| {
+            fake_destination(dir.path(), |s, h| {
                 let ack = HelloAck {
                     protocol: h.protocol + 1,
                     migration_id: h.migration_id,
@@ -288,14 +315,14 @@ fn incompatible_destinations_are_refused_and_the_source_is_unharmed() {
         ),
         (
             "not a Ferry migration stream",
-            fake_destination(|s, _| {
+            fake_destination(dir.path(), |s, _| {
                 s.write_all(b"SSH-2.0-OpenSSH_9.2 definitely not ferry\r\n")
                     .unwrap();
             }),
         ),
         (
             "protocol version",
-            fake_destination(|s, _| {
+            fake_destination(dir.path(), |s, _| {
                 protocol::send_json(
                     s,
                     Kind::Error,
@@ -329,7 +356,7 @@ fn receiver_rejects_garbage_and_bad_handshakes_then_accepts_a_real_migration() {
     let (dst, port) = receiver(dir.path());
     let addr = format!("127.0.0.1:{port}");
 
-    // Random bytes.
+    // Random bytes (not even TLS).
     let mut s = TcpStream::connect(&addr).unwrap();
     let junk: Vec<u8> = (0..4096u32)
         .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
@@ -347,7 +374,7 @@ fn receiver_rejects_garbage_and_bad_handshakes_then_accepts_a_real_migration() {
             "does not fit this host",
         ),
     ] {
-        let mut s = TcpStream::connect(&addr).unwrap();
+        let mut s = tls_client(dir.path(), port);
         protocol::send_json(
             &mut s,
             Kind::Hello,
@@ -398,7 +425,7 @@ fn receiver_refuses_frames_out_of_order() {
     }
     let dir = tempdir();
     let (mut dst, port) = receiver(dir.path());
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let mut s = tls_client(dir.path(), port);
     protocol::send_json(
         &mut s,
         Kind::Hello,

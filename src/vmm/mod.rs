@@ -131,8 +131,10 @@ pub fn receive(
     dir: Option<&Path>,
     api_socket: Option<PathBuf>,
     start_paused: bool,
+    security: crate::migration::transport::Security,
+    allow_clients: Vec<rustls::pki_types::ServerName<'static>>,
 ) -> Result<VmExit, VmmError> {
-    let receiver = Receiver::bind(listen, dir)?;
+    let receiver = Receiver::bind(listen, dir, security, allow_clients)?;
     eprintln!(
         "ferry: waiting for a migration on {}",
         receiver

@@ -284,17 +284,57 @@ impl Drop for Ferry {
     }
 }
 
-/// `ferry receive` on an ephemeral port of loopback; returns it and the port
-/// it listens on (from its "waiting for a migration on ..." line).
+/// `ferry tls-init --out OUT --host H...`: the per-host directories.
+pub fn tls_init(out: &Path, hosts: &[&str]) -> Vec<PathBuf> {
+    let mut args = vec!["tls-init", "--out", out.to_str().unwrap()];
+    for h in hosts {
+        args.extend(["--host", h]);
+    }
+    let o = Command::new(FERRY).args(&args).output().unwrap();
+    assert!(
+        o.status.success(),
+        "tls-init: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    hosts.iter().map(|h| out.join(h)).collect()
+}
+
+/// The `--tls-dir` that loopback tests under `dir` share (source and
+/// destination are both 127.0.0.1): made with `ferry tls-init` once.
+pub fn tls_dir(dir: &Path) -> PathBuf {
+    let host = dir.join("tls").join("127.0.0.1");
+    if !host.join("key.pem").exists() {
+        tls_init(&dir.join("tls"), &["127.0.0.1"]);
+    }
+    host
+}
+
+/// `ferry receive` over TLS on an ephemeral port of loopback, with the
+/// certificates of [`tls_dir`]; returns it and the port it listens on.
 pub fn receiver(dir: &Path) -> (Ferry, u16) {
+    let tls = tls_dir(dir);
+    receiver_with(dir, &["--tls-dir", tls.to_str().unwrap()])
+}
+
+/// `ferry receive --insecure` on an ephemeral port of loopback.
+pub fn receiver_insecure(dir: &Path) -> (Ferry, u16) {
+    receiver_with(dir, &["--insecure"])
+}
+
+/// `ferry receive ... EXTRA` on an ephemeral port of loopback; returns it
+/// and the port it listens on (from its "waiting for a migration on ..."
+/// line).
+pub fn receiver_with(dir: &Path, extra: &[&str]) -> (Ferry, u16) {
     let sock = dir.join("dst.sock");
-    let mut f = Ferry::spawn(&[
+    let mut args = vec![
         "receive",
         "--listen",
         "127.0.0.1:0",
         "--api-sock",
         sock.to_str().unwrap(),
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    let mut f = Ferry::spawn(&args);
     f.api_sock = Some(sock);
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
