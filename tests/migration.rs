@@ -626,3 +626,272 @@ fn a_source_that_cannot_converge_ends_the_destination_at_once_with_the_reason() 
     );
     assert_source_runs_on(&src);
 }
+
+/// `--insecure` on both ends: plaintext, and still a whole migration.
+#[test]
+fn insecure_mode_migrates_in_plaintext() {
+    if !kvm_available("insecure_mode_migrates_in_plaintext") {
+        return;
+    }
+    let dir = tempdir();
+    let (mut dst, port) = receiver_insecure(dir.path());
+    assert!(
+        dst.stderr().contains("plaintext and unauthenticated"),
+        "{}",
+        dst.stderr()
+    );
+    let mut src = Ferry::run(
+        dir.path(),
+        &config(1, 128, "testkernel.workload=dirty testkernel.dirty_mib=8"),
+    );
+    src.wait_line(WAIT, |l| l == "testkernel: dirty pass=2 ok");
+    let dest = format!("127.0.0.1:{port}");
+    // Without saying so, the source refuses too.
+    let (status, body) = ferry::api::client::request(
+        src.api_sock.as_ref().unwrap(),
+        "PUT",
+        "/migration/send",
+        Some(&serde_json::json!({"destination": dest})),
+    )
+    .unwrap();
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("tls_dir")
+            && body["error"].as_str().unwrap().contains("insecure"),
+        "{body}"
+    );
+    let (status, body) = send(
+        &src,
+        serde_json::json!({"destination": dest, "insecure": true}),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert!(src.wait_exit(WAIT).success(), "{}", src.stderr());
+    let before = last_pass(&src);
+    dst.wait_line(WAIT, |l| pass_of(l).is_some_and(|p| p >= before + 2));
+    no_fail(&dst);
+    dst.api("PUT", "/vm/shutdown");
+    assert!(dst.wait_exit(WAIT).success());
+}
+
+/// Certificates from another CA, for another name, or expired; a client the
+/// receiver does not allow; a plaintext source at a TLS receiver: each is
+/// refused with a reason on both sides, the source's guest runs on, and a
+/// receiver that was merely picky still takes the next real migration.
+#[test]
+fn tls_refusals_are_clear_on_both_sides_and_the_source_runs_on() {
+    if !kvm_available("tls_refusals_are_clear_on_both_sides_and_the_source_runs_on") {
+        return;
+    }
+    let dir = tempdir();
+    let good = tls_dir(dir.path());
+    let ca = ferry::migration::transport::CertAuthority::load(&dir.path().join("tls")).unwrap();
+    // Same CA, wrong name: the source dials 127.0.0.1.
+    let wrong_name = dir.path().join("wrong-name");
+    ca.write_host_dir(&wrong_name, &ca.issue("elsewhere.example").unwrap())
+        .unwrap();
+    // Same CA, right name, expired yesterday.
+    let expired = dir.path().join("expired");
+    let now = time::OffsetDateTime::now_utc();
+    ca.write_host_dir(
+        &expired,
+        &ca.issue_valid(
+            "127.0.0.1",
+            now - time::Duration::days(30),
+            now - time::Duration::days(1),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    // Another CA altogether.
+    let other_ca = tls_init(&dir.path().join("other"), &["127.0.0.1"]).remove(0);
+    // Trusts the right CA, but its own certificate is from the other one.
+    let mixed = dir.path().join("mixed");
+    std::fs::create_dir(&mixed).unwrap();
+    std::fs::copy(good.join("ca.pem"), mixed.join("ca.pem")).unwrap();
+    for f in ["cert.pem", "key.pem"] {
+        std::fs::copy(other_ca.join(f), mixed.join(f)).unwrap();
+    }
+
+    let src = Ferry::run(
+        dir.path(),
+        &config(1, 128, "testkernel.workload=dirty testkernel.dirty_mib=8"),
+    );
+    src.wait_line(WAIT, |l| l == "testkernel: dirty pass=1 ok");
+    let attempt = |port: u16, body: serde_json::Value| -> String {
+        let mut body = body;
+        body["destination"] = format!("127.0.0.1:{port}").into();
+        let (status, reply) = send(&src, body);
+        assert_eq!(status, 200, "{reply}");
+        let st = wait_status(&src, |s| s["phase"] == "failed");
+        let (_, vm) = src.api("GET", "/vm");
+        assert_eq!(vm["state"], "Running");
+        st["error"].as_str().unwrap().to_string()
+    };
+    let wait_refusal = |dst: &Ferry, want: &str| {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let err = dst.stderr();
+            if let Some(line) = err.lines().find(|l| l.contains("refused a connection")) {
+                assert!(line.contains(want), "wanted {want:?}: {err}");
+                return;
+            }
+            assert!(Instant::now() < deadline, "no refusal logged: {err}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+
+    // The destination's certificate is the problem: the source says which.
+    for (dst_tls, src_tls, src_says, dst_says) in [
+        (
+            &other_ca,
+            &good,
+            "not signed by the CA in our ca.pem",
+            "does not accept our certificate",
+        ),
+        (
+            &wrong_name,
+            &good,
+            "does not name the host or IP we dialled",
+            "does not accept our certificate",
+        ),
+        (
+            &expired,
+            &good,
+            "its certificate has expired",
+            "our certificate has expired",
+        ),
+        // The source's certificate is from another CA: the receiver says so.
+        (
+            &good,
+            &mixed,
+            "does not accept our certificate",
+            "not signed by the CA in our ca.pem",
+        ),
+    ] {
+        let sub = tempdir();
+        let (mut dst, port) = receiver_with(sub.path(), &["--tls-dir", dst_tls.to_str().unwrap()]);
+        let err = attempt(port, serde_json::json!({"tls_dir": src_tls}));
+        assert!(
+            err.contains("TLS handshake") && err.contains(src_says),
+            "{src_says}: {err}"
+        );
+        wait_refusal(&dst, dst_says);
+        assert!(dst.running(), "the receiver gave up: {}", dst.stderr());
+        drop(dst);
+    }
+
+    // A receiver that allows another client, and then a plaintext source.
+    let (mut dst, port) = receiver_with(
+        dir.path(),
+        &[
+            "--tls-dir",
+            good.to_str().unwrap(),
+            "--allow-client",
+            "10.9.9.9",
+            "--allow-client",
+            "source.example",
+        ],
+    );
+    let err = attempt(port, serde_json::json!({"tls_dir": good}));
+    assert!(
+        err.contains("names none of the clients") && err.contains("--allow-client 10.9.9.9"),
+        "{err}"
+    );
+    wait_refusal(&dst, "names none of the clients");
+    let err = attempt(port, serde_json::json!({"insecure": true}));
+    assert!(err.contains("takes only TLS migrations"), "{err}");
+    let deadline = Instant::now() + WAIT;
+    while !dst.stderr().contains("takes only TLS") {
+        assert!(Instant::now() < deadline, "{}", dst.stderr());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(dst.running(), "{}", dst.stderr());
+    assert_source_runs_on(&src);
+    drop(dst);
+
+    // An allowed client name gets through the same kind of receiver.
+    let sub = tempdir();
+    let (dst, port) = receiver_with(
+        sub.path(),
+        &[
+            "--tls-dir",
+            good.to_str().unwrap(),
+            "--allow-client",
+            "127.0.0.1",
+        ],
+    );
+    let (status, body) = send(
+        &src,
+        serde_json::json!({"destination": format!("127.0.0.1:{port}"), "tls_dir": good}),
+    );
+    assert_eq!(status, 200, "{body}");
+    let mut src = src;
+    assert!(src.wait_exit(WAIT).success(), "{}", src.stderr());
+    let before = last_pass(&src);
+    dst.wait_line(WAIT, |l| pass_of(l).is_some_and(|p| p >= before + 2));
+    no_fail(&dst);
+}
+
+/// Peers that connect and say nothing, hang up, or trickle a byte a second
+/// never hold up a real migration started meanwhile, and each is dropped
+/// within the handshake deadline.
+#[test]
+fn a_trickling_peer_does_not_block_a_real_migration() {
+    if !kvm_available("a_trickling_peer_does_not_block_a_real_migration") {
+        return;
+    }
+    let dir = tempdir();
+    let (dst, port) = receiver(dir.path());
+    let addr = format!("127.0.0.1:{port}");
+    // Hangs up at once.
+    drop(TcpStream::connect(&addr).unwrap());
+    // Trickles the start of a TLS ClientHello, one byte a second.
+    let trickler = {
+        let addr = addr.clone();
+        std::thread::spawn(move || {
+            let mut s = TcpStream::connect(&addr).unwrap();
+            let started = Instant::now();
+            let hello = [
+                0x16u8, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03,
+            ];
+            for b in hello.iter().cycle().take(30) {
+                if s.write_all(&[*b]).is_err() {
+                    return Some(started.elapsed());
+                }
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            None
+        })
+    };
+    // Silent, holding its connection open.
+    let _silent = TcpStream::connect(&addr).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+
+    let mut src = Ferry::run(
+        dir.path(),
+        &config(1, 128, "testkernel.workload=dirty testkernel.dirty_mib=8"),
+    );
+    src.wait_line(WAIT, |l| l == "testkernel: dirty pass=2 ok");
+    let t0 = Instant::now();
+    let (status, body) = start_migration(&src, &addr, None);
+    assert_eq!(status, 200, "{body}");
+    assert!(src.wait_exit(WAIT).success(), "{}", src.stderr());
+    eprintln!("migrated in {:?} past the trickler", t0.elapsed());
+    let before = last_pass(&src);
+    dst.wait_line(WAIT, |l| pass_of(l).is_some_and(|p| p >= before + 2));
+    no_fail(&dst);
+    // The trickler was cut off by the deadline, not by the byte count.
+    let cut = trickler.join().unwrap();
+    let cut = cut.expect("the trickling peer was never dropped");
+    assert!(
+        cut < Duration::from_secs(20),
+        "dropped only after {cut:?}: {}",
+        dst.stderr()
+    );
+    assert!(
+        dst.stderr()
+            .contains("did not complete the TLS handshake in time"),
+        "{}",
+        dst.stderr()
+    );
+}

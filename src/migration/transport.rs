@@ -187,6 +187,12 @@ pub fn cert_names_any(cert: &CertificateDer<'_>, names: &[ServerName<'static>]) 
         .any(|n| ee.verify_is_valid_for_subject_name(n).is_ok())
 }
 
+/// Whether the TLS layer (not the socket) failed.
+pub fn is_tls_error(e: &io::Error) -> bool {
+    e.get_ref()
+        .is_some_and(|i| i.downcast_ref::<rustls::Error>().is_some())
+}
+
 /// A failed handshake in words an operator can act on.
 pub fn explain_handshake_error(e: &io::Error) -> String {
     use rustls::{AlertDescription as A, CertificateError as C, Error as E};
@@ -211,9 +217,9 @@ pub fn explain_handshake_error(e: &io::Error) -> String {
         E::InvalidCertificate(C::NotValidForName | C::NotValidForNameContext { .. }) => {
             " (its certificate does not name the host or IP we dialled)"
         }
-        E::AlertReceived(A::UnknownCA | A::BadCertificate | A::CertificateUnknown) => {
-            " (the peer does not accept our certificate: is it from the peer's CA?)"
-        }
+        E::AlertReceived(
+            A::UnknownCA | A::BadCertificate | A::CertificateUnknown | A::DecryptError,
+        ) => " (the peer does not accept our certificate: is it from the peer's CA?)",
         E::AlertReceived(A::CertificateExpired) => " (the peer says our certificate has expired)",
         E::AlertReceived(A::CertificateRequired) => " (the peer wants a client certificate)",
         E::InvalidMessage(_) | E::InappropriateMessage { .. } => {
@@ -497,11 +503,24 @@ pub enum Security {
 
 // ---- certificates for people without a PKI ----
 
-/// The CA's distinguished name; the issuer of every host certificate.
-fn ca_params() -> rcgen::CertificateParams {
+/// The CA's parameters. Its name is made from its key so that two CAs
+/// never share one: a verifier that finds the issuer by name would
+/// otherwise report another CA's certificate as a bad signature rather than
+/// an unknown issuer.
+fn ca_params(key: &rcgen::KeyPair) -> rcgen::CertificateParams {
     let mut p = rcgen::CertificateParams::default();
     let mut dn = rcgen::DistinguishedName::new();
-    dn.push(rcgen::DnType::CommonName, "Ferry migration CA");
+    let label: String = key
+        .public_key_raw()
+        .iter()
+        .skip(1)
+        .take(8)
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    dn.push(
+        rcgen::DnType::CommonName,
+        format!("Ferry migration CA {label}"),
+    );
     p.distinguished_name = dn;
     p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
     p.key_usages = vec![
@@ -534,7 +553,7 @@ fn gen_err(e: rcgen::Error) -> TlsError {
 impl CertAuthority {
     pub fn generate() -> Result<CertAuthority, TlsError> {
         let key = rcgen::KeyPair::generate().map_err(gen_err)?;
-        let params = ca_params();
+        let params = ca_params(&key);
         let cert = params.self_signed(&key).map_err(gen_err)?;
         Ok(CertAuthority {
             cert_pem: cert.pem(),
@@ -558,7 +577,7 @@ impl CertAuthority {
         let key = rcgen::KeyPair::from_pem(&read(CA_KEY_FILE)?).map_err(gen_err)?;
         Ok(CertAuthority {
             cert_pem,
-            issuer: rcgen::Issuer::new(ca_params(), key),
+            issuer: rcgen::Issuer::new(ca_params(&key), key),
         })
     }
 

@@ -227,7 +227,17 @@ impl MigrationContext<'_> {
         self.send(Kind::Hello, &hello)?;
         let ack: HelloAck = expect(&mut self.reader, Kind::HelloAck)
             .and_then(|p| parse_json(Kind::HelloAck, &p))
-            .map_err(|e| self.read_failed(e))?;
+            .map_err(|e| match e {
+                // TLS 1.3 clients finish their handshake before the server
+                // has checked their certificate: its verdict arrives here.
+                ProtocolError::Io(io) if transport::is_tls_error(&io) => {
+                    SourceError::TlsHandshake {
+                        dest: self.req.destination.clone(),
+                        why: transport::explain_handshake_error(&io),
+                    }
+                }
+                e => self.read_failed(e),
+            })?;
         if ack.protocol != PROTOCOL_VERSION
             || ack.migration_id != id
             || ack.vcpus != self.src.vcpus
