@@ -495,3 +495,48 @@ fn copy_through_an_already_mounted_share() {
     dst.api("PUT", "/vm/shutdown");
     assert!(dst.wait_exit(WAIT).success());
 }
+
+/// Live and storage migration with certificates from `ferry tls-init`, the
+/// destination taking only the source's name: the channel and the share
+/// are TLS, the copy is exact, the guest goes on; a source with another
+/// name is turned away with the reason, and its guest runs on.
+#[test]
+fn tls_storage_migration_only_from_an_allowed_client() {
+    let Some(s) = Setup::new("tls_storage_migration_only_from_an_allowed_client") else {
+        return;
+    };
+    s.make_image(64, 8);
+    // First a receiver that allows another name only.
+    let mut picky = s.receiver(&["--allow-client", "10.255.0.9"]);
+    let src = s.source(8);
+    s.migrate(&src, None);
+    let st = wait_status(&src, |st| st["phase"] == "failed");
+    let err = st["error"].as_str().unwrap();
+    assert!(err.contains("names none of the clients"), "{err}");
+    assert!(
+        picky.stderr().contains("--allow-client 10.255.0.9"),
+        "{}",
+        picky.stderr()
+    );
+    assert!(picky.running(), "{}", picky.stderr());
+    assert!(s.dst_entries().is_empty(), "{:?}", s.dst_entries());
+    drop(picky);
+
+    let ip_a = s.hosts.ip_a.clone();
+    let mut dst = s.receiver(&["--paused", "--allow-client", &ip_a]);
+    let mut src = src;
+    s.migrate(&src, None);
+    assert!(src.wait_exit(WAIT).success(), "{}", src.stderr());
+    no_fail(&src);
+    let last_round = src.lines().iter().rev().find_map(|l| round_of(l)).unwrap();
+    let entries = s.dst_entries();
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    let copy = s.dst_dir.join(&entries[0]).join("drive0-d0.img");
+    assert_eq!(sha256(&copy), sha256(&s.image));
+    dst.wait_api(WAIT);
+    dst.api("PUT", "/vm/resume");
+    dst.wait_line(WAIT, |l| round_of(l).is_some_and(|r| r >= last_round + 2));
+    no_fail(&dst);
+    dst.api("PUT", "/vm/shutdown");
+    assert!(dst.wait_exit(WAIT).success());
+}

@@ -4,13 +4,16 @@
 //! `nfs3_server` does the protocol (portmap, MOUNT and NFS on one port);
 //! [`DirFs`] maps its file system trait onto the real directory. The server
 //! accepts TCP connections itself so that a connection from any address but
-//! the allowed peer is reset before a byte of it is read: MOUNT's EXPORT
-//! call would tell anyone who can connect the export path, so the address
-//! check, not the path, is what keeps others out.
+//! the allowed peer is reset before a byte of it is read, and so that each
+//! one passes its [`ShareGuard`] (TLS with the migration channel's client
+//! certificate, then the one-time secret) before a byte reaches the NFS
+//! code. MOUNT's EXPORT call would tell anyone who gets that far the export
+//! path, so the guard, not the path, is what keeps others out.
 //!
 //! Only the export itself can be mounted, not a file or path below it.
-//! Other NFSv3 clients work too; with libnfs-utils (Debian's 4.0), for an
-//! export "/ferry-ab12" on port P:
+//! With an open guard ([`ShareGuard::open`], tests only) other NFSv3
+//! clients work too; with libnfs-utils (Debian's 4.0), for an export
+//! "/ferry-ab12" on port P:
 //!
 //! ```text
 //! nfs-ls  'nfs://HOST/ferry-ab12?version=3&nfsport=P&mountport=P'
