@@ -30,6 +30,10 @@ pub const CA_KEY_FILE: &str = "ca-key.pem";
 /// large enough that a 4 MiB memory chunk goes out in a few big writes of
 /// full 16 KiB records rather than many small ones.
 const TLS_BUFFER: usize = 1 << 20;
+/// What one socket read may bring in for the TLS layer. rustls asks for
+/// 4 KiB at a time; reading for it from this buffer instead saves most of
+/// the system calls (a 16 KiB record would take four or five).
+const RX_BUFFER: usize = 256 << 10;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -68,8 +72,18 @@ impl std::fmt::Debug for TlsIdentity {
     }
 }
 
+/// ring, with AES-128-GCM first: as strong as the migration needs, and it
+/// encrypts a good third faster than AES-256 (10 rounds instead of 14) on
+/// the bulk of guest memory.
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    use rustls::crypto::ring::cipher_suite as cs;
+    let mut p = rustls::crypto::ring::default_provider();
+    p.cipher_suites = vec![
+        cs::TLS13_AES_128_GCM_SHA256,
+        cs::TLS13_AES_256_GCM_SHA384,
+        cs::TLS13_CHACHA20_POLY1305_SHA256,
+    ];
+    Arc::new(p)
 }
 
 impl TlsIdentity {
@@ -235,21 +249,45 @@ enum Tls {
     Server(ServerConnection),
 }
 
+/// TLS bytes read from the socket and not yet taken by rustls.
+struct RxBuf {
+    buf: Box<[u8]>,
+    start: usize,
+    end: usize,
+}
+
+impl RxBuf {
+    fn new() -> RxBuf {
+        RxBuf {
+            buf: vec![0u8; RX_BUFFER].into_boxed_slice(),
+            start: 0,
+            end: 0,
+        }
+    }
+}
+
+struct TlsState {
+    conn: Tls,
+    rx: RxBuf,
+}
+
 /// The migration channel: TLS over TCP, or plain TCP in `--insecure` mode.
 /// Clones share the one TLS session; the protocol never reads and writes
 /// at the same time, so one lock over it costs nothing.
 pub struct Channel {
     tcp: TcpStream,
-    tls: Option<Arc<Mutex<Tls>>>,
+    tls: Option<Arc<Mutex<TlsState>>>,
     /// Until the handshake is done: every read and write must end by then,
     /// however slowly the peer trickles its bytes.
     deadline: Option<Instant>,
 }
 
-/// The socket as the TLS layer sees it, each call bounded by the deadline.
+/// The socket as the TLS layer sees it, each call bounded by the deadline;
+/// with `rx`, reads go through that buffer.
 struct Sock<'a> {
     tcp: &'a TcpStream,
     deadline: Option<Instant>,
+    rx: Option<&'a mut RxBuf>,
 }
 
 impl Sock<'_> {
@@ -275,7 +313,21 @@ impl Sock<'_> {
 impl Read for Sock<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         self.arm(false)?;
-        (&*self.tcp).read(buf)
+        let Some(rx) = self.rx.as_deref_mut() else {
+            return (&*self.tcp).read(buf);
+        };
+        if rx.start == rx.end {
+            let n = (&*self.tcp).read(&mut rx.buf)?;
+            rx.start = 0;
+            rx.end = n;
+            if n == 0 {
+                return Ok(0);
+            }
+        }
+        let n = buf.len().min(rx.end - rx.start);
+        buf[..n].copy_from_slice(&rx.buf[rx.start..rx.start + n]);
+        rx.start += n;
+        Ok(n)
     }
 }
 
@@ -315,10 +367,14 @@ impl Channel {
         let mut conn = ClientConnection::new(identity.client_config(), name)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         conn.set_buffer_limit(Some(TLS_BUFFER));
-        handshake(&mut conn, &tcp, deadline)?;
+        let mut rx = RxBuf::new();
+        handshake(&mut conn, &tcp, deadline, &mut rx)?;
         Ok(Channel {
             tcp,
-            tls: Some(Arc::new(Mutex::new(Tls::Client(conn)))),
+            tls: Some(Arc::new(Mutex::new(TlsState {
+                conn: Tls::Client(conn),
+                rx,
+            }))),
             deadline: None,
         })
     }
@@ -334,10 +390,14 @@ impl Channel {
         let mut conn = ServerConnection::new(identity.server_config())
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         conn.set_buffer_limit(Some(TLS_BUFFER));
-        handshake(&mut conn, &tcp, deadline)?;
+        let mut rx = RxBuf::new();
+        handshake(&mut conn, &tcp, deadline, &mut rx)?;
         Ok(Channel {
             tcp,
-            tls: Some(Arc::new(Mutex::new(Tls::Server(conn)))),
+            tls: Some(Arc::new(Mutex::new(TlsState {
+                conn: Tls::Server(conn),
+                rx,
+            }))),
             deadline: Some(deadline),
         })
     }
@@ -361,7 +421,7 @@ impl Channel {
     pub fn peer_certificate(&self) -> Option<CertificateDer<'static>> {
         let tls = self.tls.as_ref()?;
         let guard = lock(tls);
-        let certs = match &*guard {
+        let certs = match &guard.conn {
             Tls::Client(c) => c.peer_certificates(),
             Tls::Server(c) => c.peer_certificates(),
         };
@@ -399,7 +459,14 @@ impl Channel {
     }
 }
 
-fn handshake<C, S>(conn: &mut C, tcp: &TcpStream, deadline: Instant) -> io::Result<()>
+/// Bytes of the peer's first messages after the handshake may already be
+/// in `rx`: it goes with the connection.
+fn handshake<C, S>(
+    conn: &mut C,
+    tcp: &TcpStream,
+    deadline: Instant,
+    rx: &mut RxBuf,
+) -> io::Result<()>
 where
     C: std::ops::DerefMut<Target = rustls::ConnectionCommon<S>>,
     S: rustls::SideData,
@@ -407,6 +474,7 @@ where
     let mut sock = Sock {
         tcp,
         deadline: Some(deadline),
+        rx: Some(rx),
     };
     while conn.is_handshaking() {
         conn.complete_io(&mut sock).map_err(timeout_message)?;
@@ -433,63 +501,51 @@ fn timeout_message(e: io::Error) -> io::Error {
     }
 }
 
-impl Read for Channel {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+/// A byte stream, plain or TLS, as [`Channel::with_io`] hands it out.
+trait Io: Read + Write {}
+impl<T: Read + Write> Io for T {}
+
+impl Channel {
+    /// Runs `f` on the TLS session over the socket, or on the plain socket.
+    fn with_io<R>(&mut self, f: impl FnOnce(&mut dyn Io) -> io::Result<R>) -> io::Result<R> {
+        let Some(tls) = &self.tls else {
+            return f(&mut Sock {
+                tcp: &self.tcp,
+                deadline: self.deadline,
+                rx: None,
+            });
+        };
+        let mut guard = lock(tls);
+        let TlsState { conn, rx } = &mut *guard;
         let mut sock = Sock {
             tcp: &self.tcp,
             deadline: self.deadline,
+            rx: Some(rx),
         };
-        let Some(tls) = &self.tls else {
-            return sock.read(buf);
-        };
-        match &mut *lock(tls) {
-            Tls::Client(c) => rustls::Stream::new(c, &mut sock).read(buf),
-            Tls::Server(c) => rustls::Stream::new(c, &mut sock).read(buf),
+        match conn {
+            Tls::Client(c) => f(&mut rustls::Stream::new(c, &mut sock)),
+            Tls::Server(c) => f(&mut rustls::Stream::new(c, &mut sock)),
         }
+    }
+}
+
+impl Read for Channel {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.with_io(|s| s.read(buf))
     }
 }
 
 impl Write for Channel {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let mut sock = Sock {
-            tcp: &self.tcp,
-            deadline: self.deadline,
-        };
-        let Some(tls) = &self.tls else {
-            return sock.write(buf);
-        };
-        match &mut *lock(tls) {
-            Tls::Client(c) => rustls::Stream::new(c, &mut sock).write(buf),
-            Tls::Server(c) => rustls::Stream::new(c, &mut sock).write(buf),
-        }
+        self.with_io(|s| s.write(buf))
     }
 
     fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
-        let mut sock = Sock {
-            tcp: &self.tcp,
-            deadline: self.deadline,
-        };
-        let Some(tls) = &self.tls else {
-            return sock.write_vectored(bufs);
-        };
-        match &mut *lock(tls) {
-            Tls::Client(c) => rustls::Stream::new(c, &mut sock).write_vectored(bufs),
-            Tls::Server(c) => rustls::Stream::new(c, &mut sock).write_vectored(bufs),
-        }
+        self.with_io(|s| s.write_vectored(bufs))
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        let mut sock = Sock {
-            tcp: &self.tcp,
-            deadline: self.deadline,
-        };
-        let Some(tls) = &self.tls else {
-            return Ok(());
-        };
-        match &mut *lock(tls) {
-            Tls::Client(c) => rustls::Stream::new(c, &mut sock).flush(),
-            Tls::Server(c) => rustls::Stream::new(c, &mut sock).flush(),
-        }
+        self.with_io(|s| s.flush())
     }
 }
 
@@ -736,6 +792,80 @@ mod tests {
         let cert = CertificateDer::from_pem_slice(&pem).unwrap();
         assert!(cert_names_any(&cert, &[peer_name("10.1.2.3").unwrap()]));
         assert!(!cert_names_any(&cert, &[peer_name("host-b").unwrap()]));
+    }
+
+    /// Big vectored writes one way and small frames both ways arrive
+    /// whole, through the read buffer and across clones of the channel.
+    #[test]
+    fn large_transfers_arrive_intact_over_tls() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dirs = tls_init(tmp.path(), &["127.0.0.1".into()]).unwrap();
+        let id = Arc::new(TlsIdentity::load(&dirs[0]).unwrap());
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        const TOTAL: usize = 64 << 20;
+        let server_id = id.clone();
+        let server = std::thread::spawn(move || {
+            let (tcp, _) = listener.accept().unwrap();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let mut ch = Channel::accept(tcp, &server_id, deadline).unwrap();
+            ch.clear_deadline(Some(Duration::from_secs(30)));
+            let mut reader = io::BufReader::with_capacity(1 << 20, ch.try_clone().unwrap());
+            let mut buf = vec![0u8; 4 << 20];
+            let mut sum = 0u64;
+            let mut got = 0;
+            while got < TOTAL {
+                let n = (TOTAL - got).min(buf.len());
+                reader.read_exact(&mut buf[..n]).unwrap();
+                sum = buf[..n]
+                    .iter()
+                    .fold(sum, |s, &b| s.wrapping_mul(31).wrapping_add(b as u64));
+                got += n;
+            }
+            ch.write_all(&sum.to_le_bytes()).unwrap();
+            ch.flush().unwrap();
+            sum
+        });
+        let tcp = TcpStream::connect(addr).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let ch = Channel::connect(tcp, &id, peer_name("127.0.0.1").unwrap(), deadline).unwrap();
+        let mut reader = ch.try_clone().unwrap();
+        let mut w = io::BufWriter::with_capacity(256 << 10, ch);
+        let chunk: Vec<u8> = (0..4usize << 20)
+            .map(|i| (i * 7 + i / 4099) as u8)
+            .collect();
+        let started = Instant::now();
+        let mut sum = 0u64;
+        let mut sent = 0;
+        while sent < TOTAL {
+            let header = [0xa5u8; 24];
+            let n = (TOTAL - sent).min(chunk.len()) - header.len();
+            let mut done = 0;
+            while done < header.len() + n {
+                // write_all_vectored is unstable: finish by hand.
+                let k = if done < header.len() {
+                    w.write_vectored(&[
+                        io::IoSlice::new(&header[done..]),
+                        io::IoSlice::new(&chunk[..n]),
+                    ])
+                    .unwrap()
+                } else {
+                    w.write(&chunk[done - header.len()..n]).unwrap()
+                };
+                assert!(k > 0);
+                done += k;
+            }
+            for &b in header.iter().chain(&chunk[..n]) {
+                sum = sum.wrapping_mul(31).wrapping_add(b as u64);
+            }
+            sent += header.len() + n;
+        }
+        w.flush().unwrap();
+        let mut back = [0u8; 8];
+        reader.read_exact(&mut back).unwrap();
+        eprintln!("64 MiB over TLS in {:?}", started.elapsed());
+        assert_eq!(u64::from_le_bytes(back), sum);
+        assert_eq!(server.join().unwrap(), sum);
     }
 
     #[test]
