@@ -67,6 +67,29 @@ enum Command {
         /// config is never used.
         #[arg(long, value_name = "stdout|FILE")]
         serial: Option<String>,
+        /// This host's certificates: ca.pem (the CA peers must chain to),
+        /// cert.pem, key.pem (see `ferry tls-init`).
+        #[arg(long)]
+        tls_dir: Option<PathBuf>,
+        /// Take migrations only from clients whose certificate names this
+        /// host or IP (repeatable; default: any certificate from the CA).
+        #[arg(long = "allow-client", value_name = "NAME")]
+        allow_client: Vec<String>,
+        /// Plaintext and unauthenticated: anyone who reaches the port can
+        /// migrate a guest here. Only for isolated test networks.
+        #[arg(long, conflicts_with_all = ["tls_dir", "allow_client"])]
+        insecure: bool,
+    },
+    /// Make a CA and one certificate per host, for migrating without a PKI:
+    /// OUT/ca.pem, OUT/ca-key.pem and OUT/<host>/{ca.pem,cert.pem,key.pem},
+    /// each OUT/<host> a ready --tls-dir.
+    TlsInit {
+        /// Directory to write into (created if missing).
+        #[arg(long)]
+        out: PathBuf,
+        /// A host name or IP address the peer dials (repeatable).
+        #[arg(long = "host", value_name = "NAME_OR_IP", required = true)]
+        hosts: Vec<String>,
     },
     /// Send a request to a running VM's control socket.
     Ctl {
@@ -99,6 +122,13 @@ enum CtlAction {
         /// Cap on the migration stream in MiB/s (unlimited by default).
         #[arg(long)]
         bandwidth_mib_s: Option<u64>,
+        /// This host's certificates (ca.pem, cert.pem, key.pem); the
+        /// destination's certificate must name the host or IP of --to.
+        #[arg(long)]
+        tls_dir: Option<PathBuf>,
+        /// Plaintext and unauthenticated, to an --insecure ferry receive.
+        #[arg(long, conflicts_with = "tls_dir")]
+        insecure: bool,
     },
     /// Show the progress of the current (or last) migration.
     MigrationStatus,
@@ -208,9 +238,29 @@ fn ctl(sock: PathBuf, action: CtlAction) -> ExitCode {
         to,
         max_downtime_ms,
         bandwidth_mib_s,
+        tls_dir,
+        insecure,
     } = &action
     {
-        return migrate(&sock, to, *max_downtime_ms, *bandwidth_mib_s);
+        if tls_dir.is_none() && !insecure {
+            say(format_args!(
+                "ferry: migrate needs --tls-dir DIR (this host's certificates, see ferry tls-init), \
+                 or --insecure for an unauthenticated plaintext migration"
+            ));
+            return ExitCode::from(EXIT_BAD_INPUT);
+        }
+        // The VMM resolves relative paths against its own directory.
+        let tls_dir = tls_dir
+            .as_ref()
+            .map(|d| std::path::absolute(d).unwrap_or_else(|_| d.clone()));
+        return migrate(
+            &sock,
+            to,
+            *max_downtime_ms,
+            *bandwidth_mib_s,
+            tls_dir.as_deref(),
+            *insecure,
+        );
     }
     let (method, path, body) = match &action {
         CtlAction::State => ("GET", "/vm", None),
@@ -466,12 +516,23 @@ impl Progress {
 }
 
 /// Starts a migration and follows it until it ends.
-fn migrate(sock: &Path, to: &str, max_downtime_ms: u64, bandwidth: Option<u64>) -> ExitCode {
-    let req = serde_json::json!({
+fn migrate(
+    sock: &Path,
+    to: &str,
+    max_downtime_ms: u64,
+    bandwidth: Option<u64>,
+    tls_dir: Option<&Path>,
+    insecure: bool,
+) -> ExitCode {
+    let mut req = serde_json::json!({
         "destination": to,
         "max_downtime_ms": max_downtime_ms,
         "bandwidth_mib_s": bandwidth,
     });
+    match tls_dir {
+        Some(d) => req["tls_dir"] = serde_json::json!(d),
+        None => req["insecure"] = serde_json::json!(insecure),
+    }
     match client::request_typed::<MigrationStatus>(sock, "PUT", "/migration/send", Some(&req)) {
         Ok(_) => {}
         Err(ClientError::Status {
@@ -568,12 +629,19 @@ fn check_socket_path(flag: &str, path: &Path) -> Result<(), ExitCode> {
     Ok(())
 }
 
+struct ReceiveSecurity {
+    tls_dir: Option<PathBuf>,
+    allow_client: Vec<String>,
+    insecure: bool,
+}
+
 fn receive(
     listen: &str,
     dir: Option<PathBuf>,
     paused: bool,
     api_sock: Option<PathBuf>,
     policy: ferry::migration::destination::ReceivePolicy,
+    sec: ReceiveSecurity,
 ) -> ExitCode {
     if let Some(sock) = &api_sock {
         if let Err(code) = check_socket_path("--api-sock", sock) {
@@ -594,13 +662,79 @@ fn receive(
             return ExitCode::from(EXIT_BAD_INPUT);
         }
     }
+    use ferry::migration::transport::{peer_name, Security, TlsIdentity};
+    // Like --dir: a bad flag is named before the question of security.
+    let policy = match policy.canonical() {
+        Ok(p) => p,
+        Err(e) => {
+            say(format_args!("ferry: {e}"));
+            return ExitCode::from(EXIT_BAD_INPUT);
+        }
+    };
+    let security = match (&sec.tls_dir, sec.insecure) {
+        (Some(d), _) => match TlsIdentity::load(d) {
+            Ok(id) => Security::Tls(std::sync::Arc::new(id)),
+            Err(e) => {
+                say(format_args!("ferry: {e}"));
+                return ExitCode::from(EXIT_BAD_INPUT);
+            }
+        },
+        (None, true) => {
+            eprintln!(
+                "ferry: --insecure: migrations here are plaintext and unauthenticated; anyone who reaches the port can send a guest"
+            );
+            Security::Insecure
+        }
+        (None, false) => {
+            say(format_args!(
+                "ferry: receive needs --tls-dir DIR (ca.pem, cert.pem, key.pem; see ferry tls-init), \
+                 or --insecure to take unauthenticated plaintext migrations"
+            ));
+            return ExitCode::from(EXIT_BAD_INPUT);
+        }
+    };
+    let mut allow_clients = Vec::new();
+    for name in &sec.allow_client {
+        match peer_name(name) {
+            Ok(n) => allow_clients.push(n),
+            Err(e) => {
+                say(format_args!("ferry: --allow-client: {e}"));
+                return ExitCode::from(EXIT_BAD_INPUT);
+            }
+        }
+    }
     finish(vmm::receive(
         listen,
         dir.as_deref(),
         api_sock,
         paused,
         policy,
+        security,
+        allow_clients,
     ))
+}
+
+fn tls_init(out: &std::path::Path, hosts: &[String]) -> ExitCode {
+    match ferry::migration::transport::tls_init(out, hosts) {
+        Ok(dirs) => {
+            for d in dirs {
+                println!("{}", d.display());
+            }
+            eprintln!(
+                "ferry: give each host its own directory as --tls-dir; keep {} off the hosts",
+                out.join(ferry::migration::transport::CA_KEY_FILE).display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e @ ferry::migration::transport::TlsError::BadName(_)) => {
+            say(format_args!("ferry: --host: {e}"));
+            ExitCode::from(EXIT_BAD_INPUT)
+        }
+        Err(e) => {
+            say(format_args!("ferry: tls-init: {e}"));
+            ExitCode::from(EXIT_RUNTIME)
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -621,6 +755,9 @@ fn main() -> ExitCode {
             api_sock,
             shared_storage_root,
             serial,
+            tls_dir,
+            allow_client,
+            insecure,
         } => {
             let serial = match serial.as_deref() {
                 None | Some("stdout") => ferry::config::SerialConfig::Stdout,
@@ -638,8 +775,20 @@ fn main() -> ExitCode {
                 shared_storage_root,
                 serial,
             };
-            receive(&listen, dir, paused, api_sock, policy)
+            receive(
+                &listen,
+                dir,
+                paused,
+                api_sock,
+                policy,
+                ReceiveSecurity {
+                    tls_dir,
+                    allow_client,
+                    insecure,
+                },
+            )
         }
+        Command::TlsInit { out, hosts } => tls_init(&out, &hosts),
     }
 }
 

@@ -74,12 +74,15 @@ fn sigint_stops_the_vm_and_removes_the_socket() {
 fn receive_waiting_for_a_migration_dies_on_sigterm() {
     let dir = tempdir();
     let sock = dir.path().join("dst.sock");
+    let tls = tls_dir(dir.path());
     let mut f = Ferry::spawn(&[
         "receive",
         "--listen",
         "127.0.0.1:0",
         "--api-sock",
         sock.to_str().unwrap(),
+        "--tls-dir",
+        tls.to_str().unwrap(),
     ]);
     let deadline = Instant::now() + BOOT;
     while !f.stderr().contains("waiting for a migration") {
@@ -299,6 +302,8 @@ fn ctl_migrate_output(
         format!("127.0.0.1:{port}"),
         "--bandwidth-mib-s".into(),
         "64".into(),
+        "--tls-dir".into(),
+        tls_dir(dir.path()).to_str().unwrap().into(),
     ];
     let out = wrap(args).stdin(Stdio::null()).output().unwrap();
     let mut text = String::from_utf8_lossy(&out.stderr).into_owned();
@@ -454,4 +459,103 @@ fn strip_ansi(s: &str) -> String {
         }
     }
     out
+}
+
+#[test]
+fn receive_and_migrate_refuse_to_run_unauthenticated_unless_told() {
+    let (code, err) = ferry_output(&["receive", "--listen", "127.0.0.1:0"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("--tls-dir") && err.contains("--insecure"),
+        "{err}"
+    );
+    let (code, err) = ferry_output(&["ctl", "--sock", "x.sock", "migrate", "--to", "h:1"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("--tls-dir") && err.contains("--insecure"),
+        "{err}"
+    );
+    // Both at once is a contradiction, not a choice.
+    let dir = tempdir();
+    let tls = tls_dir(dir.path());
+    let t = tls.to_str().unwrap();
+    let (code, err) = ferry_output(&[
+        "receive",
+        "--listen",
+        "127.0.0.1:0",
+        "--tls-dir",
+        t,
+        "--insecure",
+    ]);
+    assert_eq!(code, Some(2), "{err}");
+    let (code, err) = ferry_output(&[
+        "receive",
+        "--listen",
+        "127.0.0.1:0",
+        "--tls-dir",
+        t,
+        "--allow-client",
+        "not a name",
+    ]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("--allow-client"), "{err}");
+}
+
+#[test]
+fn a_bad_tls_dir_names_the_file_and_what_is_wrong() {
+    let dir = tempdir();
+    let tls = tls_dir(dir.path());
+    let t = tls.to_str().unwrap();
+    std::fs::remove_file(tls.join("cert.pem")).unwrap();
+    let (code, err) = ferry_output(&["receive", "--listen", "127.0.0.1:0", "--tls-dir", t]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains(&format!("{t}/cert.pem")) && err.contains("No such file"),
+        "{err}"
+    );
+    std::fs::write(tls.join("cert.pem"), "not pem").unwrap();
+    let (code, err) = ferry_output(&["receive", "--listen", "127.0.0.1:0", "--tls-dir", t]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("cert.pem") && err.contains("no certificate"),
+        "{err}"
+    );
+}
+
+#[test]
+fn tls_init_writes_a_ca_and_a_private_directory_per_host() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempdir();
+    let out = dir.path().join("pki");
+    let o = std::process::Command::new(FERRY)
+        .args(["tls-init", "--out", out.to_str().unwrap()])
+        .args(["--host", "10.0.0.1", "--host", "host-b.example"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert!(out.join("ca.pem").is_file());
+    assert_eq!(mode(&out.join("ca-key.pem")), 0o600);
+    for host in ["10.0.0.1", "host-b.example"] {
+        for f in ["ca.pem", "cert.pem", "key.pem"] {
+            assert!(out.join(host).join(f).is_file(), "{host}/{f}");
+        }
+        assert_eq!(mode(&out.join(host).join("key.pem")), 0o600);
+        assert_eq!(
+            std::fs::read(out.join(host).join("ca.pem")).unwrap(),
+            std::fs::read(out.join("ca.pem")).unwrap()
+        );
+        ferry::migration::transport::TlsIdentity::load(&out.join(host)).unwrap();
+    }
+    let (code, err) = ferry_output(&["tls-init", "--out", out.to_str().unwrap()]);
+    assert_eq!(code, Some(2), "{err}");
+    let (code, err) = ferry_output(&[
+        "tls-init",
+        "--out",
+        out.to_str().unwrap(),
+        "--host",
+        "bad name!",
+    ]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("bad name!"), "{err}");
 }

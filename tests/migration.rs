@@ -1,5 +1,6 @@
 //! Live migration between two ferry processes on this machine (loopback),
-//! with the disks on shared storage (the same paths).
+//! with the disks on shared storage (the same paths), over mutual TLS with
+//! certificates from `ferry tls-init` (and one test of `--insecure`).
 
 mod common;
 
@@ -10,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use ferry::migration::protocol::{self, HelloAck, Kind};
+use ferry::migration::transport::{peer_name, Channel, TlsIdentity};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -32,8 +34,13 @@ fn start_migration(src: &Ferry, dest: &str, bandwidth: Option<u64>) -> (u16, ser
     )
 }
 
-/// `PUT /migration/send` with `body`.
-fn send(src: &Ferry, body: serde_json::Value) -> (u16, serde_json::Value) {
+/// `PUT /migration/send` with `body`, over TLS with the certificates of
+/// the test's directory unless the body says otherwise.
+fn send(src: &Ferry, mut body: serde_json::Value) -> (u16, serde_json::Value) {
+    if body.get("tls_dir").is_none() && body.get("insecure").is_none() {
+        let dir = src.api_sock.as_ref().unwrap().parent().unwrap();
+        body["tls_dir"] = serde_json::json!(tls_dir(dir));
+    }
     ferry::api::client::request(
         src.api_sock.as_ref().unwrap(),
         "PUT",
@@ -144,6 +151,8 @@ fn idle_guest_heartbeat_continues_on_the_destination() {
             "migrate",
             "--to",
             &format!("127.0.0.1:{port}"),
+            "--tls-dir",
+            tls_dir(dir.path()).to_str().unwrap(),
         ])
         .output()
         .unwrap();
@@ -232,12 +241,20 @@ fn killed_destination_leaves_the_guest_running() {
     assert_source_runs_on(&src);
 }
 
-/// A fake destination: answers the source's Hello with `reply`.
-fn fake_destination(reply: impl FnOnce(&mut TcpStream, protocol::Hello) + Send + 'static) -> u16 {
+/// A fake destination, with the certificates of `dir`: answers the
+/// source's Hello with `reply`.
+fn fake_destination(
+    dir: &Path,
+    reply: impl FnOnce(&mut Channel, protocol::Hello) + Send + 'static,
+) -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
+    let id = TlsIdentity::load(&tls_dir(dir)).unwrap();
     std::thread::spawn(move || {
-        if let Ok((mut s, _)) = listener.accept() {
+        if let Ok((tcp, _)) = listener.accept() {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let mut s = Channel::accept(tcp, &id, deadline).unwrap();
+            s.clear_deadline(None);
             let hello: protocol::Hello =
                 protocol::parse_json(Kind::Hello, &protocol::expect(&mut s, Kind::Hello).unwrap())
                     .unwrap();
@@ -246,6 +263,16 @@ fn fake_destination(reply: impl FnOnce(&mut TcpStream, protocol::Hello) + Send +
         }
     });
     port
+}
+
+/// A TLS client with the certificates of `dir`, as a source would connect.
+fn tls_client(dir: &Path, port: u16) -> Channel {
+    let id = TlsIdentity::load(&tls_dir(dir)).unwrap();
+    let tcp = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut s = Channel::connect(tcp, &id, peer_name("127.0.0.1").unwrap(), deadline).unwrap();
+    s.clear_deadline(Some(Duration::from_secs(30)));
+    s
 }
 
 #[test]
@@ -262,7 +289,7 @@ fn incompatible_destinations_are_refused_and_the_source_is_unharmed() {
     let cases: Vec<(&str, u16)> = vec![
         (
             "different VM",
-            fake_destination(|s, h| {
+            fake_destination(dir.path(), |s, h| {
                 let ack = HelloAck {
                     protocol: h.protocol,
                     migration_id: h.migration_id,
@@ -276,7 +303,7 @@ fn incompatible_destinations_are_refused_and_the_source_is_unharmed() {
         ),
         (
             "different VM",
-            fake_destination(|s, h| {
+            fake_destination(dir.path(), |s, h| {
                 let ack = HelloAck {
                     protocol: h.protocol + 1,
                     migration_id: h.migration_id,
@@ -290,14 +317,14 @@ fn incompatible_destinations_are_refused_and_the_source_is_unharmed() {
         ),
         (
             "not a Ferry migration stream",
-            fake_destination(|s, _| {
+            fake_destination(dir.path(), |s, _| {
                 s.write_all(b"SSH-2.0-OpenSSH_9.2 definitely not ferry\r\n")
                     .unwrap();
             }),
         ),
         (
             "protocol version",
-            fake_destination(|s, _| {
+            fake_destination(dir.path(), |s, _| {
                 protocol::send_json(
                     s,
                     Kind::Error,
@@ -331,7 +358,7 @@ fn receiver_rejects_garbage_and_bad_handshakes_then_accepts_a_real_migration() {
     let (dst, port) = receiver(dir.path());
     let addr = format!("127.0.0.1:{port}");
 
-    // Random bytes.
+    // Random bytes (not even TLS).
     let mut s = TcpStream::connect(&addr).unwrap();
     let junk: Vec<u8> = (0..4096u32)
         .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
@@ -349,7 +376,7 @@ fn receiver_rejects_garbage_and_bad_handshakes_then_accepts_a_real_migration() {
             "does not fit this host",
         ),
     ] {
-        let mut s = TcpStream::connect(&addr).unwrap();
+        let mut s = tls_client(dir.path(), port);
         protocol::send_json(
             &mut s,
             Kind::Hello,
@@ -400,7 +427,7 @@ fn receiver_refuses_frames_out_of_order() {
     }
     let dir = tempdir();
     let (mut dst, port) = receiver(dir.path());
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let mut s = tls_client(dir.path(), port);
     protocol::send_json(
         &mut s,
         Kind::Hello,
@@ -695,12 +722,13 @@ fn forged_hello(state: &serde_json::Value) -> protocol::Hello {
 /// and, once the destination is ready, Go. Returns what was sent after the
 /// Hello (a recording), or the destination's reason for refusing.
 fn forge(
+    dir: &Path,
     port: u16,
     hello: &protocol::Hello,
     memory: impl FnOnce(&str) -> Vec<u8>,
     state: &serde_json::Value,
 ) -> Result<Vec<u8>, String> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let mut s = tls_client(dir, port);
     s.set_read_timeout(Some(WAIT)).unwrap();
     protocol::send_json(&mut s, Kind::Hello, hello).unwrap();
     let ack: HelloAck = protocol::expect(&mut s, Kind::HelloAck)
@@ -794,6 +822,7 @@ fn a_state_naming_host_paths_does_not_touch_them() {
         st["config"]["drives"][0]["path"] = serde_json::json!(path);
         let (mut dst, port) = receiver_with(dir.path(), &["--shared-storage-root", &root_arg]);
         let reason = forge(
+            dir.path(),
             port,
             &forged_hello(&st),
             |n| forged_memory(&memory, size, n, None),
@@ -808,6 +837,7 @@ fn a_state_naming_host_paths_does_not_touch_them() {
     st["config"]["kernel"] = serde_json::json!(TESTKERNEL);
     let (mut dst, port) = receiver_with(dir.path(), &["--shared-storage-root", &root_arg]);
     let reason = forge(
+        dir.path(),
         port,
         &forged_hello(&st),
         |n| forged_memory(&memory, size, n, None),
@@ -824,6 +854,7 @@ fn a_state_naming_host_paths_does_not_touch_them() {
     st["config"]["api_socket"] = serde_json::json!(host_sock);
     let (mut dst, port) = receiver_with(dir.path(), &["--shared-storage-root", &root_arg]);
     forge(
+        dir.path(),
         port,
         &forged_hello(&st),
         |n| forged_memory(&memory, size, n, None),
@@ -861,6 +892,7 @@ fn the_destination_chooses_where_the_console_goes() {
         ],
     );
     forge(
+        dir.path(),
         port,
         &forged_hello(&state),
         |n| forged_memory(&memory, size, n, None),
@@ -895,6 +927,7 @@ fn a_stream_missing_a_memory_frame_is_refused() {
     // The seal is honest about what was sent: only the count of pages
     // tells that one frame never was.
     let reason = forge(
+        dir.path(),
         port,
         &forged_hello(&state),
         |n| forged_memory(&memory, size, n, Some(1)),
@@ -906,6 +939,7 @@ fn a_stream_missing_a_memory_frame_is_refused() {
     // Complete memory but no Seal: the state is not taken.
     let (mut dst, port) = receiver(dir.path());
     let reason = forge(
+        dir.path(),
         port,
         &forged_hello(&state),
         |n| {
@@ -931,7 +965,7 @@ fn a_stream_missing_a_memory_frame_is_refused() {
     // A Hello that claims more than a Hello is ever is refused on its
     // header, and the receiver listens on.
     let (mut dst, port) = receiver(dir.path());
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let mut s = tls_client(dir.path(), port);
     let hdr = protocol::header_bytes(Kind::Hello, 32 << 20, 0);
     s.write_all(&hdr).unwrap();
     match protocol::expect(&mut s, Kind::HelloAck) {
@@ -961,6 +995,7 @@ fn a_recorded_stream_replayed_is_refused() {
     let hello = forged_hello(&state);
     let (mut first, port) = receiver(dir.path());
     let recording = forge(
+        dir.path(),
         port,
         &hello,
         |n| forged_memory(&memory, size, n, None),
@@ -984,7 +1019,14 @@ fn a_recorded_stream_replayed_is_refused() {
             }
         }
     };
-    let reason = forge(port, &hello, |_| recording[..seal_end].to_vec(), &state).unwrap_err();
+    let reason = forge(
+        dir.path(),
+        port,
+        &hello,
+        |_| recording[..seal_end].to_vec(),
+        &state,
+    )
+    .unwrap_err();
     assert_refused(&mut dst, &reason, "recorded for another migration");
 }
 
@@ -1005,7 +1047,7 @@ fn guests_beyond_this_hosts_limits_are_refused_before_anything_is_built() {
         storage: None,
     };
     let refusal = |port: u16, h: &protocol::Hello| {
-        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let mut s = tls_client(dir.path(), port);
         protocol::send_json(&mut s, Kind::Hello, h).unwrap();
         match protocol::expect(&mut s, Kind::HelloAck) {
             Err(protocol::ProtocolError::Peer(reason)) => reason,
@@ -1055,7 +1097,7 @@ fn an_id_collision_deletes_nothing() {
         ("abcd0123", vec![1, 2, 3], "already in use"),
         ("abcd4567", vec![1, 2], "2 sizes for 3 files"),
     ] {
-        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let mut s = tls_client(dir.path(), port);
         protocol::send_json(
             &mut s,
             Kind::Hello,
@@ -1091,7 +1133,7 @@ fn an_id_collision_deletes_nothing() {
         std::fs::read(running.join("drive0-d0.img")).unwrap(),
         b"a running guest's disk"
     );
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let mut s = tls_client(dir.path(), port);
     protocol::send_json(
         &mut s,
         Kind::Hello,
@@ -1117,4 +1159,275 @@ fn an_id_collision_deletes_nothing() {
         .map(|e| e.unwrap().file_name())
         .collect();
     assert_eq!(names, vec![std::ffi::OsString::from("abcd0123")]);
+}
+
+/// `--insecure` on both ends: plaintext, and still a whole migration.
+#[test]
+fn insecure_mode_migrates_in_plaintext() {
+    if !kvm_available("insecure_mode_migrates_in_plaintext") {
+        return;
+    }
+    let dir = tempdir();
+    let (mut dst, port) = receiver_insecure(dir.path());
+    assert!(
+        dst.stderr().contains("plaintext and unauthenticated"),
+        "{}",
+        dst.stderr()
+    );
+    let mut src = Ferry::run(
+        dir.path(),
+        &config(1, 128, "testkernel.workload=dirty testkernel.dirty_mib=8"),
+    );
+    src.wait_line(WAIT, |l| l == "testkernel: dirty pass=2 ok");
+    let dest = format!("127.0.0.1:{port}");
+    // Without saying so, the source refuses too.
+    let (status, body) = ferry::api::client::request(
+        src.api_sock.as_ref().unwrap(),
+        "PUT",
+        "/migration/send",
+        Some(&serde_json::json!({"destination": dest})),
+    )
+    .unwrap();
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("tls_dir")
+            && body["error"].as_str().unwrap().contains("insecure"),
+        "{body}"
+    );
+    let (status, body) = send(
+        &src,
+        serde_json::json!({"destination": dest, "insecure": true}),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert!(src.wait_exit(WAIT).success(), "{}", src.stderr());
+    let before = last_pass(&src);
+    dst.wait_line(WAIT, |l| pass_of(l).is_some_and(|p| p >= before + 2));
+    no_fail(&dst);
+    dst.api("PUT", "/vm/shutdown");
+    assert!(dst.wait_exit(WAIT).success());
+}
+
+/// Certificates from another CA, for another name, or expired; a client the
+/// receiver does not allow; a plaintext source at a TLS receiver: each is
+/// refused with a reason on both sides, the source's guest runs on, and a
+/// receiver that was merely picky still takes the next real migration.
+#[test]
+fn tls_refusals_are_clear_on_both_sides_and_the_source_runs_on() {
+    if !kvm_available("tls_refusals_are_clear_on_both_sides_and_the_source_runs_on") {
+        return;
+    }
+    let dir = tempdir();
+    let good = tls_dir(dir.path());
+    let ca = ferry::migration::transport::CertAuthority::load(&dir.path().join("tls")).unwrap();
+    // Same CA, wrong name: the source dials 127.0.0.1.
+    let wrong_name = dir.path().join("wrong-name");
+    ca.write_host_dir(&wrong_name, &ca.issue("elsewhere.example").unwrap())
+        .unwrap();
+    // Same CA, right name, expired yesterday.
+    let expired = dir.path().join("expired");
+    let now = time::OffsetDateTime::now_utc();
+    ca.write_host_dir(
+        &expired,
+        &ca.issue_valid(
+            "127.0.0.1",
+            now - time::Duration::days(30),
+            now - time::Duration::days(1),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    // Another CA altogether.
+    let other_ca = tls_init(&dir.path().join("other"), &["127.0.0.1"]).remove(0);
+    // Trusts the right CA, but its own certificate is from the other one.
+    let mixed = dir.path().join("mixed");
+    std::fs::create_dir(&mixed).unwrap();
+    std::fs::copy(good.join("ca.pem"), mixed.join("ca.pem")).unwrap();
+    for f in ["cert.pem", "key.pem"] {
+        std::fs::copy(other_ca.join(f), mixed.join(f)).unwrap();
+    }
+
+    let src = Ferry::run(
+        dir.path(),
+        &config(1, 128, "testkernel.workload=dirty testkernel.dirty_mib=8"),
+    );
+    src.wait_line(WAIT, |l| l == "testkernel: dirty pass=1 ok");
+    let attempt = |port: u16, body: serde_json::Value| -> String {
+        let mut body = body;
+        body["destination"] = format!("127.0.0.1:{port}").into();
+        let (status, reply) = send(&src, body);
+        assert_eq!(status, 200, "{reply}");
+        let st = wait_status(&src, |s| s["phase"] == "failed");
+        let (_, vm) = src.api("GET", "/vm");
+        assert_eq!(vm["state"], "Running");
+        st["error"].as_str().unwrap().to_string()
+    };
+    let wait_refusal = |dst: &Ferry, want: &str| {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let err = dst.stderr();
+            if let Some(line) = err.lines().find(|l| l.contains("refused a connection")) {
+                assert!(line.contains(want), "wanted {want:?}: {err}");
+                return;
+            }
+            assert!(Instant::now() < deadline, "no refusal logged: {err}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+
+    // The destination's certificate is the problem: the source says which.
+    for (dst_tls, src_tls, src_says, dst_says) in [
+        (
+            &other_ca,
+            &good,
+            "not signed by the CA in our ca.pem",
+            "does not accept our certificate",
+        ),
+        (
+            &wrong_name,
+            &good,
+            "does not name the host or IP we dialled",
+            "does not accept our certificate",
+        ),
+        (
+            &expired,
+            &good,
+            "its certificate has expired",
+            "our certificate has expired",
+        ),
+        // The source's certificate is from another CA: the receiver says so.
+        (
+            &good,
+            &mixed,
+            "does not accept our certificate",
+            "not signed by the CA in our ca.pem",
+        ),
+    ] {
+        let sub = tempdir();
+        let (mut dst, port) = receiver_with(sub.path(), &["--tls-dir", dst_tls.to_str().unwrap()]);
+        let err = attempt(port, serde_json::json!({"tls_dir": src_tls}));
+        assert!(
+            err.contains("TLS handshake") && err.contains(src_says),
+            "{src_says}: {err}"
+        );
+        wait_refusal(&dst, dst_says);
+        assert!(dst.running(), "the receiver gave up: {}", dst.stderr());
+        drop(dst);
+    }
+
+    // A receiver that allows another client, and then a plaintext source.
+    let (mut dst, port) = receiver_with(
+        dir.path(),
+        &[
+            "--tls-dir",
+            good.to_str().unwrap(),
+            "--allow-client",
+            "10.9.9.9",
+            "--allow-client",
+            "source.example",
+        ],
+    );
+    let err = attempt(port, serde_json::json!({"tls_dir": good}));
+    assert!(
+        err.contains("names none of the clients") && err.contains("--allow-client 10.9.9.9"),
+        "{err}"
+    );
+    wait_refusal(&dst, "names none of the clients");
+    let err = attempt(port, serde_json::json!({"insecure": true}));
+    assert!(err.contains("takes only TLS migrations"), "{err}");
+    let deadline = Instant::now() + WAIT;
+    while !dst.stderr().contains("takes only TLS") {
+        assert!(Instant::now() < deadline, "{}", dst.stderr());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(dst.running(), "{}", dst.stderr());
+    assert_source_runs_on(&src);
+    drop(dst);
+
+    // An allowed client name gets through the same kind of receiver.
+    let sub = tempdir();
+    let (dst, port) = receiver_with(
+        sub.path(),
+        &[
+            "--tls-dir",
+            good.to_str().unwrap(),
+            "--allow-client",
+            "127.0.0.1",
+            "--shared-storage-root",
+            "/",
+        ],
+    );
+    let (status, body) = send(
+        &src,
+        serde_json::json!({"destination": format!("127.0.0.1:{port}"), "tls_dir": good}),
+    );
+    assert_eq!(status, 200, "{body}");
+    let mut src = src;
+    assert!(src.wait_exit(WAIT).success(), "{}", src.stderr());
+    let before = last_pass(&src);
+    dst.wait_line(WAIT, |l| pass_of(l).is_some_and(|p| p >= before + 2));
+    no_fail(&dst);
+}
+
+/// Peers that connect and say nothing, hang up, or trickle a byte a second
+/// never hold up a real migration started meanwhile, and each is dropped
+/// within the handshake deadline.
+#[test]
+fn a_trickling_peer_does_not_block_a_real_migration() {
+    if !kvm_available("a_trickling_peer_does_not_block_a_real_migration") {
+        return;
+    }
+    let dir = tempdir();
+    let (dst, port) = receiver(dir.path());
+    let addr = format!("127.0.0.1:{port}");
+    // Hangs up at once.
+    drop(TcpStream::connect(&addr).unwrap());
+    // Trickles the start of a TLS ClientHello, one byte a second.
+    let trickler = {
+        let addr = addr.clone();
+        std::thread::spawn(move || {
+            let mut s = TcpStream::connect(&addr).unwrap();
+            let started = Instant::now();
+            let hello = [
+                0x16u8, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03,
+            ];
+            for b in hello.iter().cycle().take(30) {
+                if s.write_all(&[*b]).is_err() {
+                    return Some(started.elapsed());
+                }
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            None
+        })
+    };
+    // Silent, holding its connection open.
+    let _silent = TcpStream::connect(&addr).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+
+    let mut src = Ferry::run(
+        dir.path(),
+        &config(1, 128, "testkernel.workload=dirty testkernel.dirty_mib=8"),
+    );
+    src.wait_line(WAIT, |l| l == "testkernel: dirty pass=2 ok");
+    let t0 = Instant::now();
+    let (status, body) = start_migration(&src, &addr, None);
+    assert_eq!(status, 200, "{body}");
+    assert!(src.wait_exit(WAIT).success(), "{}", src.stderr());
+    eprintln!("migrated in {:?} past the trickler", t0.elapsed());
+    let before = last_pass(&src);
+    dst.wait_line(WAIT, |l| pass_of(l).is_some_and(|p| p >= before + 2));
+    no_fail(&dst);
+    // The trickler was cut off by the deadline, not by the byte count.
+    let cut = trickler.join().unwrap();
+    let cut = cut.expect("the trickling peer was never dropped");
+    assert!(
+        cut < Duration::from_secs(20),
+        "dropped only after {cut:?}: {}",
+        dst.stderr()
+    );
+    assert!(
+        dst.stderr()
+            .contains("did not complete the TLS handshake in time"),
+        "{}",
+        dst.stderr()
+    );
 }

@@ -1,7 +1,9 @@
 //! Combined live and storage migration between two hosts (two network
 //! namespaces joined by a veth pair) that share no storage: the source's
 //! files live in one directory, the destination's `--dir` in another, and
-//! everything moves through the destination's temporary NFSv3 share.
+//! everything moves through the destination's temporary NFSv3 share. The
+//! channel and the share are mutual TLS, with certificates from
+//! `ferry tls-init` for the two hosts' addresses.
 
 mod common;
 
@@ -22,6 +24,9 @@ struct Setup {
     src_dir: PathBuf,
     dst_dir: PathBuf,
     image: PathBuf,
+    /// `--tls-dir` of host a (the source) and of host b.
+    tls_a: PathBuf,
+    tls_b: PathBuf,
 }
 
 impl Setup {
@@ -36,12 +41,15 @@ impl Setup {
         std::fs::create_dir_all(&src_dir).unwrap();
         std::fs::create_dir_all(&dst_dir).unwrap();
         let image = src_dir.join("disk.img");
+        let tls = tls_init(&dir.path().join("tls"), &[&hosts.ip_a, &hosts.ip_b]);
         Some(Setup {
             hosts,
             dir,
             src_dir,
             dst_dir,
             image,
+            tls_a: tls[0].clone(),
+            tls_b: tls[1].clone(),
         })
     }
 
@@ -68,6 +76,8 @@ impl Setup {
             self.dst_dir.to_str().unwrap(),
             "--api-sock",
             sock.to_str().unwrap(),
+            "--tls-dir",
+            self.tls_b.to_str().unwrap(),
         ];
         args.extend_from_slice(extra);
         let mut f = self.hosts.ferry('b', &args);
@@ -119,6 +129,7 @@ impl Setup {
             Some(&serde_json::json!({
                 "destination": format!("{}:{PORT}", self.hosts.ip_b),
                 "bandwidth_mib_s": bandwidth,
+                "tls_dir": self.tls_a,
             })),
         )
         .unwrap();
@@ -286,17 +297,17 @@ fn sparse_image_stays_sparse() {
     no_fail(&dst);
 }
 
+/// The share answers only the peer of the migration's TLS channel: another
+/// process on the source's own address, speaking plain NFSv3 (Debian's
+/// libnfs-utils), can neither list nor read it, and the migration goes on.
 #[test]
-fn an_independent_nfs_client_sees_the_share() {
-    let Some(s) = Setup::new("an_independent_nfs_client_sees_the_share") else {
+fn a_process_on_the_source_ip_cannot_mount_or_read_the_share() {
+    let test = "a_process_on_the_source_ip_cannot_mount_or_read_the_share";
+    let Some(s) = Setup::new(test) else {
         return;
     };
     if Command::new("nfs-ls").arg("--help").output().is_err() {
-        skip_unless_required(
-            "an_independent_nfs_client_sees_the_share",
-            in_ci(),
-            "nfs-ls (libnfs-utils) is not installed",
-        );
+        skip_unless_required(test, in_ci(), "nfs-ls (libnfs-utils) is not installed");
         return;
     }
     s.make_image(64, 48);
@@ -311,51 +322,50 @@ fn an_independent_nfs_client_sees_the_share() {
     let (ip, port) = hostport.rsplit_once(':').unwrap();
     assert_eq!(ip, s.hosts.ip_b);
     let q = format!("?version=3&nfsport={port}&mountport={port}");
-    // From the source host: the share only answers the source's address.
-    let ls = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &s.hosts.ns('a'),
-            "nfs-ls",
-            &format!("nfs://{ip}/{export}{q}"),
-        ])
-        .output()
-        .unwrap();
-    let listing = String::from_utf8_lossy(&ls.stdout);
-    assert!(ls.status.success(), "{ls:?}");
+    let from_source_host = |tool: &str, url: String| {
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &s.hosts.ns('a'),
+                "timeout",
+                "20",
+                tool,
+                &url,
+            ])
+            .output()
+            .unwrap()
+    };
+    for (tool, url) in [
+        ("nfs-ls", format!("nfs://{ip}/{export}{q}")),
+        ("nfs-ls", format!("nfs://{ip}/{q}")),
+        ("nfs-cat", format!("nfs://{ip}/{export}/kernel{q}")),
+        ("nfs-cat", format!("nfs://{ip}/{export}/drive0-d0.img{q}")),
+    ] {
+        let out = from_source_host(tool, url.clone());
+        assert!(!out.status.success(), "{tool} {url} got in: {out:?}");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            !text.contains("drive0-d0.img") && !text.contains("kernel") && out.stdout.len() < 64,
+            "{tool} {url} read something: {text}"
+        );
+    }
     assert!(
-        listing.contains("drive0-d0.img") && listing.contains("kernel"),
-        "{listing}"
+        dst.stderr().contains("share refused a connection from"),
+        "{}",
+        dst.stderr()
     );
-    let cat = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &s.hosts.ns('a'),
-            "nfs-cat",
-            &format!("nfs://{ip}/{export}/kernel{q}"),
-        ])
-        .output()
-        .unwrap();
-    assert!(cat.status.success(), "{cat:?}");
-    assert_eq!(cat.stdout, std::fs::read(TESTKERNEL).unwrap());
+    // The migration itself was not disturbed.
+    let st = status(&src);
+    assert!(st["error"].is_null(), "{st}");
+    assert_eq!(st["phase"], "precopy", "{st}");
 
     // Cancel: the share goes away and nothing is left at the destination.
     let (code, body) = src.api("PUT", "/migration/cancel");
     assert_eq!(code, 200, "{body}");
     assert!(!dst.wait_exit(WAIT).success());
     assert!(s.dst_entries().is_empty(), "{:?}", s.dst_entries());
-    let ls = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &s.hosts.ns('a'),
-            "nfs-ls",
-            &format!("nfs://{ip}/{export}{q}"),
-        ])
-        .output()
-        .unwrap();
+    let ls = from_source_host("nfs-ls", format!("nfs://{ip}/{export}{q}"));
     assert!(!ls.status.success(), "the share outlived the migration");
     assert_guest_runs_on_locally(&s, src);
 }
@@ -467,6 +477,7 @@ fn copy_through_an_already_mounted_share() {
             "destination": format!("{}:{PORT}", s.hosts.ip_b),
             "storage": "copy",
             "share": { "path": s.dst_dir },
+            "tls_dir": s.tls_a,
         })),
     )
     .unwrap();
@@ -562,4 +573,51 @@ fn the_share_refuses_files_that_were_not_announced() {
     assert!(!dst.wait_exit(WAIT).success());
     assert!(s.dst_entries().is_empty(), "{:?}", s.dst_entries());
     assert_guest_runs_on_locally(&s, src);
+}
+
+/// Live and storage migration with certificates from `ferry tls-init`, the
+/// destination taking only the source's name: the channel and the share
+/// are TLS, the copy is exact, the guest goes on; a source with another
+/// name is turned away with the reason, and its guest runs on.
+#[test]
+fn tls_storage_migration_only_from_an_allowed_client() {
+    let Some(s) = Setup::new("tls_storage_migration_only_from_an_allowed_client") else {
+        return;
+    };
+    s.make_image(64, 8);
+    // First a receiver that allows another name only.
+    let mut picky = s.receiver(&["--allow-client", "10.255.0.9"]);
+    let src = s.source(8);
+    s.migrate(&src, None);
+    let st = wait_status(&src, |st| st["phase"] == "failed");
+    let err = st["error"].as_str().unwrap();
+    assert!(err.contains("names none of the clients"), "{err}");
+    // The receiver logs the refusal once the source has hung up, which
+    // may be a moment after the source has failed.
+    let deadline = Instant::now() + WAIT;
+    while !picky.stderr().contains("--allow-client 10.255.0.9") {
+        assert!(Instant::now() < deadline, "{}", picky.stderr());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(picky.running(), "{}", picky.stderr());
+    assert!(s.dst_entries().is_empty(), "{:?}", s.dst_entries());
+    drop(picky);
+
+    let ip_a = s.hosts.ip_a.clone();
+    let mut dst = s.receiver(&["--paused", "--allow-client", &ip_a]);
+    let mut src = src;
+    s.migrate(&src, None);
+    assert!(src.wait_exit(WAIT).success(), "{}", src.stderr());
+    no_fail(&src);
+    let last_round = src.lines().iter().rev().find_map(|l| round_of(l)).unwrap();
+    let entries = s.dst_entries();
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    let copy = s.dst_dir.join(&entries[0]).join("drive0-d0.img");
+    assert_eq!(sha256(&copy), sha256(&s.image));
+    dst.wait_api(WAIT);
+    dst.api("PUT", "/vm/resume");
+    dst.wait_line(WAIT, |l| round_of(l).is_some_and(|r| r >= last_round + 2));
+    no_fail(&dst);
+    dst.api("PUT", "/vm/shutdown");
+    assert!(dst.wait_exit(WAIT).success());
 }

@@ -11,7 +11,11 @@ use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use rustls::pki_types::ServerName;
 
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 
@@ -20,7 +24,8 @@ use super::protocol::{
     expect, expect_small, parse_json, read_header, read_payload, send_json, Hello, HelloAck, Kind,
     PassEnd, ProtocolError, Reason, Seal, ShareOffer, StreamDigest, PAGE_SIZE, PROTOCOL_VERSION,
 };
-use super::share::NfsShareServer;
+use super::share::{NfsShareServer, ShareGuard};
+use super::transport::{cert_names_any, explain_handshake_error, Channel, Security};
 use crate::config::{SerialConfig, VmConfig};
 use crate::snapshot::VmState;
 use crate::vstate::memory::{create_guest_memory, GuestMemoryMmap};
@@ -32,6 +37,12 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 const MIN_MEMORY: u64 = 16 << 20;
 /// A Hello is a few KiB (vCPU 0's CPUID is most of it).
 const MAX_HELLO: u64 = 1 << 20;
+/// Everything before a migration is accepted — TLS handshake and Hello —
+/// must be done within this, however the peer paces its bytes.
+pub const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
+/// Connections being vetted at once; more are closed unread, so that a
+/// flood costs a thread each for at most this many.
+const MAX_PENDING: usize = 32;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DestinationError {
@@ -42,6 +53,8 @@ pub enum DestinationError {
     },
     #[error("refused: {0}")]
     Refused(String),
+    #[error("TLS handshake failed: {0}")]
+    Tls(String),
     #[error(transparent)]
     Protocol(#[from] ProtocolError),
     #[error("--dir {0}: not a directory")]
@@ -96,7 +109,7 @@ pub struct ReceivePolicy {
 impl ReceivePolicy {
     /// Resolves the root once (symlinks and all), so that every check
     /// compares canonical paths.
-    fn canonical(mut self) -> Result<ReceivePolicy, DestinationError> {
+    pub fn canonical(mut self) -> Result<ReceivePolicy, DestinationError> {
         if let Some(root) = &self.shared_storage_root {
             let bad = |why: String| DestinationError::SharedRoot {
                 path: root.clone(),
@@ -476,14 +489,28 @@ fn next_state(state: ReceiveState, kind: Kind) -> ReceiveState {
 /// A listening `ferry receive`.
 pub struct Receiver {
     listener: TcpListener,
+    vetting: Arc<Vetting>,
+}
+
+/// What every connection is checked with before it may become a migration.
+#[derive(Clone)]
+struct Vetting {
     dir: Option<PathBuf>,
     policy: ReceivePolicy,
+    security: Security,
+    /// With TLS: the client certificate must name one of these (if any).
+    allow_clients: Vec<ServerName<'static>>,
 }
 
 impl Receiver {
     /// Listens on `addr`. With `dir`, storage migrations put the VM's files
     /// under it; incomplete copies left there by a killed receiver go first.
-    pub fn bind(addr: &str, dir: Option<&Path>) -> Result<Receiver, DestinationError> {
+    pub fn bind(
+        addr: &str,
+        dir: Option<&Path>,
+        security: Security,
+        allow_clients: Vec<ServerName<'static>>,
+    ) -> Result<Receiver, DestinationError> {
         if let Some(d) = dir {
             if !d.is_dir() {
                 return Err(DestinationError::NotADirectory(d.to_path_buf()));
@@ -496,15 +523,20 @@ impl Receiver {
         })?;
         Ok(Receiver {
             listener,
-            dir: dir.map(Path::to_path_buf),
-            policy: ReceivePolicy::default(),
+            vetting: Arc::new(Vetting {
+                dir: dir.map(Path::to_path_buf),
+                policy: ReceivePolicy::default(),
+                security,
+                allow_clients,
+            }),
         })
     }
 
     /// What this destination chooses whatever it is sent (checked now, so
     /// that a bad flag fails before the first migration does).
     pub fn with_policy(mut self, policy: ReceivePolicy) -> Result<Receiver, DestinationError> {
-        self.policy = policy.canonical()?;
+        // Not shared yet: accept() hands out clones only while it runs.
+        Arc::make_mut(&mut self.vetting).policy = policy.canonical()?;
         Ok(self)
     }
 
@@ -512,41 +544,216 @@ impl Receiver {
         self.listener.local_addr()
     }
 
-    /// Waits for one migration. Connections that are not a valid migration
-    /// handshake are refused and logged, and the wait goes on; once a
-    /// handshake was accepted, the VM and its memory are set up, the share
-    /// offered, and the migration is `Established`.
+    /// Waits for one migration. Each connection is vetted on a thread of
+    /// its own (TLS handshake, client name, Hello, all within
+    /// [`HANDSHAKE_DEADLINE`]), so a slow or silent peer holds up nobody;
+    /// those that fail are refused and logged, and the wait goes on. The
+    /// first valid one wins: the VM and its memory are set up, the share
+    /// offered, and the migration is `Established`. A `Receiver` takes one
+    /// migration: it stops listening then.
     pub fn accept(&self) -> Result<IncomingMigration, DestinationError> {
-        let dir = self.dir.as_deref();
-        loop {
-            let (mut stream, peer) = match self.listener.accept() {
-                Ok(c) => c,
-                Err(e) => {
-                    eprintln!("ferry: accept failed: {e}");
-                    continue;
-                }
-            };
-            stream.set_nodelay(true).ok();
-            stream.set_read_timeout(Some(IDLE_TIMEOUT)).ok();
-            let hello = match handshake(&mut stream, dir, &self.policy) {
-                Ok(h) => h,
-                Err(e) => {
-                    eprintln!("ferry: refused a connection from {peer}: {e}");
-                    if !matches!(e, DestinationError::Protocol(ProtocolError::Io(_))) {
-                        tell_source(&mut stream, &e);
-                    }
-                    continue;
-                }
-            };
+        let listen_err = |source| DestinationError::Listen {
+            addr: self
+                .local_addr()
+                .map_or_else(|_| "?".into(), |a| a.to_string()),
+            source,
+        };
+        let listener = self.listener.try_clone().map_err(listen_err)?;
+        let (tx, rx) = mpsc::channel::<(Channel, SocketAddr, Hello)>();
+        let won = Arc::new(AtomicBool::new(false));
+        let vetting = self.vetting.clone();
+        let acceptor = {
+            let won = won.clone();
+            std::thread::Builder::new()
+                .name("ferry-accept".into())
+                .spawn(move || accept_loop(listener, vetting, won, tx))
+                .map_err(listen_err)?
+        };
+        let winner = rx.recv();
+        // Wakes the acceptor out of accept() for good.
+        let _ = socket2::SockRef::from(&self.listener).shutdown(std::net::Shutdown::Both);
+        let _ = acceptor.join();
+        let (stream, peer, hello) =
+            winner.map_err(|_| listen_err(std::io::Error::other("the listening thread ended")))?;
+        eprintln!(
+            "ferry: receiving migration {} from {peer}: {} vCPUs, {} MiB",
+            hello.migration_id,
+            hello.vcpus,
+            hello.memory_size >> 20
+        );
+        IncomingMigration::establish(
+            stream,
+            peer,
+            hello,
+            self.vetting.dir.as_deref(),
+            &self.vetting.policy,
+            &self.vetting.security,
+        )
+    }
+}
+
+fn accept_loop(
+    listener: TcpListener,
+    vetting: Arc<Vetting>,
+    won: Arc<AtomicBool>,
+    tx: mpsc::Sender<(Channel, SocketAddr, Hello)>,
+) {
+    let pending = Arc::new(AtomicUsize::new(0));
+    loop {
+        let accepted = listener.accept();
+        if won.load(Ordering::SeqCst) {
+            return;
+        }
+        let (tcp, peer) = match accepted {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("ferry: accept failed: {e}");
+                // Out of descriptors, say: no reason to spin.
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+        };
+        if pending.load(Ordering::SeqCst) >= MAX_PENDING {
             eprintln!(
-                "ferry: receiving migration {} from {peer}: {} vCPUs, {} MiB",
-                hello.migration_id,
-                hello.vcpus,
-                hello.memory_size >> 20
+                "ferry: refused a connection from {peer}: {MAX_PENDING} handshakes already pending"
             );
-            return IncomingMigration::establish(stream, peer, hello, dir, &self.policy);
+            continue;
+        }
+        pending.fetch_add(1, Ordering::SeqCst);
+        let (vetting, won, tx, pending2) =
+            (vetting.clone(), won.clone(), tx.clone(), pending.clone());
+        let spawned = std::thread::Builder::new()
+            .name("ferry-handshake".into())
+            .spawn(move || {
+                match vet(tcp, peer, &vetting) {
+                    Ok((mut stream, hello)) => {
+                        if won
+                            .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
+                            .is_ok()
+                        {
+                            let _ = tx.send((stream, peer, hello));
+                        } else {
+                            let e = DestinationError::Refused(
+                                "this ferry receive has already accepted another migration".into(),
+                            );
+                            eprintln!("ferry: refused a connection from {peer}: {e}");
+                            tell_source(&mut stream, &e);
+                        }
+                    }
+                    Err(e) => eprintln!("ferry: refused a connection from {peer}: {e}"),
+                }
+                pending2.fetch_sub(1, Ordering::SeqCst);
+            });
+        if spawned.is_err() {
+            pending.fetch_sub(1, Ordering::SeqCst);
+            eprintln!("ferry: refused a connection from {peer}: cannot start a thread for it");
         }
     }
+}
+
+/// Everything a connection must pass before it is a migration: TLS (or
+/// the explicit plaintext of `--insecure`), the client's name, a valid
+/// Hello, all before one deadline. The peer is told why it is refused
+/// wherever it can still read us.
+fn vet(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    v: &Vetting,
+) -> Result<(Channel, Hello), DestinationError> {
+    let deadline = Instant::now() + HANDSHAKE_DEADLINE;
+    tcp.set_nodelay(true).ok();
+    let mut stream = match &v.security {
+        Security::Tls(id) => {
+            if starts_like_plain_ferry(&tcp, deadline) {
+                let e = DestinationError::Refused(
+                    "this ferry receive takes only TLS migrations: give the source \"tls_dir\" \
+                     (ferry ctl migrate --tls-dir; certificates from ferry tls-init)"
+                        .into(),
+                );
+                let mut plain = tcp;
+                tell_source(&mut plain, &e);
+                linger_close(&plain);
+                return Err(e);
+            }
+            let stream = Channel::accept(tcp, id, deadline)
+                .map_err(|e| DestinationError::Tls(explain_handshake_error(&e)))?;
+            if !v.allow_clients.is_empty() {
+                let named = stream
+                    .peer_certificate()
+                    .is_some_and(|c| cert_names_any(&c, &v.allow_clients));
+                if !named {
+                    let e = DestinationError::Refused(format!(
+                        "the client certificate of {} names none of the clients this ferry receive allows (--allow-client {})",
+                        peer.ip(),
+                        v.allow_clients
+                            .iter()
+                            .map(|n| n.to_str().into_owned())
+                            .collect::<Vec<_>>()
+                            .join(", --allow-client ")
+                    ));
+                    let mut stream = stream;
+                    tell_source(&mut stream, &e);
+                    let _ = stream.flush();
+                    linger_close(stream.tcp());
+                    return Err(e);
+                }
+            }
+            stream
+        }
+        Security::Insecure => {
+            let mut stream = Channel::plain(tcp);
+            stream.set_deadline(deadline);
+            stream
+        }
+    };
+    match handshake(&mut stream, v.dir.as_deref(), &v.policy) {
+        Ok(hello) => {
+            stream.clear_deadline(Some(IDLE_TIMEOUT));
+            Ok((stream, hello))
+        }
+        Err(DestinationError::Protocol(ProtocolError::BadMagic(m)))
+            if m[0] == 0x16 && !stream.is_tls() =>
+        {
+            // The plaintext Error frame would only garble its handshake.
+            Err(DestinationError::Refused(
+                "the peer speaks TLS, but this ferry receive runs --insecure".into(),
+            ))
+        }
+        Err(e) => {
+            if !matches!(e, DestinationError::Protocol(ProtocolError::Io(_))) {
+                tell_source(&mut stream, &e);
+                let _ = stream.flush();
+            }
+            Err(e)
+        }
+    }
+}
+
+/// Closes after a refusal that the peer may still be sending into: closing
+/// with its bytes unread would reset the connection, and the reset could
+/// overtake our reason on its way to the peer.
+fn linger_close(tcp: &TcpStream) {
+    let _ = tcp.shutdown(std::net::Shutdown::Write);
+    let _ = tcp.set_read_timeout(Some(Duration::from_secs(2)));
+    let mut sink = [0u8; 16 << 10];
+    let mut left = 1usize << 20;
+    while left > 0 {
+        match (&*tcp).read(&mut sink) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => left = left.saturating_sub(n),
+        }
+    }
+}
+
+/// A TLS client opens with a handshake record (0x16); a plaintext Ferry
+/// source with the frame magic.
+fn starts_like_plain_ferry(tcp: &TcpStream, deadline: Instant) -> bool {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() || tcp.set_read_timeout(Some(left)).is_err() {
+        return false;
+    }
+    let mut first = [0u8; 1];
+    matches!(tcp.peek(&mut first), Ok(1) if first[0] == b'F')
 }
 
 /// What the VMM builds the guest from.
@@ -563,7 +770,7 @@ pub struct Received {
 /// One migration being received, from handshake to hand-over.
 pub struct IncomingMigration {
     state: ReceiveState,
-    stream: TcpStream,
+    stream: Channel,
     peer: SocketAddr,
     hello: Hello,
     /// Until the guest is built: the VM (slots registered), its memory.
@@ -586,15 +793,16 @@ pub struct IncomingMigration {
 impl IncomingMigration {
     /// Sets up what the handshake asked for and acknowledges it.
     fn establish(
-        mut stream: TcpStream,
+        mut stream: Channel,
         peer: SocketAddr,
         hello: Hello,
         dir: Option<&Path>,
         policy: &ReceivePolicy,
+        security: &Security,
     ) -> Result<IncomingMigration, DestinationError> {
         let setup = (|| {
             let nonce = crate::util::random_hex::<16>().map_err(DestinationError::ShareSetup)?;
-            let share = open_share(&stream, peer, &hello, dir)?;
+            let share = open_share(&stream, peer, &hello, dir, security)?;
             let (memfd, mem) = create_guest_memory(hello.memory_size)?;
             let vm = Vm::new(&mem)?;
             Ok::<_, DestinationError>((vm, memfd, mem, share, nonce))
@@ -973,7 +1181,7 @@ fn free_bytes(dir: &Path) -> std::io::Result<u64> {
 }
 
 /// Best effort: the source learns why we give up.
-fn tell_source(stream: &mut TcpStream, why: &dyn std::fmt::Display) {
+fn tell_source(stream: &mut impl Write, why: &dyn std::fmt::Display) {
     let _ = send_json(
         stream,
         Kind::Error,
@@ -986,7 +1194,7 @@ fn tell_source(stream: &mut TcpStream, why: &dyn std::fmt::Display) {
 /// Reads and vets the source's Hello: nothing is created or allocated for
 /// a Hello that fails here, and the receiver goes on listening.
 fn handshake(
-    stream: &mut TcpStream,
+    stream: &mut impl Read,
     dir: Option<&Path>,
     policy: &ReceivePolicy,
 ) -> Result<Hello, DestinationError> {
@@ -1138,10 +1346,11 @@ fn check_cpuid(guest: &[kvm_bindings::kvm_cpuid_entry2]) -> Result<(), Destinati
 /// Sets up the share for a storage migration: `DIR/<id>/`, served over NFS
 /// (only to `peer`) unless the source writes through its own mount.
 fn open_share(
-    stream: &TcpStream,
+    stream: &Channel,
     peer: SocketAddr,
     hello: &Hello,
     dir: Option<&Path>,
+    security: &Security,
 ) -> Result<Option<(ShareDir, Option<NfsShareServer>, ShareOffer)>, DestinationError> {
     let (Some(offer), Some(base)) = (&hello.storage, dir) else {
         return Ok(None);
@@ -1164,6 +1373,7 @@ fn open_share(
             dir_name: hello.migration_id.clone(),
             nfs_port: None,
             export: None,
+            secret: None,
         };
         return Ok(Some((share_dir, None, offer)));
     }
@@ -1175,14 +1385,31 @@ fn open_share(
         "/ferry-{}",
         crate::util::random_hex::<16>().map_err(DestinationError::ShareSetup)?
     );
+    let secret = crate::util::random_bytes::<{ super::share::SECRET_LEN }>()
+        .map_err(DestinationError::ShareSetup)?;
+    let guard = ShareGuard {
+        tls: match security {
+            Security::Tls(id) => Some(id.server_config()),
+            Security::Insecure => None,
+        },
+        // The share's client must be the channel's, not only from its CA.
+        peer_cert: stream.peer_certificate(),
+        secret: Some(secret),
+    };
     let files = offer
         .files
         .iter()
         .cloned()
         .zip(offer.sizes.iter().copied())
         .collect();
-    let server =
-        NfsShareServer::start_for(&share_dir.path, local, &export, Some(peer.ip()), files)?;
+    let server = NfsShareServer::start_for(
+        &share_dir.path,
+        local,
+        &export,
+        Some(peer.ip()),
+        guard,
+        files,
+    )?;
     eprintln!(
         "ferry: sharing {} over NFSv3 at {local}:{} as {export} (only to {})",
         share_dir.path.display(),
@@ -1193,6 +1420,7 @@ fn open_share(
         dir_name: hello.migration_id.clone(),
         nfs_port: Some(server.port()),
         export: Some(export),
+        secret: Some(super::share::secret_hex(&secret)),
     };
     Ok(Some((share_dir, Some(server), offer)))
 }

@@ -9,6 +9,7 @@ pub mod protocol;
 pub mod share;
 pub mod source;
 pub mod storage;
+pub mod transport;
 
 use serde::{Deserialize, Serialize};
 
@@ -32,6 +33,14 @@ pub struct SendRequest {
     /// `--dir`, mounted here) instead of the destination's NFS share.
     #[serde(default)]
     pub share: Option<ShareSpec>,
+    /// This host's `--tls-dir` (`ca.pem`, `cert.pem`, `key.pem`): the
+    /// channel and the share are mutual TLS, the destination's certificate
+    /// must name the host or IP of `destination`.
+    #[serde(default)]
+    pub tls_dir: Option<std::path::PathBuf>,
+    /// Plaintext, unauthenticated: only when asked for by name.
+    #[serde(default)]
+    pub insecure: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -62,6 +71,12 @@ pub enum RequestError {
         "\"bandwidth_mib_s\" must be between 1 and {MAX_BANDWIDTH_MIB_S}, or null for unlimited"
     )]
     Bandwidth,
+    #[error("give \"tls_dir\" (this host's certificates, see `ferry tls-init`), or \"insecure\": true for an unauthenticated plaintext migration")]
+    NoSecurity,
+    #[error("\"tls_dir\" and \"insecure\": true exclude each other")]
+    BothSecurity,
+    #[error("\"tls_dir\": {0}")]
+    Tls(String),
 }
 
 /// No hand-over is shorter: it pauses every vCPU, sends the device state
@@ -92,7 +107,28 @@ impl SendRequest {
         {
             return Err(RequestError::Bandwidth);
         }
+        match (&self.tls_dir, self.insecure) {
+            (None, false) => return Err(RequestError::NoSecurity),
+            (Some(_), true) => return Err(RequestError::BothSecurity),
+            _ => {}
+        }
+        if let Some(dir) = &self.tls_dir {
+            transport::server_name(&self.destination)
+                .map_err(|e| RequestError::Tls(e.to_string()))?;
+            transport::TlsIdentity::load(dir).map_err(|e| RequestError::Tls(e.to_string()))?;
+        }
         Ok(())
+    }
+
+    /// How to talk to the destination: the credentials in `tls_dir`, or
+    /// plaintext when `insecure` was asked for.
+    pub fn security(&self) -> Result<transport::Security, transport::TlsError> {
+        match &self.tls_dir {
+            Some(dir) => Ok(transport::Security::Tls(std::sync::Arc::new(
+                transport::TlsIdentity::load(dir)?,
+            ))),
+            None => Ok(transport::Security::Insecure),
+        }
     }
 
     /// The bandwidth limit in bytes/s, if any.
@@ -201,7 +237,10 @@ impl MigrationStatus {
 mod tests {
     use super::*;
 
-    fn req(v: serde_json::Value) -> SendRequest {
+    fn req(mut v: serde_json::Value) -> SendRequest {
+        if v.get("tls_dir").is_none() {
+            v["insecure"] = true.into();
+        }
         serde_json::from_value(v).unwrap()
     }
 
@@ -263,6 +302,26 @@ mod tests {
         }
         let r = req(serde_json::json!({"destination": "h:1", "bandwidth_mib_s": 2}));
         assert_eq!(r.bandwidth_bytes_s(), Some(2.0 * 1048576.0));
+    }
+
+    #[test]
+    fn a_request_says_how_it_is_secured() {
+        let plain: SendRequest =
+            serde_json::from_value(serde_json::json!({"destination": "h:1"})).unwrap();
+        assert_eq!(plain.validate(), Err(RequestError::NoSecurity));
+        let both = req(
+            serde_json::json!({"destination": "h:1", "tls_dir": "/nonexistent", "insecure": true}),
+        );
+        assert_eq!(both.validate(), Err(RequestError::BothSecurity));
+        let missing = req(serde_json::json!({"destination": "h:1", "tls_dir": "/nonexistent"}));
+        match missing.validate() {
+            Err(RequestError::Tls(why)) => assert!(why.contains("/nonexistent/ca.pem"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let dirs = transport::tls_init(tmp.path(), &["h".into()]).unwrap();
+        let good = req(serde_json::json!({"destination": "h:1", "tls_dir": dirs[0]}));
+        assert_eq!(good.validate(), Ok(()));
     }
 
     #[test]

@@ -148,6 +148,10 @@ pub struct ShareOffer {
     pub dir_name: String,
     pub nfs_port: Option<u16>,
     pub export: Option<String>,
+    /// 64 hex digits that every share connection must open with (see
+    /// `share::SECRET_LEN`); `null` for a mounted share.
+    #[serde(default)]
+    pub secret: Option<String>,
 }
 
 /// Destination's acceptance: what it agreed to receive.

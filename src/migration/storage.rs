@@ -293,6 +293,8 @@ pub enum StorageError {
     Reported(Arc<StorageError>),
     #[error("the destination offered no share for the copy")]
     NoOffer,
+    #[error("the destination offered a share without a valid access secret")]
+    NoShareSecret,
     #[error("the destination offered a bad share directory {0:?}")]
     BadShareDir(String),
     #[error("the destination offered neither an NFS share nor a mounted directory")]

@@ -138,8 +138,10 @@ pub fn receive(
     api_socket: Option<PathBuf>,
     start_paused: bool,
     policy: ReceivePolicy,
+    security: crate::migration::transport::Security,
+    allow_clients: Vec<rustls::pki_types::ServerName<'static>>,
 ) -> Result<VmExit, VmmError> {
-    let receiver = Receiver::bind(listen, dir)?.with_policy(policy)?;
+    let receiver = Receiver::bind(listen, dir, security, allow_clients)?.with_policy(policy)?;
     eprintln!(
         "ferry: waiting for a migration on {}",
         receiver

@@ -284,15 +284,52 @@ impl Drop for Ferry {
     }
 }
 
-/// `ferry receive` on an ephemeral port of loopback; returns it and the port
-/// it listens on (from its "waiting for a migration on ..." line). Source
-/// and destination are this one host, so shared storage may use any file.
+/// `ferry tls-init --out OUT --host H...`: the per-host directories.
+pub fn tls_init(out: &Path, hosts: &[&str]) -> Vec<PathBuf> {
+    let mut args = vec!["tls-init", "--out", out.to_str().unwrap()];
+    for h in hosts {
+        args.extend(["--host", h]);
+    }
+    let o = Command::new(FERRY).args(&args).output().unwrap();
+    assert!(
+        o.status.success(),
+        "tls-init: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    hosts.iter().map(|h| out.join(h)).collect()
+}
+
+/// The `--tls-dir` that loopback tests under `dir` share (source and
+/// destination are both 127.0.0.1): made with `ferry tls-init` once.
+pub fn tls_dir(dir: &Path) -> PathBuf {
+    let host = dir.join("tls").join("127.0.0.1");
+    if !host.join("key.pem").exists() {
+        tls_init(&dir.join("tls"), &["127.0.0.1"]);
+    }
+    host
+}
+
+/// `ferry receive` over TLS on an ephemeral port of loopback, with the
+/// certificates of [`tls_dir`]; returns it and the port it listens on.
+/// Source and destination are this one host, so shared storage may use
+/// any file.
 pub fn receiver(dir: &Path) -> (Ferry, u16) {
     receiver_with(dir, &["--shared-storage-root", "/"])
 }
 
-/// `receiver` with other options than the shared-storage root.
+/// `ferry receive --insecure` on an ephemeral port of loopback (shared
+/// storage may use any file, as for [`receiver`]).
+pub fn receiver_insecure(dir: &Path) -> (Ferry, u16) {
+    receiver_with(dir, &["--insecure", "--shared-storage-root", "/"])
+}
+
+/// `ferry receive ... EXTRA` on an ephemeral port of loopback, over TLS
+/// with the certificates of [`tls_dir`] unless EXTRA chooses (`--tls-dir`
+/// or `--insecure`); no shared-storage root unless EXTRA gives one.
+/// Returns it and the port it listens on (from its "waiting for a
+/// migration on ..." line).
 pub fn receiver_with(dir: &Path, extra: &[&str]) -> (Ferry, u16) {
+    let tls;
     let sock = dir.join("dst.sock");
     let mut args = vec![
         "receive",
@@ -302,6 +339,13 @@ pub fn receiver_with(dir: &Path, extra: &[&str]) -> (Ferry, u16) {
         sock.to_str().unwrap(),
     ];
     args.extend_from_slice(extra);
+    if !extra
+        .iter()
+        .any(|a| *a == "--tls-dir" || *a == "--insecure")
+    {
+        tls = tls_dir(dir);
+        args.extend(["--tls-dir", tls.to_str().unwrap()]);
+    }
     let mut f = Ferry::spawn(&args);
     f.api_sock = Some(sock);
     let deadline = Instant::now() + Duration::from_secs(60);

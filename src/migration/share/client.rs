@@ -33,7 +33,7 @@ use nfs3_client::nfs3_types::xdr_codec::Opaque;
 use nfs3_client::{ConnectError, MountError, Nfs3Client, Nfs3ConnectionBuilder, RpcError};
 use tokio::net::TcpStream;
 
-use super::{check_name, check_range, Share, ShareError, ShareFile};
+use super::{check_name, check_range, Share, ShareAccess, ShareError, ShareFile};
 
 /// Limit for establishing a TCP connection, and for the whole mount.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -64,6 +64,7 @@ struct Client {
     idle: Mutex<Vec<Conn>>,
     runtime: tokio::runtime::Runtime,
     addr: SocketAddr,
+    access: Arc<ShareAccess>,
     describe: String,
     root: nfs_fh3,
     rtmax: u32,
@@ -73,14 +74,19 @@ struct Client {
 impl NfsShare {
     /// Mounts `export_path` from the server at `addr` (MOUNT and NFS on the
     /// same port, no portmapper).
-    pub fn connect(addr: SocketAddr, export_path: &str) -> Result<Self, ShareError> {
+    pub fn connect(
+        addr: SocketAddr,
+        export_path: &str,
+        access: ShareAccess,
+    ) -> Result<Self, ShareError> {
+        let access = Arc::new(access);
         let describe = format!("nfs://{addr}{export_path}");
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .map_err(|e| ShareError::io(format!("starting the client for {describe}"), e))?;
         let mounted = runtime.block_on(async {
-            tokio::time::timeout(CONNECT_TIMEOUT, mount(addr, export_path)).await
+            tokio::time::timeout(CONNECT_TIMEOUT, mount(addr, export_path, &access)).await
         });
         let (conn, root, fsinfo) = match mounted {
             Ok(Ok(m)) => m,
@@ -107,6 +113,7 @@ impl NfsShare {
                 idle: Mutex::new(vec![conn]),
                 runtime,
                 addr,
+                access,
                 describe,
                 root,
                 rtmax,
@@ -133,8 +140,10 @@ fn io_size(offered: u32) -> u32 {
 async fn mount(
     addr: SocketAddr,
     export_path: &str,
+    access: &Arc<ShareAccess>,
 ) -> Result<(Conn, nfs_fh3, Option<(u32, u32)>), String> {
-    let connection = Nfs3ConnectionBuilder::new(Connector, addr.ip().to_string(), export_path)
+    let connector = Connector(access.clone());
+    let connection = Nfs3ConnectionBuilder::new(connector, addr.ip().to_string(), export_path)
         .mount_port(addr.port())
         .nfs3_port(addr.port())
         .connect_from_privileged_port(false)
@@ -162,14 +171,22 @@ async fn mount(
     Ok((conn, root, fsinfo))
 }
 
-/// A TCP connection for `nfs3_client`. Unlike its own tokio wrapper, end of
-/// stream is an error: the client's read loop would otherwise spin on a
-/// connection the server closed until the call's time limit.
-struct Stream(TcpStream);
+/// A connection for `nfs3_client`: TLS, or plain TCP in `--insecure` mode.
+/// Unlike its own tokio wrapper, end of stream is an error: the client's
+/// read loop would otherwise spin on a connection the server closed until
+/// the call's time limit.
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
 
 impl nfs3_client::io::AsyncRead for Stream {
     async fn async_read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        match tokio::io::AsyncReadExt::read(&mut self.0, buf).await? {
+        let n = match self {
+            Stream::Plain(s) => tokio::io::AsyncReadExt::read(s, buf).await?,
+            Stream::Tls(s) => tokio::io::AsyncReadExt::read(s, buf).await?,
+        };
+        match n {
             0 if !buf.is_empty() => Err(std::io::ErrorKind::UnexpectedEof.into()),
             n => Ok(n),
         }
@@ -178,7 +195,18 @@ impl nfs3_client::io::AsyncRead for Stream {
 
 impl nfs3_client::io::AsyncWrite for Stream {
     async fn async_write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        match tokio::io::AsyncWriteExt::write(&mut self.0, buf).await? {
+        use tokio::io::AsyncWriteExt;
+        let n = match self {
+            Stream::Plain(s) => s.write(buf).await?,
+            // The client waits for the answer next, never flushing: what
+            // the TLS layer took must be on the wire before that.
+            Stream::Tls(s) => {
+                let n = s.write(buf).await?;
+                s.flush().await?;
+                n
+            }
+        };
+        match n {
             0 if !buf.is_empty() => Err(std::io::ErrorKind::WriteZero.into()),
             n => Ok(n),
         }
@@ -197,10 +225,51 @@ pub(crate) fn status_error(share: &str, what: String, status: nfsstat3) -> Share
     }
 }
 
-/// Opens TCP connections with the time limits described above.
-struct Connector;
+/// Opens connections with the time limits described above.
+struct Connector(Arc<ShareAccess>);
 
-async fn connect_stream(addr: SocketAddr) -> std::io::Result<TcpStream> {
+/// A TCP connection, its TLS handshake, and the secret that opens it.
+async fn connect_stream(addr: SocketAddr, access: &ShareAccess) -> std::io::Result<Stream> {
+    use tokio::io::AsyncWriteExt;
+    let tcp = connect_tcp(addr).await?;
+    let admitted = async {
+        match &access.tls {
+            Some((config, name)) => {
+                let mut s = tokio_rustls::TlsConnector::from(config.clone())
+                    .connect(name.clone(), tcp)
+                    .await
+                    .map_err(|e| {
+                        std::io::Error::other(format!(
+                            "TLS handshake failed: {}",
+                            crate::migration::transport::explain_handshake_error(&e)
+                        ))
+                    })?;
+                if let Some(secret) = &access.secret {
+                    s.write_all(secret).await?;
+                }
+                s.flush().await?;
+                Ok(Stream::Tls(Box::new(s)))
+            }
+            None => {
+                let mut tcp = tcp;
+                if let Some(secret) = &access.secret {
+                    tcp.write_all(secret).await?;
+                }
+                Ok(Stream::Plain(tcp))
+            }
+        }
+    };
+    tokio::time::timeout(CONNECT_TIMEOUT, admitted)
+        .await
+        .map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no TLS handshake within {} s", CONNECT_TIMEOUT.as_secs()),
+            )
+        })?
+}
+
+async fn connect_tcp(addr: SocketAddr) -> std::io::Result<TcpStream> {
     let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
         .await
         .map_err(|_| {
@@ -225,7 +294,7 @@ impl nfs3_client::net::Connector for Connector {
     type Connection = Stream;
 
     async fn connect(&self, addr: SocketAddr) -> std::io::Result<Self::Connection> {
-        connect_stream(addr).await.map(Stream)
+        connect_stream(addr, &self.0).await
     }
 
     async fn connect_with_port(
@@ -245,8 +314,8 @@ impl Client {
             return Ok(conn);
         }
         self.runtime
-            .block_on(connect_stream(self.addr))
-            .map(|stream| Nfs3Client::new(Stream(stream)))
+            .block_on(connect_stream(self.addr, &self.access))
+            .map(Nfs3Client::new)
             .map_err(|e| ShareError::Connect {
                 share: self.describe.clone(),
                 why: format!("cannot connect: {e}"),

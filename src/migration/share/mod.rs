@@ -26,6 +26,103 @@ use std::sync::Arc;
 pub use client::NfsShare;
 pub use server::NfsShareServer;
 
+/// The one-time secret a share connection opens with: it is sent only over
+/// the migration's authenticated channel (`HelloAck`), so it ties every
+/// share connection to that channel's peer, whatever its IP address says.
+pub const SECRET_LEN: usize = 32;
+
+/// What the source needs to reach the share: TLS with its credentials
+/// (checking the destination's name), or plaintext; then the secret.
+#[derive(Clone)]
+pub struct ShareAccess {
+    pub tls: Option<(
+        Arc<rustls::ClientConfig>,
+        rustls::pki_types::ServerName<'static>,
+    )>,
+    /// `None` only for plain NFS servers (see [`ShareGuard::open`]).
+    pub secret: Option<[u8; SECRET_LEN]>,
+}
+
+impl ShareAccess {
+    /// Plain NFSv3, as to any NFS server.
+    pub fn open() -> ShareAccess {
+        ShareAccess {
+            tls: None,
+            secret: None,
+        }
+    }
+
+    /// The access a `ShareOffer` gives, over the same security as the
+    /// migration channel to `destination`.
+    pub fn for_offer(
+        offer: &crate::migration::protocol::ShareOffer,
+        security: &crate::migration::transport::Security,
+        destination: &str,
+    ) -> Result<ShareAccess, crate::migration::storage::StorageError> {
+        use crate::migration::storage::StorageError;
+        let secret = offer
+            .secret
+            .as_deref()
+            .and_then(parse_secret)
+            .ok_or(StorageError::NoShareSecret)?;
+        let tls = match security {
+            crate::migration::transport::Security::Tls(id) => Some((
+                id.client_config(),
+                crate::migration::transport::server_name(destination).map_err(|e| {
+                    StorageError::Unreachable(ShareError::Connect {
+                        share: destination.to_string(),
+                        why: e.to_string(),
+                    })
+                })?,
+            )),
+            crate::migration::transport::Security::Insecure => None,
+        };
+        Ok(ShareAccess {
+            tls,
+            secret: Some(secret),
+        })
+    }
+}
+
+/// What the share server demands of each connection: TLS with a client
+/// certificate from the CA (the very one of the migration channel, when
+/// given), then the secret, before a byte reaches the NFS code.
+#[derive(Clone)]
+pub struct ShareGuard {
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    pub peer_cert: Option<rustls::pki_types::CertificateDer<'static>>,
+    /// `None` serves plain NFS to any client (tests of NFS interoperability
+    /// only: a migration always sets one).
+    pub secret: Option<[u8; SECRET_LEN]>,
+}
+
+impl ShareGuard {
+    /// No TLS, no secret: plain NFSv3, as any NFS client speaks it.
+    pub fn open() -> ShareGuard {
+        ShareGuard {
+            tls: None,
+            peer_cert: None,
+            secret: None,
+        }
+    }
+}
+
+/// 64 lowercase hex digits.
+pub fn secret_hex(secret: &[u8; SECRET_LEN]) -> String {
+    secret.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub fn parse_secret(hex: &str) -> Option<[u8; SECRET_LEN]> {
+    if hex.len() != SECRET_LEN * 2 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let mut out = [0u8; SECRET_LEN];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(out)
+}
+
 /// Longest file name a share accepts (NAME_MAX on Linux).
 pub const MAX_NAME_LEN: usize = 255;
 

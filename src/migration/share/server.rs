@@ -4,13 +4,16 @@
 //! `nfs3_server` does the protocol (portmap, MOUNT and NFS on one port);
 //! [`DirFs`] maps its file system trait onto the real directory. The server
 //! accepts TCP connections itself so that a connection from any address but
-//! the allowed peer is reset before a byte of it is read: MOUNT's EXPORT
-//! call would tell anyone who can connect the export path, so the address
-//! check, not the path, is what keeps others out.
+//! the allowed peer is reset before a byte of it is read, and so that each
+//! one passes its [`ShareGuard`] (TLS with the migration channel's client
+//! certificate, then the one-time secret) before a byte reaches the NFS
+//! code. MOUNT's EXPORT call would tell anyone who gets that far the export
+//! path, so the guard, not the path, is what keeps others out.
 //!
 //! Only the export itself can be mounted, not a file or path below it.
-//! Other NFSv3 clients work too; with libnfs-utils (Debian's 4.0), for an
-//! export "/ferry-ab12" on port P:
+//! With an open guard ([`ShareGuard::open`], tests only) other NFSv3
+//! clients work too; with libnfs-utils (Debian's 4.0), for an export
+//! "/ferry-ab12" on port P:
 //!
 //! ```text
 //! nfs-ls  'nfs://HOST/ferry-ab12?version=3&nfsport=P&mountport=P'
@@ -47,7 +50,7 @@ use nfs3_server::vfs::{
 };
 use tokio::sync::oneshot;
 
-use super::{ShareError, MAX_NAME_LEN};
+use super::{ShareError, ShareGuard, MAX_NAME_LEN, SECRET_LEN};
 
 /// Largest READ and WRITE the server offers (FSINFO rtmax / wtmax).
 pub const MAX_IO: u32 = 1 << 20;
@@ -87,8 +90,9 @@ impl NfsShareServer {
         ip: IpAddr,
         export_path: &str,
         allowed_peer: Option<IpAddr>,
+        guard: ShareGuard,
     ) -> Result<Self, ShareError> {
-        Self::start_inner(dir, ip, export_path, allowed_peer, None)
+        Self::start_inner(dir, ip, export_path, allowed_peer, guard, None)
     }
 
     /// As [`NfsShareServer::start`], for a migration's share: only the
@@ -99,13 +103,14 @@ impl NfsShareServer {
         ip: IpAddr,
         export_path: &str,
         allowed_peer: Option<IpAddr>,
+        guard: ShareGuard,
         files: Vec<(String, u64)>,
     ) -> Result<Self, ShareError> {
         let files = files
             .into_iter()
             .map(|(n, size)| (OsString::from(n), size))
             .collect();
-        Self::start_inner(dir, ip, export_path, allowed_peer, Some(files))
+        Self::start_inner(dir, ip, export_path, allowed_peer, guard, Some(files))
     }
 
     fn start_inner(
@@ -113,6 +118,7 @@ impl NfsShareServer {
         ip: IpAddr,
         export_path: &str,
         allowed_peer: Option<IpAddr>,
+        guard: ShareGuard,
         files: Option<HashMap<OsString, u64>>,
     ) -> Result<Self, ShareError> {
         check_export_path(export_path)?;
@@ -169,7 +175,7 @@ impl NfsShareServer {
         let thread = std::thread::Builder::new()
             .name("ferry-share".into())
             .spawn(move || {
-                runtime.block_on(serve(listener, context, allowed_peer, stopped));
+                runtime.block_on(serve(listener, context, allowed_peer, guard, stopped));
                 // Drops every connection; file operations already handed to
                 // the blocking pool get a moment to finish.
                 runtime.shutdown_timeout(SHUTDOWN_WAIT);
@@ -240,9 +246,12 @@ async fn serve(
     listener: tokio::net::TcpListener,
     context: RPCContext<DirFs>,
     allowed_peer: Option<IpAddr>,
+    guard: ShareGuard,
     mut stop: oneshot::Receiver<()>,
 ) {
     let mut refused: u64 = 0;
+    let unauthenticated = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let guard = Arc::new(guard);
     loop {
         let accepted = tokio::select! {
             _ = &mut stop => return,
@@ -287,9 +296,28 @@ async fn serve(
             MAX_ACTIVE_TRANSACTIONS,
             TRANSACTION_TRIM,
         ));
+        let (guard, unauthenticated) = (guard.clone(), unauthenticated.clone());
         tokio::spawn(async move {
-            let _ =
-                process_socket(RecordLimit::new(socket, MAX_RECORD, MAX_IN_FLIGHT), context).await;
+            let why = match tokio::time::timeout(ADMIT_TIMEOUT, admit(socket, &guard)).await {
+                // Records are bounded in what the NFS code reads: after the
+                // TLS layer and the secret.
+                Ok(Ok(Admitted::Tls(s))) => {
+                    let s = RecordLimit::new(WriteThrough::new(s), MAX_RECORD, MAX_IN_FLIGHT);
+                    let _ = process_socket(s, context).await;
+                    return;
+                }
+                Ok(Ok(Admitted::Plain(s))) => {
+                    let s = RecordLimit::new(s, MAX_RECORD, MAX_IN_FLIGHT);
+                    let _ = process_socket(s, context).await;
+                    return;
+                }
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => format!("no authentication within {} s", ADMIT_TIMEOUT.as_secs()),
+            };
+            let n = unauthenticated.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if n < 3 {
+                eprintln!("ferry: share refused a connection from {peer}: {why}");
+            }
         });
     }
 }
@@ -461,6 +489,133 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for RecordLimit<S> 
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<io::Result<()>> {
         std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// How long a connection has for its TLS handshake and secret.
+const ADMIT_TIMEOUT: Duration = Duration::from_secs(10);
+
+enum Admitted {
+    Tls(Box<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>),
+    Plain(tokio::net::TcpStream),
+}
+
+/// TLS (a client certificate from the CA, the channel's own when known),
+/// then the migration's secret; nothing of the connection reaches the NFS
+/// code before both.
+async fn admit(mut socket: tokio::net::TcpStream, guard: &ShareGuard) -> io::Result<Admitted> {
+    let Some(tls) = &guard.tls else {
+        if let Some(secret) = &guard.secret {
+            check_secret(&mut socket, secret).await?;
+        }
+        return Ok(Admitted::Plain(socket));
+    };
+    let mut stream = tokio_rustls::TlsAcceptor::from(tls.clone())
+        .accept(socket)
+        .await
+        .map_err(|e| {
+            io::Error::other(format!(
+                "TLS handshake failed: {}",
+                crate::migration::transport::explain_handshake_error(&e)
+            ))
+        })?;
+    if let Some(want) = &guard.peer_cert {
+        let got = stream
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first());
+        if got != Some(want) {
+            return Err(io::Error::other(
+                "its client certificate is not the one of the migration channel",
+            ));
+        }
+    }
+    if let Some(secret) = &guard.secret {
+        check_secret(&mut stream, secret).await?;
+    }
+    Ok(Admitted::Tls(Box::new(stream)))
+}
+
+async fn check_secret(
+    stream: &mut (impl tokio::io::AsyncRead + Unpin),
+    secret: &[u8; SECRET_LEN],
+) -> io::Result<()> {
+    let mut got = [0u8; SECRET_LEN];
+    tokio::io::AsyncReadExt::read_exact(stream, &mut got)
+        .await
+        .map_err(|e| io::Error::other(format!("no share secret: {e}")))?;
+    // Constant time: how far a guess matched must not show.
+    let diff = got.iter().zip(secret).fold(0u8, |d, (a, b)| d | (a ^ b));
+    if diff != 0 {
+        return Err(io::Error::other("wrong share secret"));
+    }
+    Ok(())
+}
+
+/// The NFS code writes a reply and then waits for the next call, never
+/// flushing: over TLS, a reply's tail could then sit in the session until
+/// the client gave up. Each write here completes only once it is on the
+/// socket. A write that returns Pending after the TLS layer took the bytes
+/// remembers how many, and the caller's retry (with the same buffer, as
+/// the contract says) only finishes the flush.
+struct WriteThrough<S> {
+    inner: S,
+    taken: Option<usize>,
+}
+
+impl<S> WriteThrough<S> {
+    fn new(inner: S) -> Self {
+        WriteThrough { inner, taken: None }
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for WriteThrough<S> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for WriteThrough<S> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        use std::task::Poll;
+        let this = self.get_mut();
+        if this.taken.is_none() {
+            match std::pin::Pin::new(&mut this.inner).poll_write(cx, buf) {
+                Poll::Ready(Ok(n)) => this.taken = Some(n),
+                other => return other,
+            }
+        }
+        match std::pin::Pin::new(&mut this.inner).poll_flush(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Ok(())) => Poll::Ready(Ok(this.taken.take().unwrap_or(0))),
+            Poll::Ready(Err(e)) => {
+                this.taken = None;
+                Poll::Ready(Err(e))
+            }
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 }
 

@@ -12,8 +12,14 @@ const EXPORT: &str = "/ferry-0123abcd";
 const MIB: usize = 1 << 20;
 
 fn serve(dir: &Path) -> (NfsShareServer, NfsShare) {
-    let server = NfsShareServer::start(dir, LOCALHOST, EXPORT, Some(LOCALHOST)).unwrap();
-    let share = NfsShare::connect(SocketAddr::new(LOCALHOST, server.port()), EXPORT).unwrap();
+    let server =
+        NfsShareServer::start(dir, LOCALHOST, EXPORT, Some(LOCALHOST), ShareGuard::open()).unwrap();
+    let share = NfsShare::connect(
+        SocketAddr::new(LOCALHOST, server.port()),
+        EXPORT,
+        ShareAccess::open(),
+    )
+    .unwrap();
     (server, share)
 }
 
@@ -295,11 +301,22 @@ fn concurrent_writers_on_one_file() {
 fn other_peers_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let elsewhere: IpAddr = "10.255.255.1".parse().unwrap();
-    let server = NfsShareServer::start(dir.path(), LOCALHOST, EXPORT, Some(elsewhere)).unwrap();
+    let server = NfsShareServer::start(
+        dir.path(),
+        LOCALHOST,
+        EXPORT,
+        Some(elsewhere),
+        ShareGuard::open(),
+    )
+    .unwrap();
     let started = Instant::now();
-    let err = NfsShare::connect(SocketAddr::new(LOCALHOST, server.port()), EXPORT)
-        .err()
-        .expect("a connection from 127.0.0.1 must be refused");
+    let err = NfsShare::connect(
+        SocketAddr::new(LOCALHOST, server.port()),
+        EXPORT,
+        ShareAccess::open(),
+    )
+    .err()
+    .expect("a connection from 127.0.0.1 must be refused");
     assert!(matches!(err, ShareError::Connect { .. }), "{err}");
     assert!(started.elapsed() < Duration::from_secs(5));
     assert!(std::fs::read_dir(dir.path()).unwrap().next().is_none());
@@ -308,7 +325,8 @@ fn other_peers_are_refused() {
 #[test]
 fn unknown_export_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let server = NfsShareServer::start(dir.path(), LOCALHOST, EXPORT, None).unwrap();
+    let server =
+        NfsShareServer::start(dir.path(), LOCALHOST, EXPORT, None, ShareGuard::open()).unwrap();
     let addr = SocketAddr::new(LOCALHOST, server.port());
     for wrong in [
         "/",
@@ -316,7 +334,9 @@ fn unknown_export_is_refused() {
         "/ferry-0123abcd-x",
         "/ferry-0123abcd/disk.img",
     ] {
-        let err = NfsShare::connect(addr, wrong).err().expect(wrong);
+        let err = NfsShare::connect(addr, wrong, ShareAccess::open())
+            .err()
+            .expect(wrong);
         assert!(
             err.to_string().contains("does not export"),
             "{wrong}: {err}"
@@ -329,12 +349,12 @@ fn bad_export_paths_and_dirs_are_rejected() {
     let dir = tempfile::tempdir().unwrap();
     for bad in ["", "ferry", "/a/", "/a//b", "/a/../b", "/a b", "/a\0"] {
         assert!(
-            NfsShareServer::start(dir.path(), LOCALHOST, bad, None).is_err(),
+            NfsShareServer::start(dir.path(), LOCALHOST, bad, None, ShareGuard::open()).is_err(),
             "{bad:?}"
         );
     }
     let missing = dir.path().join("missing");
-    assert!(NfsShareServer::start(&missing, LOCALHOST, EXPORT, None).is_err());
+    assert!(NfsShareServer::start(&missing, LOCALHOST, EXPORT, None, ShareGuard::open()).is_err());
 }
 
 #[test]
@@ -351,7 +371,12 @@ fn stopping_the_server_fails_the_client_quickly() {
     assert!(matches!(err, ShareError::Connect { .. }), "{err}");
     assert!(file.sync().is_err());
     assert!(share.list().is_err());
-    assert!(NfsShare::connect(SocketAddr::new(LOCALHOST, port), EXPORT).is_err());
+    assert!(NfsShare::connect(
+        SocketAddr::new(LOCALHOST, port),
+        EXPORT,
+        ShareAccess::open()
+    )
+    .is_err());
     assert!(
         started.elapsed() < Duration::from_secs(5),
         "{:?}",
@@ -365,7 +390,7 @@ fn silent_server_times_out() {
     let silent = std::net::TcpListener::bind((LOCALHOST, 0)).unwrap();
     let addr = silent.local_addr().unwrap();
     let started = Instant::now();
-    let err = NfsShare::connect(addr, EXPORT)
+    let err = NfsShare::connect(addr, EXPORT, ShareAccess::open())
         .err()
         .expect("nobody answers");
     assert!(matches!(err, ShareError::Timeout { .. }), "{err}");
@@ -378,7 +403,7 @@ fn unreachable_server_fails() {
     // no route at all, connect fails at once, which is just as good.
     let started = Instant::now();
     let addr: SocketAddr = "192.0.2.1:2049".parse().unwrap();
-    assert!(NfsShare::connect(addr, EXPORT).is_err());
+    assert!(NfsShare::connect(addr, EXPORT, ShareAccess::open()).is_err());
     assert!(started.elapsed() < client::CONNECT_TIMEOUT + Duration::from_secs(5));
 }
 
@@ -472,10 +497,16 @@ fn a_migration_share_takes_only_the_announced_files_up_to_their_sizes() {
         LOCALHOST,
         EXPORT,
         Some(LOCALHOST),
+        ShareGuard::open(),
         vec![("disk.img".into(), 2 * MIB as u64), ("vm.json".into(), 100)],
     )
     .unwrap();
-    let share = NfsShare::connect(SocketAddr::new(LOCALHOST, server.port()), EXPORT).unwrap();
+    let share = NfsShare::connect(
+        SocketAddr::new(LOCALHOST, server.port()),
+        EXPORT,
+        ShareAccess::open(),
+    )
+    .unwrap();
 
     // An unannounced name can be neither created nor seen.
     let err = share
@@ -517,7 +548,15 @@ fn a_migration_share_takes_only_the_announced_files_up_to_their_sizes() {
 fn oversized_rpc_records_end_the_connection() {
     use std::io::{Read, Write};
     let dir = tempfile::tempdir().unwrap();
-    let server = NfsShareServer::start_for(dir.path(), LOCALHOST, EXPORT, None, vec![]).unwrap();
+    let server = NfsShareServer::start_for(
+        dir.path(),
+        LOCALHOST,
+        EXPORT,
+        None,
+        ShareGuard::open(),
+        vec![],
+    )
+    .unwrap();
     for claim in [
         // One fragment of 1 GiB, last.
         vec![0xc0u8, 0, 0, 0],
@@ -544,7 +583,12 @@ fn oversized_rpc_records_end_the_connection() {
         assert!(started.elapsed() < Duration::from_secs(5));
     }
     // Normal traffic still works on a new connection.
-    let share = NfsShare::connect(SocketAddr::new(LOCALHOST, server.port()), EXPORT).unwrap();
+    let share = NfsShare::connect(
+        SocketAddr::new(LOCALHOST, server.port()),
+        EXPORT,
+        ShareAccess::open(),
+    )
+    .unwrap();
     assert!(share.list().unwrap().is_empty());
 }
 
@@ -601,4 +645,214 @@ fn unanswered_requests_stop_the_reading() {
             .unwrap();
         assert_eq!(&third[4..8], &[3; 4]);
     });
+}
+
+/// Credentials from `tls-init` for the server ("127.0.0.1") and a client
+/// ("client-a"), plus one of another CA.
+struct TlsSetup {
+    _tmp: tempfile::TempDir,
+    server: crate::migration::transport::TlsIdentity,
+    client: crate::migration::transport::TlsIdentity,
+    client_cert: rustls::pki_types::CertificateDer<'static>,
+    second_client: crate::migration::transport::TlsIdentity,
+    stranger: crate::migration::transport::TlsIdentity,
+}
+
+fn tls_setup() -> TlsSetup {
+    use crate::migration::transport::{tls_init, TlsIdentity};
+    use rustls::pki_types::pem::PemObject;
+    let tmp = tempfile::tempdir().unwrap();
+    let dirs = tls_init(
+        &tmp.path().join("ca"),
+        &["127.0.0.1".into(), "client-a".into(), "client-b".into()],
+    )
+    .unwrap();
+    let other = tls_init(&tmp.path().join("other"), &["client-a".into()]).unwrap();
+    let pem = std::fs::read(dirs[1].join("cert.pem")).unwrap();
+    TlsSetup {
+        server: TlsIdentity::load(&dirs[0]).unwrap(),
+        client: TlsIdentity::load(&dirs[1]).unwrap(),
+        client_cert: rustls::pki_types::CertificateDer::from_pem_slice(&pem).unwrap(),
+        second_client: TlsIdentity::load(&dirs[2]).unwrap(),
+        stranger: TlsIdentity::load(&other[0]).unwrap(),
+        _tmp: tmp,
+    }
+}
+
+const SECRET: [u8; SECRET_LEN] = [0x5a; SECRET_LEN];
+
+fn tls_access(
+    id: &crate::migration::transport::TlsIdentity,
+    secret: [u8; SECRET_LEN],
+) -> ShareAccess {
+    ShareAccess {
+        tls: Some((
+            id.client_config(),
+            crate::migration::transport::peer_name("127.0.0.1").unwrap(),
+        )),
+        secret: Some(secret),
+    }
+}
+
+fn tls_server(dir: &Path, t: &TlsSetup) -> NfsShareServer {
+    NfsShareServer::start(
+        dir,
+        LOCALHOST,
+        EXPORT,
+        Some(LOCALHOST),
+        ShareGuard {
+            tls: Some(t.server.server_config()),
+            peer_cert: Some(t.client_cert.clone()),
+            secret: Some(SECRET),
+        },
+    )
+    .unwrap()
+}
+
+#[test]
+fn the_share_works_over_tls_with_the_secret() {
+    let t = tls_setup();
+    let dir = tempfile::tempdir().unwrap();
+    let server = tls_server(dir.path(), &t);
+    let addr = SocketAddr::new(LOCALHOST, server.port());
+    let share = NfsShare::connect(addr, EXPORT, tls_access(&t.client, SECRET)).unwrap();
+    // Big enough for parallel pieces on several TLS connections.
+    let content = pattern(3, 5 * MIB + 7);
+    let file = share.create("disk.img", content.len() as u64).unwrap();
+    file.write_at(0, &content).unwrap();
+    file.sync().unwrap();
+    let mut back = vec![0u8; content.len()];
+    let mut done = 0;
+    while done < back.len() {
+        done += file.read_at(done as u64, &mut back[done..]).unwrap();
+    }
+    assert_eq!(back, content);
+    assert_eq!(std::fs::read(dir.path().join("disk.img")).unwrap(), content);
+}
+
+#[test]
+fn the_share_refuses_connections_without_secret_or_the_channels_certificate() {
+    let t = tls_setup();
+    let dir = tempfile::tempdir().unwrap();
+    let server = tls_server(dir.path(), &t);
+    let addr = SocketAddr::new(LOCALHOST, server.port());
+    let cases: [(&str, ShareAccess); 4] = [
+        ("wrong secret", tls_access(&t.client, [0x5b; SECRET_LEN])),
+        ("plaintext", ShareAccess::open()),
+        ("another CA", tls_access(&t.stranger, SECRET)),
+        (
+            "same CA, not the channel's certificate",
+            tls_access(&t.second_client, SECRET),
+        ),
+    ];
+    for (what, access) in cases {
+        let started = Instant::now();
+        let err = NfsShare::connect(addr, EXPORT, access)
+            .err()
+            .unwrap_or_else(|| panic!("{what}: the share let it in"));
+        assert!(
+            matches!(err, ShareError::Connect { .. } | ShareError::Timeout { .. }),
+            "{what}: {err}"
+        );
+        assert!(started.elapsed() < client::CONNECT_TIMEOUT + Duration::from_secs(2));
+    }
+    assert!(std::fs::read_dir(dir.path()).unwrap().next().is_none());
+    // And it still serves the right client afterwards.
+    NfsShare::connect(addr, EXPORT, tls_access(&t.client, SECRET)).unwrap();
+}
+
+#[test]
+fn a_plain_nfs_client_cannot_list_a_tls_share() {
+    if Command::new("nfs-ls").arg("--help").output().is_err() {
+        assert!(
+            std::env::var_os("CI").is_none_or(|v| v.is_empty() || v == "false"),
+            "CI is set but nfs-ls is not installed (apt-get install libnfs-utils)"
+        );
+        println!("skipped: nfs-ls not installed (apt-get install libnfs-utils)");
+        return;
+    }
+    let t = tls_setup();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("disk.img"), b"guest data").unwrap();
+    let server = tls_server(dir.path(), &t);
+    let port = server.port();
+    let q = format!("?version=3&nfsport={port}&mountport={port}");
+    for (tool, url) in [
+        ("nfs-ls", format!("nfs://127.0.0.1{EXPORT}{q}")),
+        ("nfs-cat", format!("nfs://127.0.0.1{EXPORT}/disk.img{q}")),
+    ] {
+        let out = Command::new("timeout")
+            .args(["20", tool, &url])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{tool} got in: {out:?}");
+        assert!(
+            !String::from_utf8_lossy(&out.stdout).contains("disk.img")
+                && !out.stdout.starts_with(b"guest data"),
+            "{tool}: {out:?}"
+        );
+    }
+}
+
+/// Both guards at once, as a migration's share runs them: TLS with the
+/// channel's certificate and the secret first, then only the announced
+/// names up to their sizes, and records bounded behind the TLS layer.
+#[test]
+fn a_tls_migration_share_takes_only_the_announced_files_and_bounds_records() {
+    use std::io::{Read, Write};
+    let t = tls_setup();
+    let dir = tempfile::tempdir().unwrap();
+    let server = NfsShareServer::start_for(
+        dir.path(),
+        LOCALHOST,
+        EXPORT,
+        Some(LOCALHOST),
+        ShareGuard {
+            tls: Some(t.server.server_config()),
+            peer_cert: Some(t.client_cert.clone()),
+            secret: Some(SECRET),
+        },
+        vec![("disk.img".into(), 2 * MIB as u64)],
+    )
+    .unwrap();
+    let addr = SocketAddr::new(LOCALHOST, server.port());
+    let share = NfsShare::connect(addr, EXPORT, tls_access(&t.client, SECRET)).unwrap();
+    let err = share
+        .create("evil.img", 4096)
+        .err()
+        .expect("created evil.img");
+    assert!(err.to_string().contains("NFS3ERR_ACCES"), "{err}");
+    assert!(!dir.path().join("evil.img").exists());
+    let file = share.create("disk.img", 2 * MIB as u64).unwrap();
+    let err = file
+        .write_at(2 * MIB as u64 - 10, &pattern(10, 11))
+        .expect_err("wrote past the announced size");
+    assert!(err.to_string().contains("NFS3ERR_FBIG"), "{err}");
+
+    // An authenticated peer's oversized record ends its connection too.
+    let tcp = std::net::TcpStream::connect(addr).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut s = crate::migration::transport::Channel::connect(
+        tcp,
+        &t.client,
+        crate::migration::transport::peer_name("127.0.0.1").unwrap(),
+        deadline,
+    )
+    .unwrap();
+    s.clear_deadline(Some(Duration::from_secs(10)));
+    s.write_all(&SECRET).unwrap();
+    let _ = s.write_all(&[0xc0u8, 0, 0, 0]);
+    let _ = s.flush();
+    let started = Instant::now();
+    let mut buf = [0u8; 64];
+    match s.read(&mut buf) {
+        Ok(0) | Err(_) => {}
+        Ok(n) => panic!("the server answered {n} bytes to an oversized record"),
+    }
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // And the share goes on serving.
+    assert_eq!(
+        share.list().unwrap(),
+        vec![("disk.img".to_string(), 2 * MIB as u64)]
+    );
 }

@@ -137,6 +137,10 @@ pub enum SourceError {
     },
     #[error(transparent)]
     Protocol(#[from] ProtocolError),
+    #[error(transparent)]
+    Tls(#[from] crate::migration::transport::TlsError),
+    #[error("TLS handshake with {dest} failed: {why}")]
+    TlsHandshake { dest: String, why: String },
     #[error("the destination answered for a different VM: {0}")]
     Mismatch(String),
     #[error(transparent)]

@@ -22,12 +22,16 @@ use crate::migration::protocol::{
     expect, parse_json, send_json, DigestWriter, Hello, HelloAck, Kind, PassEnd, ProtocolError,
     Reason, ShareOffer, StorageOffer, PAGE_SIZE, PROTOCOL_VERSION,
 };
-use crate::migration::share::{MountedShare, NfsShare, Share};
+use crate::migration::share::{MountedShare, NfsShare, Share, ShareAccess};
 use crate::migration::storage::{Pacer, StorageCopy, StorageError};
+use crate::migration::transport::{self, Channel, Security};
 use crate::migration::{MigrationStatus, Phase, SendRequest, ShareSpec, StorageMode};
 use crate::util::lock;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The destination gives a handshake and Hello this long in all; ours must
+/// be done well within that.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The last word to a destination that may have stopped reading.
@@ -48,8 +52,9 @@ pub(super) fn run(
     slot: &Mutex<Option<TcpStream>>,
     started: Instant,
 ) -> Result<Duration, SourceError> {
-    let (stream, addr) = connect(&req.destination)?;
-    *lock(slot) = stream.try_clone().ok();
+    let security = req.security()?;
+    let (stream, addr) = connect(&req.destination, &security)?;
+    *lock(slot) = stream.tcp().try_clone().ok();
     let reader = stream.try_clone().map_err(ProtocolError::from)?;
     let pacer = Arc::new(Pacer::new(req.bandwidth_bytes_s()));
     let mut mc = MigrationContext {
@@ -59,6 +64,7 @@ pub(super) fn run(
         cancel,
         started,
         dest_ip: addr.ip(),
+        security,
         w: DigestWriter::new(BufWriter::with_capacity(256 << 10, stream)),
         reader,
         pacer,
@@ -76,7 +82,13 @@ pub(super) fn run(
     result
 }
 
-fn connect(dest: &str) -> Result<(TcpStream, SocketAddr), SourceError> {
+fn connect(dest: &str, security: &Security) -> Result<(Channel, SocketAddr), SourceError> {
+    // Checked before connecting: a name no certificate can carry is the
+    // request's fault, not the destination's.
+    let name = match security {
+        Security::Tls(_) => Some(transport::server_name(dest)?),
+        Security::Insecure => None,
+    };
     let addr = dest
         .to_socket_addrs()
         .map_err(|_| SourceError::Resolve(dest.to_string()))?
@@ -92,7 +104,18 @@ fn connect(dest: &str) -> Result<(TcpStream, SocketAddr), SourceError> {
     stream.set_read_timeout(Some(REPLY_TIMEOUT)).ok();
     // A link that stops taking data is a failure, not a wait.
     stream.set_write_timeout(Some(WRITE_TIMEOUT)).ok();
-    Ok((stream, addr))
+    let channel = match (security, name) {
+        (Security::Tls(id), Some(name)) => {
+            Channel::connect(stream, id, name, Instant::now() + TLS_HANDSHAKE_TIMEOUT).map_err(
+                |e| SourceError::TlsHandshake {
+                    dest: dest.to_string(),
+                    why: transport::explain_handshake_error(&e),
+                },
+            )?
+        }
+        _ => Channel::plain(stream),
+    };
+    Ok((channel, addr))
 }
 
 /// Everything one migration works with, and where it stands.
@@ -103,9 +126,10 @@ struct MigrationContext<'a> {
     cancel: &'a AtomicBool,
     started: Instant,
     dest_ip: IpAddr,
+    security: Security,
     /// Every frame after `HelloAck` goes into the digest that `Seal` sends.
-    w: DigestWriter<BufWriter<TcpStream>>,
-    reader: TcpStream,
+    w: DigestWriter<BufWriter<Channel>>,
+    reader: Channel,
     pacer: Arc<Pacer>,
     storage: Option<StorageCopy>,
     plan: Option<SharePlan>,
@@ -200,7 +224,17 @@ impl MigrationContext<'_> {
         self.send(Kind::Hello, &hello)?;
         let ack: HelloAck = expect(&mut self.reader, Kind::HelloAck)
             .and_then(|p| parse_json(Kind::HelloAck, &p))
-            .map_err(|e| self.read_failed(e))?;
+            .map_err(|e| match e {
+                // TLS 1.3 clients finish their handshake before the server
+                // has checked their certificate: its verdict arrives here.
+                ProtocolError::Io(io) if transport::is_tls_error(&io) => {
+                    SourceError::TlsHandshake {
+                        dest: self.req.destination.clone(),
+                        why: transport::explain_handshake_error(&io),
+                    }
+                }
+                e => self.read_failed(e),
+            })?;
         if ack.protocol != PROTOCOL_VERSION
             || ack.migration_id != id
             || ack.vcpus != self.src.vcpus
@@ -273,10 +307,13 @@ impl MigrationContext<'_> {
                 })?;
                 Arc::new(MountedShare::new(&dir)?)
             }
-            (None, Some(port), Some(export)) => Arc::new(
-                NfsShare::connect(SocketAddr::new(self.dest_ip, port), export)
-                    .map_err(StorageError::Unreachable)?,
-            ),
+            (None, Some(port), Some(export)) => {
+                let access = ShareAccess::for_offer(offer, &self.security, &self.req.destination)?;
+                Arc::new(
+                    NfsShare::connect(SocketAddr::new(self.dest_ip, port), export, access)
+                        .map_err(StorageError::Unreachable)?,
+                )
+            }
             _ => return Err(StorageError::NoShare),
         };
         self.update(|s| s.share = Some(share.describe()));
