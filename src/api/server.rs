@@ -673,6 +673,11 @@ mod tests {
                 json!({"destination": "h:1", "bogus": 1}),
                 "invalid migration request",
             ),
+            (json!({"destination": "h:1"}), "give \"tls_dir\""),
+            (
+                json!({"destination": "h:1", "tls_dir": "/nonexistent"}),
+                "/nonexistent/ca.pem",
+            ),
         ];
         for (body, want) in cases {
             let (status, reply) = h.call("PUT", "/migration/send", Some(body.clone()));
@@ -684,7 +689,7 @@ mod tests {
         let (status, reply) = h.call(
             "PUT",
             "/migration/send",
-            Some(json!({"destination": "h:1", "max_downtime_ms": 1})),
+            Some(json!({"destination": "h:1", "max_downtime_ms": 1, "insecure": true})),
         );
         assert_eq!(status, 200, "{reply}");
         let action = reply["action"].as_str().unwrap_or_default();
