@@ -1257,6 +1257,7 @@ fn tls_refusals_are_clear_on_both_sides_and_the_source_runs_on() {
         let (status, reply) = send(&src, body);
         assert_eq!(status, 200, "{reply}");
         let st = wait_status(&src, |s| s["phase"] == "failed");
+        eprintln!("source: {}", st["error"]);
         let (_, vm) = src.api("GET", "/vm");
         assert_eq!(vm["state"], "Running");
         st["error"].as_str().unwrap().to_string()
@@ -1266,6 +1267,7 @@ fn tls_refusals_are_clear_on_both_sides_and_the_source_runs_on() {
         loop {
             let err = dst.stderr();
             if let Some(line) = err.lines().find(|l| l.contains("refused a connection")) {
+                eprintln!("destination: {line}");
                 assert!(line.contains(want), "wanted {want:?}: {err}");
                 return;
             }

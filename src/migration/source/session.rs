@@ -101,9 +101,6 @@ fn connect(dest: &str, security: &Security) -> Result<(Channel, SocketAddr), Sou
         }
     })?;
     stream.set_nodelay(true).ok();
-    stream.set_read_timeout(Some(REPLY_TIMEOUT)).ok();
-    // A link that stops taking data is a failure, not a wait.
-    stream.set_write_timeout(Some(WRITE_TIMEOUT)).ok();
     let channel = match (security, name) {
         (Security::Tls(id), Some(name)) => {
             Channel::connect(stream, id, name, Instant::now() + TLS_HANDSHAKE_TIMEOUT).map_err(
@@ -115,6 +112,11 @@ fn connect(dest: &str, security: &Security) -> Result<(Channel, SocketAddr), Sou
         }
         _ => Channel::plain(stream),
     };
+    // After the handshake, which bounds each of its reads and writes by its
+    // own deadline.
+    channel.set_read_timeout(Some(REPLY_TIMEOUT)).ok();
+    // A link that stops taking data is a failure, not a wait.
+    channel.set_write_timeout(Some(WRITE_TIMEOUT)).ok();
     Ok((channel, addr))
 }
 
