@@ -7,6 +7,7 @@ mod common;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -1432,4 +1433,163 @@ fn a_trickling_peer_does_not_block_a_real_migration() {
         "{}",
         dst.stderr()
     );
+}
+
+/// Plain NFSv3 to a migration's share, through a proxy that speaks for
+/// `access` (TLS with the channel's certificate, then the secret): what an
+/// independent NFS client could do with this migration's own credentials.
+/// Returns the proxy's port.
+fn share_proxy(share: std::net::SocketAddr, access: ferry::migration::share::ShareAccess) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    listener.set_nonblocking(true).unwrap();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            let (config, name) = access.tls.unwrap();
+            let secret = access.secret.unwrap();
+            loop {
+                let Ok((mut plain, _)) = listener.accept().await else {
+                    return;
+                };
+                let (config, name) = (config.clone(), name.clone());
+                tokio::spawn(async move {
+                    use tokio::io::AsyncWriteExt;
+                    let Ok(tcp) = tokio::net::TcpStream::connect(share).await else {
+                        return;
+                    };
+                    let Ok(mut tls) = tokio_rustls::TlsConnector::from(config)
+                        .connect(name, tcp)
+                        .await
+                    else {
+                        return;
+                    };
+                    if tls.write_all(&secret).await.is_err() {
+                        return;
+                    }
+                    let _ = tokio::io::copy_bidirectional(&mut plain, &mut tls).await;
+                });
+            }
+        });
+    });
+    port
+}
+
+/// `the_share_refuses_files_that_were_not_announced` (tests/storage_migration.rs)
+/// asks this of a plain client on the source's address, which a TLS share
+/// no longer lets in at all: here an independent client (libnfs-utils)
+/// holds the migration's own certificate and secret, as a hostile but
+/// authenticated source would, and may still create only the announced
+/// files, each up to its size, owner-only; a cancel removes them.
+#[test]
+fn an_authenticated_peer_writes_only_the_announced_files_into_the_share() {
+    let test = "an_authenticated_peer_writes_only_the_announced_files_into_the_share";
+    if !kvm_available(test) {
+        return;
+    }
+    if Command::new("nfs-cp").arg("--help").output().is_err() {
+        skip_unless_required(test, in_ci(), "nfs-cp (libnfs-utils) is not installed");
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempdir();
+    let base = dir.path().join("incoming");
+    std::fs::create_dir_all(&base).unwrap();
+    let base_arg = base.to_str().unwrap().to_string();
+    let (mut dst, port) = receiver_with(dir.path(), &["--dir", &base_arg]);
+    let kernel_size = std::fs::metadata(TESTKERNEL).unwrap().len();
+    let mut s = tls_client(dir.path(), port);
+    protocol::send_json(
+        &mut s,
+        Kind::Hello,
+        &protocol::Hello {
+            protocol: protocol::PROTOCOL_VERSION,
+            migration_id: "abcdef01".into(),
+            vcpus: 1,
+            memory_size: 128 << 20,
+            cpuid: vec![],
+            storage: Some(protocol::StorageOffer {
+                files: vec!["kernel".into(), "drive0-d0.img".into(), "vm.json".into()],
+                sizes: vec![kernel_size, 1 << 20, 512],
+                data_bytes: None,
+                mounted_share: false,
+            }),
+        },
+    )
+    .unwrap();
+    let ack: HelloAck = protocol::parse_json(
+        Kind::HelloAck,
+        &protocol::expect(&mut s, Kind::HelloAck).unwrap(),
+    )
+    .unwrap();
+    let offer = ack.share.expect("no share offered");
+    let export = offer.export.clone().unwrap();
+    let share = std::net::SocketAddr::from(([127, 0, 0, 1], offer.nfs_port.unwrap()));
+    let id = TlsIdentity::load(&tls_dir(dir.path())).unwrap();
+    let access = ferry::migration::share::ShareAccess::for_offer(
+        &offer,
+        &ferry::migration::transport::Security::Tls(std::sync::Arc::new(id)),
+        &format!("127.0.0.1:{port}"),
+    )
+    .unwrap();
+    let proxy = share_proxy(share, access);
+    let q = format!("?version=3&nfsport={proxy}&mountport={proxy}");
+    let nfs_cp = |local: &Path, name: &str| {
+        Command::new("timeout")
+            .args([
+                "20",
+                "nfs-cp",
+                local.to_str().unwrap(),
+                &format!("nfs://127.0.0.1{export}/{name}{q}"),
+            ])
+            .output()
+            .unwrap()
+    };
+    let copy_dir = base.join(&offer.dir_name);
+
+    // The announced files go in, owner-only.
+    let disk = dir.path().join("disk.img");
+    std::fs::write(&disk, vec![0x11u8; 1 << 20]).unwrap();
+    for (local, name) in [(Path::new(TESTKERNEL), "kernel"), (&disk, "drive0-d0.img")] {
+        let cp = nfs_cp(local, name);
+        assert!(cp.status.success(), "{name}: {cp:?}");
+    }
+    // Another name cannot be created.
+    let local = dir.path().join("evil.img");
+    std::fs::write(&local, vec![0xeeu8; 64 << 10]).unwrap();
+    let cp = nfs_cp(&local, "evil.img");
+    assert!(!cp.status.success(), "{cp:?}");
+    assert!(!copy_dir.join("evil.img").exists());
+    // An announced name takes no more than its announced size.
+    let cp = nfs_cp(&local, "vm.json");
+    assert!(!cp.status.success(), "{cp:?}");
+    // Created, then refused on the write (not on the name).
+    assert!(
+        String::from_utf8_lossy(&cp.stderr).contains("write"),
+        "{cp:?}"
+    );
+    if let Ok(meta) = std::fs::metadata(copy_dir.join("vm.json")) {
+        assert!(meta.len() < 64 << 10, "vm.json grew to {}", meta.len());
+    }
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&copy_dir), 0o700);
+    assert_eq!(mode(&copy_dir.join("drive0-d0.img")), 0o600);
+    assert_eq!(mode(&copy_dir.join("kernel")), 0o600);
+
+    // The source gives up: the destination removes the copy.
+    protocol::send_json(
+        &mut s,
+        Kind::Error,
+        &protocol::Reason {
+            reason: "the migration was cancelled on the source".into(),
+        },
+    )
+    .unwrap();
+    assert!(!dst.wait_exit(WAIT).success());
+    let names: Vec<_> = std::fs::read_dir(&base).unwrap().collect();
+    assert!(names.is_empty(), "{names:?}");
 }
