@@ -1267,7 +1267,12 @@ fn tls_refusals_are_clear_on_both_sides_and_the_source_runs_on() {
         let deadline = Instant::now() + WAIT;
         loop {
             let err = dst.stderr();
-            if let Some(line) = err.lines().find(|l| l.contains("refused a connection")) {
+            // Whole lines only: stderr may be read halfway through one.
+            let whole = err.split_inclusive('\n').filter(|l| l.ends_with('\n'));
+            if let Some(line) = whole
+                .map(str::trim_end)
+                .find(|l| l.contains("refused a connection"))
+            {
                 eprintln!("destination: {line}");
                 assert!(line.contains(want), "wanted {want:?}: {err}");
                 return;
