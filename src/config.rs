@@ -284,6 +284,7 @@ impl VmConfig {
         // For duplicate detection: the file each drive names, canonical when
         // it exists so that two spellings of one file are caught too.
         let mut seen_files: Vec<PathBuf> = Vec::new();
+        let mut seen_inodes: Vec<Option<(u64, u64)>> = Vec::new();
         if self.drives.len() > MAX_DRIVES {
             problems.push(format!(
                 "drives: {} drives, at most {MAX_DRIVES} are supported (one interrupt line each)",
@@ -334,13 +335,23 @@ impl VmConfig {
             check_drive_path(&label, drive, problems);
 
             let file = fs::canonicalize(&drive.path).unwrap_or_else(|_| drive.path.clone());
-            if let Some(first) = seen_files.iter().position(|f| *f == file) {
+            // A hard link is another name for the same inode.
+            let inode = fs::metadata(&drive.path).ok().map(|m| {
+                use std::os::unix::fs::MetadataExt;
+                (m.dev(), m.ino())
+            });
+            if let Some(first) = seen_files
+                .iter()
+                .position(|f| *f == file)
+                .or_else(|| inode.and_then(|ino| seen_inodes.iter().position(|i| *i == Some(ino))))
+            {
                 problems.push(format!(
                     "{label}.path: {} is the same file as drives[{first}].path",
                     drive.path.display()
                 ));
             }
             seen_files.push(file);
+            seen_inodes.push(inode);
         }
     }
 

@@ -73,6 +73,7 @@ pub struct BuiltVm {
 /// Builds the VM `config` describes, from its kernel or from saved state.
 pub fn build(config: &VmConfig, boot: Boot) -> Result<BuiltVm, VmmError> {
     let fresh = matches!(boot, Boot::Fresh);
+    let lock_images = !matches!(boot, Boot::Incoming { .. });
     let (vm, memfd, mem, saved, cpuid) = std::thread::scope(|scope| {
         // A fresh guest's CPUID starts from what the host supports; ask
         // for it while the VM and its memory are set up.
@@ -91,7 +92,7 @@ pub fn build(config: &VmConfig, boot: Boot) -> Result<BuiltVm, VmmError> {
         Ok((vm, memfd, mem, saved, cpuid))
     })?;
     startup::mark("vm-and-memory");
-    let devices = build_devices(&vm, &mem, config, saved.as_deref(), cpuid)?;
+    let devices = build_devices(&vm, &mem, config, saved.as_deref(), cpuid, lock_images)?;
     Ok(BuiltVm {
         vm,
         mem,
@@ -154,6 +155,7 @@ fn build_devices(
     config: &VmConfig,
     saved: Option<&VmState>,
     supported_cpuid: Option<kvm_bindings::CpuId>,
+    lock_images: bool,
 ) -> Result<Devices, VmmError> {
     let mut b = Builder {
         supported_cpuid,
@@ -165,6 +167,7 @@ fn build_devices(
         mmio: Bus::new(),
         event_loop: EventManager::new().map_err(|e| VmmError::EventLoop(format!("{e:?}")))?,
         cmdline: Cmdline::try_from(&config.cmdline, CMDLINE_MAX_SIZE).map_err(VmmError::Cmdline)?,
+        lock_images,
     };
     startup::mark("event-loop");
     let serial = b.attach_serial()?;
@@ -202,6 +205,10 @@ struct Builder<'a> {
     event_loop: EventLoop,
     /// The guest's command line, to which each virtio device is added.
     cmdline: Cmdline,
+    /// Whether drive images are locked as they are opened. A received guest
+    /// locks them when it starts: on shared storage the source holds the
+    /// locks until the hand-over.
+    lock_images: bool,
 }
 
 fn eventfd() -> Result<EventFd, VmmError> {
@@ -288,11 +295,14 @@ impl Builder<'_> {
             read_only: drive.read_only,
         };
         let saved = self.saved.map(|st| &st.drives[index]);
-        let block = match saved {
-            None => Block::new(args.id, &args.path, args.read_only),
+        let mut block = match saved {
+            None => Block::open_unlocked(args.id, &args.path, args.read_only),
             Some(st) => Block::restore(args, &st.block),
         }
         .map_err(drive_err)?;
+        if self.lock_images {
+            block.lock_image().map_err(drive_err)?;
+        }
         let base = MMIO_DEVICES_START + index as u64 * MMIO_DEVICE_SIZE;
         let irq = FIRST_VIRTIO_IRQ + index as u32;
         for (q, evt) in block.queue_events().iter().enumerate() {

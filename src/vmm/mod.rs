@@ -93,6 +93,7 @@ impl VmmError {
             VmmError::Drive { source, .. } => matches!(
                 source,
                 BlockError::Open { .. }
+                    | BlockError::Locked { .. }
                     | BlockError::NotRegularFile(_)
                     | BlockError::UnalignedSize { .. }
             ),
@@ -261,8 +262,13 @@ impl Vmm {
         })
     }
 
-    /// Starts the vCPU threads (paused ones wait for a resume).
+    /// Starts the vCPU threads (paused ones wait for a resume). A received
+    /// guest takes its image locks here, once its source has let go of them.
     fn start(&mut self) -> Result<(), VmmError> {
+        {
+            let c = lock(&self.controller);
+            lock(&c.machine).lock_images()?;
+        }
         let mut handles = Vec::with_capacity(self.vcpus.len());
         for vcpu in self.vcpus.drain(..) {
             handles.push(vcpu.start(self.vcpu_ctx.clone())?);

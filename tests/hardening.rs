@@ -1,0 +1,194 @@
+//! Issue 10, as an attacker or a careless operator would drive ferry: images
+//! used twice, bad inputs of every kind. Each is refused with exit code 2
+//! and a line naming what is wrong, and leaves nothing behind.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::*;
+
+const BOOT: Duration = Duration::from_secs(20);
+
+/// `ferry run --config` in `dir` (config file `name`, own socket); waits for
+/// it to exit and returns its exit code and stderr.
+fn run_expecting_exit(dir: &Path, name: &str, cfg: &serde_json::Value) -> (Option<i32>, String) {
+    let path = dir.join(name);
+    std::fs::write(&path, serde_json::to_vec_pretty(cfg).unwrap()).unwrap();
+    let sock = dir.join(format!("{name}.sock"));
+    let mut f = Ferry::spawn(&[
+        "run",
+        "--config",
+        path.to_str().unwrap(),
+        "--api-sock",
+        sock.to_str().unwrap(),
+    ]);
+    let status = f.wait_exit(BOOT);
+    (status.code(), f.stderr())
+}
+
+fn image(dir: &Path, name: &str, mib: u64) -> PathBuf {
+    let p = dir.join(name);
+    let f = std::fs::File::create(&p).unwrap();
+    f.set_len(mib << 20).unwrap();
+    p
+}
+
+fn idle_with_drives(drives: serde_json::Value) -> serde_json::Value {
+    let mut cfg = config(1, 64, "testkernel.workload=idle");
+    cfg["drives"] = drives;
+    cfg
+}
+
+/// A first VM running on `image` (writable), booted and serving.
+fn first_vm(dir: &Path, image: &Path) -> Ferry {
+    let sub = dir.join("first");
+    std::fs::create_dir_all(&sub).unwrap();
+    let f = Ferry::run(
+        &sub,
+        &idle_with_drives(serde_json::json!([{ "id": "d0", "path": image }])),
+    );
+    f.wait_line(BOOT, |l| l.starts_with("testkernel: booted"));
+    f.wait_api(BOOT);
+    f
+}
+
+fn assert_refused_as_locked(code: Option<i32>, err: &str, named: &Path) {
+    assert_eq!(code, Some(2), "stderr: {err}");
+    assert!(err.contains("in use by"), "stderr: {err}");
+    assert!(
+        err.contains(named.to_str().unwrap()),
+        "stderr does not name {}: {err}",
+        named.display()
+    );
+}
+
+#[test]
+fn second_vm_on_a_locked_image_is_refused() {
+    if !kvm_available("second_vm_on_a_locked_image_is_refused") {
+        return;
+    }
+    let dir = tempdir();
+    let img = image(dir.path(), "disk.img", 4);
+    let mut first = first_vm(dir.path(), &img);
+    let (code, err) = run_expecting_exit(
+        dir.path(),
+        "second.json",
+        &idle_with_drives(serde_json::json!([{ "id": "d0", "path": img }])),
+    );
+    assert_refused_as_locked(code, &err, &img);
+    assert!(err.contains("another process"), "stderr: {err}");
+    // A read-only attach of an image another VM writes is refused too.
+    let (code, err) = run_expecting_exit(
+        dir.path(),
+        "ro.json",
+        &idle_with_drives(serde_json::json!([{ "id": "d0", "path": img, "read_only": true }])),
+    );
+    assert_refused_as_locked(code, &err, &img);
+    // The first VM is unharmed.
+    assert!(first.running());
+    let (status, st) = first.api("GET", "/vm");
+    assert_eq!(status, 200);
+    assert_eq!(st["state"], "Running");
+}
+
+#[test]
+fn locked_image_through_a_hard_link_or_symlink_is_refused() {
+    if !kvm_available("locked_image_through_a_hard_link_or_symlink_is_refused") {
+        return;
+    }
+    let dir = tempdir();
+    let img = image(dir.path(), "disk.img", 4);
+    let hard = dir.path().join("hard.img");
+    std::fs::hard_link(&img, &hard).unwrap();
+    let soft = dir.path().join("soft.img");
+    std::os::unix::fs::symlink(&img, &soft).unwrap();
+    let mut first = first_vm(dir.path(), &img);
+    for (name, path) in [("hard.json", &hard), ("soft.json", &soft)] {
+        let (code, err) = run_expecting_exit(
+            dir.path(),
+            name,
+            &idle_with_drives(serde_json::json!([{ "id": "d0", "path": path }])),
+        );
+        assert_refused_as_locked(code, &err, path);
+    }
+    assert!(first.running());
+}
+
+#[test]
+fn same_file_twice_in_one_config_is_refused() {
+    if !kvm_available("same_file_twice_in_one_config_is_refused") {
+        return;
+    }
+    let dir = tempdir();
+    let img = image(dir.path(), "disk.img", 4);
+    let hard = dir.path().join("hard.img");
+    std::fs::hard_link(&img, &hard).unwrap();
+    let soft = dir.path().join("soft.img");
+    std::os::unix::fs::symlink(&img, &soft).unwrap();
+    for other in [&img, &hard, &soft] {
+        let (code, err) = run_expecting_exit(
+            dir.path(),
+            "twice.json",
+            &idle_with_drives(serde_json::json!([
+                { "id": "a", "path": img },
+                { "id": "b", "path": other },
+            ])),
+        );
+        assert_eq!(code, Some(2), "{}: {err}", other.display());
+        assert!(
+            err.contains("is the same file as drives[0]"),
+            "{}: {err}",
+            other.display()
+        );
+        assert!(err.contains(other.to_str().unwrap()), "{err}");
+    }
+}
+
+#[test]
+fn read_only_image_is_shared_by_two_vms() {
+    if !kvm_available("read_only_image_is_shared_by_two_vms") {
+        return;
+    }
+    let dir = tempdir();
+    let img = image(dir.path(), "base.img", 4);
+    let drives = serde_json::json!([{ "id": "base", "path": img, "read_only": true }]);
+    let mut vms = Vec::new();
+    for name in ["a", "b"] {
+        let sub = dir.path().join(name);
+        std::fs::create_dir_all(&sub).unwrap();
+        let f = Ferry::run(&sub, &idle_with_drives(drives.clone()));
+        f.wait_line(BOOT, |l| l.starts_with("testkernel: booted"));
+        f.wait_api(BOOT);
+        vms.push(f);
+    }
+    for f in &mut vms {
+        assert!(f.running(), "stderr: {}", f.stderr());
+    }
+    // Shared readers keep a writer out.
+    let (code, err) = run_expecting_exit(
+        dir.path(),
+        "writer.json",
+        &idle_with_drives(serde_json::json!([{ "id": "base", "path": img }])),
+    );
+    assert_refused_as_locked(code, &err, &img);
+    assert!(err.contains("read lock"), "stderr: {err}");
+}
+
+#[test]
+fn image_lock_goes_with_the_vm() {
+    if !kvm_available("image_lock_goes_with_the_vm") {
+        return;
+    }
+    let dir = tempdir();
+    let img = image(dir.path(), "disk.img", 4);
+    let mut first = first_vm(dir.path(), &img);
+    let (status, _) = first.api("PUT", "/vm/shutdown");
+    assert_eq!(status, 200);
+    assert!(first.wait_exit(BOOT).success(), "{}", first.stderr());
+    // The next VM on the same image starts.
+    let second = first_vm(&dir.path().join("again"), &img);
+    let (status, st) = second.api("GET", "/vm");
+    assert_eq!((status, st["state"].as_str()), (200, Some("Running")));
+}
