@@ -12,7 +12,7 @@
 //!   "serial": "stdout", "api_socket": "ferry.sock" }
 //! ```
 
-use crate::util::{host_memory_mib, io_msg};
+use crate::util::{host_memory_mib, io_msg, read_bounded, BoundedReadError};
 use std::fs::{self, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
@@ -42,6 +42,8 @@ pub const MAX_CREATE_SIZE_MIB: u64 = 1 << 24;
 pub const MAX_SOCKET_PATH_LEN: usize = 107;
 
 const MIB: u64 = 1 << 20;
+/// A VM config is a few hundred bytes; this leaves room for any real one.
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
 
 /// Everything needed to start a VM. Paths are stored resolved (absolute when
 /// loaded through [`VmConfig::from_file`]), so a config saved in a snapshot
@@ -140,6 +142,13 @@ fn deserialize_vcpus<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u8, D
 pub enum ConfigError {
     #[error("cannot read config {}: {}", path.display(), io_msg(source))]
     Read { path: PathBuf, source: io::Error },
+    #[error("config {} is {kind}, not a regular file; give the path of a JSON file", path.display())]
+    NotAFile { path: PathBuf, kind: &'static str },
+    #[error(
+        "config {} is {len} bytes or more, larger than the {MAX_CONFIG_BYTES}-byte limit for a VM config",
+        path.display()
+    )]
+    TooLarge { path: PathBuf, len: u64 },
     /// Malformed JSON, a wrong type, a missing or unknown field.
     #[error("{origin}: line {line}, column {column}: {message}")]
     Parse {
@@ -163,9 +172,23 @@ impl VmConfig {
     /// Reads, parses, resolves relative paths against the config file's
     /// directory, and validates.
     pub fn from_file(path: &Path) -> Result<VmConfig, ConfigError> {
-        let text = fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let bytes = read_bounded(path, MAX_CONFIG_BYTES).map_err(|e| match e {
+            BoundedReadError::NotAFile(kind) => ConfigError::NotAFile {
+                path: path.to_path_buf(),
+                kind,
+            },
+            BoundedReadError::TooLarge { len, .. } => ConfigError::TooLarge {
+                path: path.to_path_buf(),
+                len,
+            },
+            BoundedReadError::Io(source) => ConfigError::Read {
+                path: path.to_path_buf(),
+                source,
+            },
+        })?;
+        let text = String::from_utf8(bytes).map_err(|_| ConfigError::Read {
             path: path.to_path_buf(),
-            source,
+            source: io::Error::new(io::ErrorKind::InvalidData, "not UTF-8 text"),
         })?;
         let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
         let base_dir = match absolute.parent() {

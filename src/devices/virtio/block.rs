@@ -42,6 +42,8 @@ pub const QUEUE_SIZE: u16 = 256;
 const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
 const ID_BYTES: usize = VIRTIO_BLK_ID_BYTES as usize;
 const HEADER_LEN: u64 = 16;
+/// The most host memory one mirrored write holds at a time.
+const MIRROR_CHUNK: u64 = 1 << 20;
 /// virtio_blk_config up to and including blk_size; later fields read as 0.
 const CONFIG_LEN: usize = 24;
 
@@ -410,18 +412,30 @@ impl Disk {
                     Some(mirror) => {
                         // One snapshot of the guest's buffer for both sides,
                         // so that a guest changing it mid-request cannot make
-                        // the copy differ from the image.
-                        let mut buf = vec![0u8; len as usize];
-                        let mut pos = 0;
-                        for s in &data {
-                            let end = pos + s.len as usize;
-                            mem.read_slice(&mut buf[pos..end], s.addr)
-                                .map_err(|e| fail(BlockError::GuestMemory(e)))?;
-                            pos = end;
-                        }
-                        std::os::unix::fs::FileExt::write_all_at(&self.file, &buf, start)
+                        // the copy differ from the image; taken a bounded
+                        // chunk at a time, so that a request of any length
+                        // costs at most MIRROR_CHUNK of host memory.
+                        let mut buf = vec![0u8; len.min(MIRROR_CHUNK) as usize];
+                        let mut done = 0u64;
+                        while done < len {
+                            let n = (len - done).min(MIRROR_CHUNK);
+                            let chunk = &mut buf[..n as usize];
+                            let mut pos = 0;
+                            for s in sub_range(&data, done, n).map_err(fail)? {
+                                let end = pos + s.len as usize;
+                                mem.read_slice(&mut chunk[pos..end], s.addr)
+                                    .map_err(|e| fail(BlockError::GuestMemory(e)))?;
+                                pos = end;
+                            }
+                            std::os::unix::fs::FileExt::write_all_at(
+                                &self.file,
+                                chunk,
+                                start + done,
+                            )
                             .map_err(|e| fail(BlockError::Write(e)))?;
-                        mirror.write(start, &buf);
+                            mirror.write(start + done, chunk);
+                            done += n;
+                        }
                     }
                 }
                 Ok(0)
@@ -1111,6 +1125,48 @@ mod tests {
         add_request(&mem, &vq, &mut next, VIRTIO_BLK_T_OUT, 9, Some((1024, R)));
         assert!(block.process_queue().unwrap());
         assert_eq!(mirror.writes.lock().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn long_mirrored_write_goes_in_bounded_chunks() {
+        // 3 MiB + 512 over three descriptors whose edges do not fall on
+        // chunk edges.
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 8 << 20)]).unwrap();
+        let img = image(8 << 11);
+        let vq = MockSplitQueue::new(&mem, 16);
+        let mut block = activated(&mem, &vq, img.path(), false);
+        let mirror = Arc::new(RecordingMirror::default());
+        block.set_mirror(Some(mirror.clone()));
+        let lens = [3 << 19, 1 << 20, (1 << 19) + 512];
+        let total: usize = lens.iter().sum();
+        let pattern: Vec<u8> = (0..total).map(|i| (i * 31 / 7) as u8).collect();
+        let base = 1u64 << 20;
+        mem.write_slice(&pattern, GuestAddress(base)).unwrap();
+        write_header(&mem, VIRTIO_BLK_T_OUT, 8);
+        let mut parts = vec![(HDR, 16, R)];
+        let mut at = base;
+        for l in lens {
+            parts.push((at, l as u32, R));
+            at += l as u64;
+        }
+        parts.push((STATUS, 1, W));
+        let mut next = 0;
+        add_chain(&vq, &mut next, &parts);
+        assert!(block.process_queue().unwrap());
+        assert_eq!(status(&mem), VIRTIO_BLK_S_OK);
+        let on_disk = file_bytes(&img);
+        assert_eq!(&on_disk[8 * 512..8 * 512 + total], &pattern[..]);
+        let writes = mirror.writes.lock().unwrap().clone();
+        assert_eq!(writes.len(), 4, "3 MiB + 512 in 1 MiB chunks");
+        let mut expect_at = 8 * 512;
+        let mut seen = Vec::new();
+        for (offset, data) in &writes {
+            assert!(data.len() as u64 <= MIRROR_CHUNK);
+            assert_eq!(*offset, expect_at);
+            expect_at += data.len() as u64;
+            seen.extend_from_slice(data);
+        }
+        assert_eq!(seen, pattern);
     }
 
     #[test]
