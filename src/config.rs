@@ -382,15 +382,17 @@ impl VmConfig {
     /// and whose file does not exist yet. Existing files are left untouched.
     /// Call it after [`VmConfig::validate`]. On failure, the images this call
     /// created are removed again.
-    pub fn create_missing_drives(&self) -> Result<(), ConfigError> {
+    /// Returns the images it created.
+    pub fn create_missing_drives(&self) -> Result<Vec<PathBuf>, ConfigError> {
         let mut created: Vec<&Path> = Vec::new();
         let result = self.create_missing_drives_inner(&mut created);
         if result.is_err() {
             for path in created {
                 let _ = fs::remove_file(path);
             }
+            return result.map(|()| Vec::new());
         }
-        result
+        Ok(created.into_iter().map(Path::to_path_buf).collect())
     }
 
     fn create_missing_drives_inner<'a>(

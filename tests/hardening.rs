@@ -192,3 +192,61 @@ fn image_lock_goes_with_the_vm() {
     let (status, st) = second.api("GET", "/vm");
     assert_eq!((status, st["state"].as_str()), (200, Some("Running")));
 }
+
+#[test]
+fn failed_start_leaves_the_log_and_images_untouched() {
+    if !kvm_available("failed_start_leaves_the_log_and_images_untouched") {
+        return;
+    }
+    let dir = tempdir();
+    let locked = image(dir.path(), "locked.img", 4);
+    let _first = first_vm(dir.path(), &locked);
+    let log = dir.path().join("serial.log");
+    let new_image = dir.path().join("new.img");
+    let garbage = dir.path().join("garbage-kernel");
+    std::fs::write(&garbage, vec![0x5a; 64 << 10]).unwrap();
+
+    // Fails at the image lock, then at the kernel: both after the log and
+    // the new image would have been made.
+    let locked_cfg = {
+        let mut c = idle_with_drives(serde_json::json!([
+            { "id": "new", "path": new_image, "create_size_mib": 8 },
+            { "id": "locked", "path": locked },
+        ]));
+        c["serial"] = serde_json::json!(log);
+        c
+    };
+    let garbage_cfg = {
+        let mut c = idle_with_drives(serde_json::json!([
+            { "id": "new", "path": new_image, "create_size_mib": 8 },
+        ]));
+        c["serial"] = serde_json::json!(log);
+        c["kernel"] = serde_json::json!(garbage);
+        c
+    };
+    for (name, cfg) in [("locked.json", locked_cfg), ("garbage.json", garbage_cfg)] {
+        std::fs::write(&log, b"the previous run's log\n").unwrap();
+        let (code, err) = run_expecting_exit(dir.path(), name, &cfg);
+        assert_eq!(code, Some(2), "{name}: {err}");
+        assert_eq!(
+            std::fs::read(&log).unwrap(),
+            b"the previous run's log\n",
+            "{name}: the log was touched"
+        );
+        assert!(
+            !new_image.exists(),
+            "{name}: {} was left",
+            new_image.display()
+        );
+    }
+    // Without a log yet, none is made.
+    std::fs::remove_file(&log).unwrap();
+    let (code, err) = run_expecting_exit(dir.path(), "garbage2.json", &{
+        let mut c = idle_with_drives(serde_json::json!([]));
+        c["serial"] = serde_json::json!(log);
+        c["kernel"] = serde_json::json!(garbage);
+        c
+    });
+    assert_eq!(code, Some(2), "{err}");
+    assert!(!log.exists());
+}

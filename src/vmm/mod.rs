@@ -105,8 +105,15 @@ impl VmmError {
 /// Builds the VM described by `config`, boots it, runs it, and returns how
 /// it ended.
 pub fn run(config: VmConfig, api_socket: Option<PathBuf>) -> Result<VmExit, VmmError> {
-    config.create_missing_drives()?;
-    let mut vmm = Vmm::build(config, Boot::Fresh, api_socket.as_deref(), false)?;
+    // A start that fails leaves no image behind it created: they are new
+    // (never a user's file), so removing them loses nothing.
+    let created = config.create_missing_drives()?;
+    let built = Vmm::build(config, Boot::Fresh, api_socket.as_deref(), false);
+    let mut vmm = built.inspect_err(|_| {
+        for path in &created {
+            let _ = std::fs::remove_file(path);
+        }
+    })?;
     vmm.start()?;
     vmm.run()
 }
@@ -204,6 +211,10 @@ impl Vmm {
         };
 
         crate::startup::mark("api-socket");
+        // The last step that touches the host: nothing fails after it.
+        if let Some(log) = built.serial_log.take() {
+            log.open()?;
+        }
         let exit = Arc::new(ExitSignal::new().map_err(VmmError::EventFd)?);
         let control = Arc::new(if start_paused {
             VcpuControl::new_paused()
