@@ -267,6 +267,26 @@ impl VmConfig {
         }
     }
 
+    /// The limits on what the config asks of this host (vCPUs, memory,
+    /// drive count), without looking at any file: for configs that come
+    /// with saved state.
+    pub fn check_resources(&self) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        self.check_vcpus(&mut problems);
+        self.check_memory(&mut problems);
+        if self.drives.len() > MAX_DRIVES {
+            problems.push(format!(
+                "drives: {} drives, at most {MAX_DRIVES} are supported",
+                self.drives.len()
+            ));
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid { problems })
+        }
+    }
+
     fn check_vcpus(&self, problems: &mut Vec<String>) {
         let n = self.vcpus;
         if n == 0 {
