@@ -250,3 +250,82 @@ fn failed_start_leaves_the_log_and_images_untouched() {
     assert_eq!(code, Some(2), "{err}");
     assert!(!log.exists());
 }
+
+/// An x86_64 ELF executable with one PT_LOAD of `filesz` file bytes and
+/// `memsz` memory bytes at `paddr`, entered at `entry`.
+fn lying_elf(entry: u64, paddr: u64, filesz: u64, memsz: u64) -> Vec<u8> {
+    let mut f = vec![0u8; 64 + 56];
+    f[..4].copy_from_slice(b"\x7fELF");
+    f[4] = 2;
+    f[5] = 1;
+    f[6] = 1;
+    f[16..18].copy_from_slice(&2u16.to_le_bytes());
+    f[18..20].copy_from_slice(&62u16.to_le_bytes());
+    f[24..32].copy_from_slice(&entry.to_le_bytes());
+    f[32..40].copy_from_slice(&64u64.to_le_bytes());
+    f[52..54].copy_from_slice(&64u16.to_le_bytes());
+    f[54..56].copy_from_slice(&56u16.to_le_bytes());
+    f[56..58].copy_from_slice(&1u16.to_le_bytes());
+    let ph = &mut f[64..];
+    ph[..4].copy_from_slice(&1u32.to_le_bytes());
+    ph[8..16].copy_from_slice(&120u64.to_le_bytes());
+    ph[16..24].copy_from_slice(&paddr.to_le_bytes());
+    ph[24..32].copy_from_slice(&paddr.to_le_bytes());
+    ph[32..40].copy_from_slice(&filesz.to_le_bytes());
+    ph[40..48].copy_from_slice(&memsz.to_le_bytes());
+    f.extend(std::iter::repeat_n(0xf4u8, filesz as usize));
+    f
+}
+
+/// A bzImage whose setup header claims a protected-mode kernel of
+/// `syssize` × 16 bytes, followed by 4 KiB.
+fn lying_bzimage(syssize: u32) -> Vec<u8> {
+    let mut f = vec![0u8; 5 * 512 + 4096];
+    f[0x1f1] = 4;
+    f[0x1f4..0x1f8].copy_from_slice(&syssize.to_le_bytes());
+    f[0x1fe..0x200].copy_from_slice(&0xaa55u16.to_le_bytes());
+    f[0x202..0x206].copy_from_slice(b"HdrS");
+    f[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
+    f[0x211] = 1;
+    f[0x214..0x218].copy_from_slice(&(1u32 << 20).to_le_bytes());
+    f[0x236..0x238].copy_from_slice(&1u16.to_le_bytes());
+    f
+}
+
+#[test]
+fn lying_kernels_are_refused_saying_what_is_wrong() {
+    if !kvm_available("lying_kernels_are_refused_saying_what_is_wrong") {
+        return;
+    }
+    let dir = tempdir();
+    let cases: [(&str, Vec<u8>, &str); 4] = [
+        // 64 file bytes, 1 GiB in memory: a 64 MiB guest has no room.
+        (
+            "memsz",
+            lying_elf(1 << 20, 1 << 20, 64, 1 << 30),
+            "does not fit in guest RAM",
+        ),
+        (
+            "entry",
+            lying_elf(0x30_0000, 1 << 20, 64, 64),
+            "entry point 0x300000 is not inside a loaded segment",
+        ),
+        ("below", lying_elf(0x8000, 0x8000, 64, 64), "below 1 MiB"),
+        (
+            "bzimage",
+            lying_bzimage(1 << 16),
+            "says the kernel is 1048576 bytes",
+        ),
+    ];
+    for (name, bytes, want) in cases {
+        let kernel = dir.path().join(format!("{name}.kernel"));
+        std::fs::write(&kernel, bytes).unwrap();
+        let mut cfg = config(1, 64, "");
+        cfg["kernel"] = serde_json::json!(kernel);
+        let (code, err) = run_expecting_exit(dir.path(), &format!("{name}.json"), &cfg);
+        assert_eq!(code, Some(2), "{name}: {err}");
+        assert!(err.contains(want), "{name}: wanted {want:?}: {err}");
+        assert!(err.contains(kernel.to_str().unwrap()), "{name}: {err}");
+        assert!(!err.contains("panicked"), "{name}: {err}");
+    }
+}
