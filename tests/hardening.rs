@@ -329,3 +329,52 @@ fn lying_kernels_are_refused_saying_what_is_wrong() {
         assert!(!err.contains("panicked"), "{name}: {err}");
     }
 }
+
+#[test]
+fn six_hundred_oversized_requests_leave_the_socket_serving() {
+    if !kvm_available("six_hundred_oversized_requests_leave_the_socket_serving") {
+        return;
+    }
+    use std::io::{Read, Write};
+    let dir = tempdir();
+    let f = Ferry::run(dir.path(), &config(1, 64, "testkernel.workload=idle"));
+    f.wait_line(BOOT, |l| l.starts_with("testkernel: booted"));
+    f.wait_api(BOOT);
+    let sock = f.api_sock.clone().unwrap();
+    let fds = || {
+        std::fs::read_dir(format!("/proc/{}/fd", f.pid()))
+            .unwrap()
+            .count()
+    };
+    let before = fds();
+    for i in 0..600 {
+        let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+        s.set_read_timeout(Some(BOOT)).unwrap();
+        s.write_all(b"PUT /vm/pause HTTP/1.1\r\nContent-Length: 1099511627776\r\n\r\n{")
+            .unwrap();
+        let mut answer = String::new();
+        let _ = s.read_to_string(&mut answer);
+        assert!(answer.starts_with("HTTP/1.1 413 "), "request {i}: {answer}");
+        assert!(answer.contains("request body too large"), "{answer}");
+    }
+    // A header far over the bound gets 431, the server reading no more of
+    // it than the bound.
+    let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    s.set_read_timeout(Some(BOOT)).unwrap();
+    let mut big = b"GET /vm HTTP/1.1\r\nX-Big: ".to_vec();
+    big.extend(std::iter::repeat_n(b'x', 80 << 10));
+    let _ = s.write_all(&big);
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 431 "), "{answer:.200}");
+    drop(s);
+
+    let (status, st) = f.api("GET", "/vm");
+    assert_eq!((status, st["state"].as_str()), (200, Some("Running")));
+    std::thread::sleep(Duration::from_millis(200));
+    let after = fds();
+    assert!(
+        after <= before + 2,
+        "{before} descriptors before the requests, {after} after"
+    );
+}
