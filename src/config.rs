@@ -288,39 +288,11 @@ impl VmConfig {
     }
 
     fn check_vcpus(&self, problems: &mut Vec<String>) {
-        let n = self.vcpus;
-        if n == 0 {
-            problems.push("vcpus: 0 is too few (minimum 1)".to_string());
-        } else if n > MAX_VCPUS {
-            problems.push(format!("vcpus: {n} is too many (maximum {MAX_VCPUS})"));
-        } else if let Some(host) = host_cpus() {
-            let limit = host.saturating_mul(MAX_VCPUS_PER_HOST_CPU);
-            if usize::from(n) > limit {
-                problems.push(format!(
-                    "vcpus: {n} is too many for this host (maximum {MAX_VCPUS}, and at most \
-                     {MAX_VCPUS_PER_HOST_CPU} per host CPU: {limit} with {host} host CPUs)"
-                ));
-            }
-        }
+        problems.extend(vcpus_problem(self.vcpus));
     }
 
     fn check_memory(&self, problems: &mut Vec<String>) {
-        let m = self.memory_mib;
-        if m < MIN_MEMORY_MIB {
-            problems.push(format!(
-                "memory_mib: {m} is too small (minimum {MIN_MEMORY_MIB})"
-            ));
-        } else if m > MAX_MEMORY_MIB {
-            problems.push(format!(
-                "memory_mib: {m} is more than the maximum of {MAX_MEMORY_MIB} (1 TiB)"
-            ));
-        } else if let Some(host) = host_memory_mib() {
-            if m > host {
-                problems.push(format!(
-                    "memory_mib: {m} is more than this host's memory ({host} MiB)"
-                ));
-            }
-        }
+        problems.extend(memory_problem(self.memory_mib));
     }
 
     fn check_drives(&self, problems: &mut Vec<String>) {
@@ -450,6 +422,41 @@ impl VmConfig {
         }
         Ok(())
     }
+}
+
+/// What is wrong with `n` vCPUs on this host, if anything: the limits of
+/// `ferry run`, which a migration destination applies to what it is sent.
+pub fn vcpus_problem(n: u8) -> Option<String> {
+    if n == 0 {
+        return Some("vcpus: 0 is too few (minimum 1)".to_string());
+    }
+    if n > MAX_VCPUS {
+        return Some(format!("vcpus: {n} is too many (maximum {MAX_VCPUS})"));
+    }
+    let host = host_cpus()?;
+    let limit = host.saturating_mul(MAX_VCPUS_PER_HOST_CPU);
+    (usize::from(n) > limit).then(|| {
+        format!(
+            "vcpus: {n} is too many for this host (maximum {MAX_VCPUS}, and at most \
+             {MAX_VCPUS_PER_HOST_CPU} per host CPU: {limit} with {host} host CPUs)"
+        )
+    })
+}
+
+/// What is wrong with `m` MiB of guest memory on this host, if anything.
+pub fn memory_problem(m: u64) -> Option<String> {
+    if m < MIN_MEMORY_MIB {
+        return Some(format!(
+            "memory_mib: {m} is too small (minimum {MIN_MEMORY_MIB})"
+        ));
+    }
+    if m > MAX_MEMORY_MIB {
+        return Some(format!(
+            "memory_mib: {m} is more than the maximum of {MAX_MEMORY_MIB} (1 TiB)"
+        ));
+    }
+    let host = host_memory_mib()?;
+    (m > host).then(|| format!("memory_mib: {m} is more than this host's memory ({host} MiB)"))
 }
 
 /// Joins a relative path onto `base_dir` and drops `.` components. `..` is

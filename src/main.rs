@@ -57,6 +57,16 @@ enum Command {
         /// guest runs here).
         #[arg(long)]
         api_sock: Option<PathBuf>,
+        /// Allow migrations with shared storage (no copy), whose files must
+        /// then all lie under this directory (symlinks resolved). Without
+        /// it, shared storage is refused.
+        #[arg(long, value_name = "DIR")]
+        shared_storage_root: Option<PathBuf>,
+        /// Where the received guest's console goes: "stdout" (the default)
+        /// or a file, created 0600 or appended to. The path in the sent
+        /// config is never used.
+        #[arg(long, value_name = "stdout|FILE")]
+        serial: Option<String>,
     },
     /// Send a request to a running VM's control socket.
     Ctl {
@@ -563,6 +573,7 @@ fn receive(
     dir: Option<PathBuf>,
     paused: bool,
     api_sock: Option<PathBuf>,
+    policy: ferry::migration::destination::ReceivePolicy,
 ) -> ExitCode {
     if let Some(sock) = &api_sock {
         if let Err(code) = check_socket_path("--api-sock", sock) {
@@ -583,7 +594,13 @@ fn receive(
             return ExitCode::from(EXIT_BAD_INPUT);
         }
     }
-    finish(vmm::receive(listen, dir.as_deref(), api_sock, paused))
+    finish(vmm::receive(
+        listen,
+        dir.as_deref(),
+        api_sock,
+        paused,
+        policy,
+    ))
 }
 
 fn main() -> ExitCode {
@@ -602,7 +619,27 @@ fn main() -> ExitCode {
             dir,
             paused,
             api_sock,
-        } => receive(&listen, dir, paused, api_sock),
+            shared_storage_root,
+            serial,
+        } => {
+            let serial = match serial.as_deref() {
+                None | Some("stdout") => ferry::config::SerialConfig::Stdout,
+                Some("") => {
+                    say(format_args!(
+                        "ferry: --serial: give \"stdout\" or a file path"
+                    ));
+                    return ExitCode::from(EXIT_BAD_INPUT);
+                }
+                Some(path) => ferry::config::SerialConfig::File(
+                    std::path::absolute(path).unwrap_or_else(|_| PathBuf::from(path)),
+                ),
+            };
+            let policy = ferry::migration::destination::ReceivePolicy {
+                shared_storage_root,
+                serial,
+            };
+            receive(&listen, dir, paused, api_sock, policy)
+        }
     }
 }
 

@@ -208,6 +208,40 @@ fn a_missing_receive_dir_is_named() {
     );
 }
 
+#[test]
+fn a_bad_shared_storage_root_or_serial_is_named() {
+    let dir = tempdir();
+    let missing = dir.path().join("nope");
+    let m = missing.to_str().unwrap();
+    let (code, err) = ferry_output(&[
+        "receive",
+        "--listen",
+        "127.0.0.1:0",
+        "--shared-storage-root",
+        m,
+    ]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains(&format!("--shared-storage-root {m}: No such file")),
+        "{err}"
+    );
+    let file = dir.path().join("file");
+    std::fs::write(&file, b"").unwrap();
+    let f = file.to_str().unwrap();
+    let (code, err) = ferry_output(&[
+        "receive",
+        "--listen",
+        "127.0.0.1:0",
+        "--shared-storage-root",
+        f,
+    ]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("not a directory"), "{err}");
+    let (code, err) = ferry_output(&["receive", "--listen", "127.0.0.1:0", "--serial", ""]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("--serial"), "{err}");
+}
+
 /// `ferry ctl ... | head -1`: the reader goes away; ferry must not panic.
 #[test]
 fn a_closed_stdout_ends_ctl_quietly() {

@@ -484,3 +484,82 @@ fn copy_through_an_already_mounted_share() {
     dst.api("PUT", "/vm/shutdown");
     assert!(dst.wait_exit(WAIT).success());
 }
+
+/// During a migration the share takes only the files announced for it: an
+/// independent client (libnfs-utils, from the source's own address) cannot
+/// create another; and what is copied is for the destination's owner only.
+#[test]
+fn the_share_refuses_files_that_were_not_announced() {
+    let Some(s) = Setup::new("the_share_refuses_files_that_were_not_announced") else {
+        return;
+    };
+    if Command::new("nfs-cp").arg("--help").output().is_err() {
+        skip_unless_required(
+            "the_share_refuses_files_that_were_not_announced",
+            in_ci(),
+            "nfs-cp (libnfs-utils) is not installed",
+        );
+        return;
+    }
+    let (mut dst, src) = s.slow_copy_under_way();
+    let st = status(&src);
+    let share = st["share"].as_str().unwrap().to_string();
+    let rest = share.strip_prefix("nfs://").unwrap();
+    let (hostport, export) = rest.split_once('/').unwrap();
+    let (ip, port) = hostport.rsplit_once(':').unwrap();
+    let q = format!("?version=3&nfsport={port}&mountport={port}");
+    let local = s.src_dir.join("evil.img");
+    std::fs::write(&local, vec![0xeeu8; 64 << 10]).unwrap();
+    let cp = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &s.hosts.ns('a'),
+            "nfs-cp",
+            local.to_str().unwrap(),
+            &format!("nfs://{ip}/{export}/evil.img{q}"),
+        ])
+        .output()
+        .unwrap();
+    assert!(!cp.status.success(), "{cp:?}");
+    let copy_dir = s
+        .dst_entries()
+        .into_iter()
+        .find(|e| !e.starts_with('.'))
+        .map(|e| s.dst_dir.join(e))
+        .unwrap();
+    assert!(!copy_dir.join("evil.img").exists());
+    // An announced name, not yet written (the config comes at the end of
+    // the copy), takes no more than its announced size: a few hundred bytes.
+    let cp = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &s.hosts.ns('a'),
+            "nfs-cp",
+            local.to_str().unwrap(),
+            &format!("nfs://{ip}/{export}/vm.json{q}"),
+        ])
+        .output()
+        .unwrap();
+    assert!(!cp.status.success(), "{cp:?}");
+    // Created, then refused on the write (not on the name).
+    assert!(
+        String::from_utf8_lossy(&cp.stderr).contains("write"),
+        "{cp:?}"
+    );
+    if let Ok(meta) = std::fs::metadata(copy_dir.join("vm.json")) {
+        assert!(meta.len() < 64 << 10, "vm.json grew to {}", meta.len());
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&copy_dir), 0o700);
+    assert_eq!(mode(&copy_dir.join("drive0-d0.img")), 0o600);
+    assert_eq!(mode(&copy_dir.join("kernel")), 0o600);
+
+    let (code, body) = src.api("PUT", "/migration/cancel");
+    assert_eq!(code, 200, "{body}");
+    assert!(!dst.wait_exit(WAIT).success());
+    assert!(s.dst_entries().is_empty(), "{:?}", s.dst_entries());
+    assert_guest_runs_on_locally(&s, src);
+}

@@ -4,18 +4,24 @@
 //! memory, then the state, and owns the hand-over: the VMM builds the guest
 //! when asked, and starts it only once the source has said go.
 
-use std::fs::File;
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
 use std::io::{BufReader, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::memory::{receive_pages, receive_zero};
+use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
+
+use super::memory::{read_zero_range, receive_pages_at, zero_range};
 use super::protocol::{
-    expect, parse_json, read_header, read_payload, send_json, Hello, HelloAck, Kind, PassEnd,
-    ProtocolError, Reason, ShareOffer, PROTOCOL_VERSION,
+    expect, expect_small, parse_json, read_header, read_payload, send_json, Hello, HelloAck, Kind,
+    PassEnd, ProtocolError, Reason, Seal, ShareOffer, StreamDigest, PAGE_SIZE, PROTOCOL_VERSION,
 };
 use super::share::NfsShareServer;
+use crate::config::{SerialConfig, VmConfig};
 use crate::snapshot::VmState;
 use crate::vstate::memory::{create_guest_memory, GuestMemoryMmap};
 use crate::vstate::vm::Vm;
@@ -24,6 +30,8 @@ use crate::vstate::vm::Vm;
 /// source sends heartbeats while it has nothing else to send).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 const MIN_MEMORY: u64 = 16 << 20;
+/// A Hello is a few KiB (vCPU 0's CPUID is most of it).
+const MAX_HELLO: u64 = 1 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DestinationError {
@@ -57,13 +65,95 @@ pub enum DestinationError {
     NothingReceived,
     #[error("cannot build the guest here: {0}")]
     Build(String),
+    #[error("--shared-storage-root {path}: {why}")]
+    SharedRoot { path: PathBuf, why: String },
+    /// The stream broke the rules of a complete, untampered migration.
+    #[error("incomplete or altered stream: {0}")]
+    Stream(String),
+    #[error("destination disk full: the VM's files need {need_mib} MiB, --dir {} has {free_mib} MiB free", dir.display())]
+    NoSpace {
+        dir: PathBuf,
+        need_mib: u64,
+        free_mib: u64,
+    },
+    /// The sent state asks for something this destination does not allow.
+    #[error("refused the VM state: {0}")]
+    Untrusted(String),
+}
+
+/// What this destination decides for itself, whatever the source sends.
+#[derive(Debug, Clone, Default)]
+pub struct ReceivePolicy {
+    /// `--shared-storage-root`: a guest that brings no copy of its files
+    /// (`storage: "shared"`) may use files under this directory only.
+    /// Without it, shared storage is refused.
+    pub shared_storage_root: Option<PathBuf>,
+    /// `--serial`: where the received guest's console goes (the sent config
+    /// names a path on the source's host, which means nothing here).
+    pub serial: SerialConfig,
+}
+
+impl ReceivePolicy {
+    /// Resolves the root once (symlinks and all), so that every check
+    /// compares canonical paths.
+    fn canonical(mut self) -> Result<ReceivePolicy, DestinationError> {
+        if let Some(root) = &self.shared_storage_root {
+            let bad = |why: String| DestinationError::SharedRoot {
+                path: root.clone(),
+                why,
+            };
+            let canon = std::fs::canonicalize(root).map_err(|e| bad(crate::util::io_msg(&e)))?;
+            if !canon.is_dir() {
+                return Err(bad("not a directory".into()));
+            }
+            self.shared_storage_root = Some(canon);
+        }
+        Ok(self)
+    }
+}
+
+/// An exclusive `flock` on an open file or directory, held until dropped:
+/// it tells a later `ferry receive` on the same `--dir` that this one is
+/// alive, whatever became of its pid.
+pub struct DirLock {
+    _file: File,
+}
+
+/// Tries to take the lock without waiting: `Ok(None)` if another open
+/// file holds it.
+fn try_lock(path: &Path) -> std::io::Result<Option<DirLock>> {
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)?;
+    try_lock_file(file)
+}
+
+fn try_lock_file(file: File) -> std::io::Result<Option<DirLock>> {
+    // SAFETY: flock on a descriptor we own; no memory is involved.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        Ok(Some(DirLock { _file: file }))
+    } else {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            Ok(None)
+        } else {
+            Err(e)
+        }
+    }
 }
 
 /// `DIR/<migration id>/`: deleted on drop unless `keep` was called, so a
-/// failed migration leaves nothing behind.
+/// failed migration leaves nothing behind. While it exists this process
+/// holds a lock on its marker and on the directory itself, so that no other
+/// receiver takes it for a dead one's leftovers.
 pub struct ShareDir {
     pub path: PathBuf,
     keep: bool,
+    /// Held until the copy is complete (the marker goes with it).
+    marker_lock: Option<DirLock>,
+    /// Held for as long as the guest may use the directory.
+    dir_lock: Option<DirLock>,
 }
 
 impl ShareDir {
@@ -74,15 +164,45 @@ impl ShareDir {
         base.join(format!(".{id}.partial"))
     }
 
+    /// Creates marker and directory, both new: an id already in use (a
+    /// running guest's directory, another receiver's copy) is refused, and
+    /// nothing that was there is touched.
     fn create(base: &Path, id: &str) -> Result<ShareDir, DestinationError> {
         let path = base.join(id);
-        let err = |source| DestinationError::ShareDir {
-            path: path.clone(),
+        let marker = Self::marker(base, id);
+        let err = |p: &Path, source| DestinationError::ShareDir {
+            path: p.to_path_buf(),
             source,
         };
-        std::fs::write(Self::marker(base, id), b"").map_err(err)?;
-        std::fs::create_dir(&path).map_err(err)?;
-        Ok(ShareDir { path, keep: false })
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(&marker)
+            .map_err(|e| err(&marker, e))?;
+        // Locked through the descriptor that created it, so that no other
+        // receiver's cleanup can take it in between.
+        let marker_lock = match try_lock_file(file) {
+            Ok(Some(l)) => l,
+            Ok(None) => return Err(err(&marker, std::io::Error::from_raw_os_error(libc::EBUSY))),
+            Err(e) => {
+                let _ = std::fs::remove_file(&marker);
+                return Err(err(&marker, e));
+            }
+        };
+        if let Err(e) = std::fs::DirBuilder::new().mode(0o700).create(&path) {
+            drop(marker_lock);
+            let _ = std::fs::remove_file(&marker);
+            return Err(err(&path, e));
+        }
+        let dir_lock = try_lock(&path).ok().flatten();
+        Ok(ShareDir {
+            path,
+            keep: false,
+            marker_lock: Some(marker_lock),
+            dir_lock,
+        })
     }
 
     /// The guest runs on these files now.
@@ -91,6 +211,13 @@ impl ShareDir {
         if let (Some(base), Some(id)) = (self.path.parent(), self.path.file_name()) {
             let _ = std::fs::remove_file(Self::marker(base, &id.to_string_lossy()));
         }
+        self.marker_lock = None;
+    }
+
+    /// The lock that says the guest uses this directory; whoever runs the
+    /// guest holds it.
+    pub fn take_lock(&mut self) -> Option<DirLock> {
+        self.dir_lock.take()
     }
 }
 
@@ -105,26 +232,175 @@ impl Drop for ShareDir {
     }
 }
 
-/// Removes incomplete copies that a killed `ferry receive` left in `base`.
+/// Removes incomplete copies that a killed `ferry receive` left in `base`:
+/// those whose marker and directory no live process holds locked. A copy
+/// another receiver is still making, or a directory a guest runs on, is
+/// left alone.
 pub fn remove_leftovers(base: &Path) {
     let Ok(entries) = std::fs::read_dir(base) else {
         return;
     };
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        if let Some(id) = name
+        let Some(id) = name
             .strip_prefix('.')
             .and_then(|n| n.strip_suffix(".partial"))
-        {
-            if !id.is_empty() && id.chars().all(|c| c.is_ascii_hexdigit()) {
+        else {
+            continue;
+        };
+        if id.is_empty() || !id.chars().all(|c| c.is_ascii_hexdigit()) {
+            continue;
+        }
+        let dir = base.join(id);
+        // Both locks, held until the removal is done, so that no receiver
+        // starts on this id meanwhile.
+        let marker_lock = match try_lock(&e.path()) {
+            Ok(Some(l)) => l,
+            Ok(None) => continue,
+            Err(err) => {
                 eprintln!(
-                    "ferry: removing the incomplete copy {} left by an earlier migration",
-                    base.join(id).display()
+                    "ferry: leaving {} alone: cannot lock its marker: {}",
+                    dir.display(),
+                    crate::util::io_msg(&err)
                 );
-                let _ = std::fs::remove_dir_all(base.join(id));
-                let _ = std::fs::remove_file(e.path());
+                continue;
+            }
+        };
+        let dir_lock = match std::fs::symlink_metadata(&dir) {
+            Ok(m) if m.is_dir() => match try_lock(&dir) {
+                Ok(Some(l)) => Some(l),
+                Ok(None) => {
+                    eprintln!(
+                        "ferry: leaving {} alone: a running ferry still uses it",
+                        dir.display()
+                    );
+                    continue;
+                }
+                Err(_) => continue,
+            },
+            Ok(_) => {
+                eprintln!("ferry: leaving {} alone: not a directory", dir.display());
+                continue;
+            }
+            Err(_) => None,
+        };
+        eprintln!(
+            "ferry: removing the incomplete copy {} left by an earlier migration",
+            dir.display()
+        );
+        if dir_lock.is_some() {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        let _ = std::fs::remove_file(e.path());
+        drop((dir_lock, marker_lock));
+    }
+}
+
+/// Which guest pages the stream has covered: `seen` (sent, or declared
+/// zero) must be complete before a restore; `data` marks pages that hold
+/// received data, the only ones a later ZeroPages needs to clear (the rest
+/// of a fresh memfd is zero already, and writing zeros would allocate it).
+struct PageMap {
+    /// (guest-physical start, length, index of its first page).
+    regions: Vec<(u64, u64, u64)>,
+    pages: u64,
+    seen: Vec<u64>,
+    data: Vec<u64>,
+}
+
+impl PageMap {
+    fn new(mem: &GuestMemoryMmap) -> PageMap {
+        let mut regions = Vec::new();
+        let mut pages = 0;
+        for r in mem.iter() {
+            regions.push((r.start_addr().raw_value(), r.len(), pages));
+            pages += r.len() / PAGE_SIZE;
+        }
+        let words = pages.div_ceil(64) as usize;
+        PageMap {
+            regions,
+            pages,
+            seen: vec![0; words],
+            data: vec![0; words],
+        }
+    }
+
+    /// The page index range of `[gpa, gpa + len)`, which the frame checks
+    /// already placed inside one region.
+    fn pages_of(&self, gpa: u64, len: u64) -> std::ops::Range<u64> {
+        for &(start, rlen, first) in &self.regions {
+            if gpa >= start && gpa - start < rlen {
+                let p = first + (gpa - start) / PAGE_SIZE;
+                return p..p + len / PAGE_SIZE;
             }
         }
+        0..0
+    }
+
+    fn set(bits: &mut [u64], pages: std::ops::Range<u64>, on: bool) {
+        for p in pages {
+            let (w, b) = ((p / 64) as usize, p % 64);
+            if on {
+                bits[w] |= 1 << b;
+            } else {
+                bits[w] &= !(1 << b);
+            }
+        }
+    }
+
+    fn got_data(&mut self, gpa: u64, len: u64) {
+        let pages = self.pages_of(gpa, len);
+        Self::set(&mut self.seen, pages.clone(), true);
+        Self::set(&mut self.data, pages, true);
+    }
+
+    /// Marks `[gpa, gpa + len)` zero; returns the runs of it that hold
+    /// received data and must be cleared, as (gpa, len).
+    fn got_zero(&mut self, gpa: u64, len: u64) -> Vec<(u64, u64)> {
+        let pages = self.pages_of(gpa, len);
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for (i, p) in pages.clone().enumerate() {
+            if self.data[(p / 64) as usize] & (1 << (p % 64)) != 0 {
+                let at = gpa + i as u64 * PAGE_SIZE;
+                match runs.last_mut() {
+                    Some((s, l)) if *s + *l == at => *l += PAGE_SIZE,
+                    _ => runs.push((at, PAGE_SIZE)),
+                }
+            }
+        }
+        Self::set(&mut self.seen, pages.clone(), true);
+        Self::set(&mut self.data, pages, false);
+        runs
+    }
+
+    /// The pages never sent nor declared zero: how many, and the address of
+    /// the first.
+    fn missing(&self) -> Option<(u64, u64)> {
+        let mut count = 0u64;
+        let mut first = None;
+        for (i, &w) in self.seen.iter().enumerate() {
+            let base = i as u64 * 64;
+            // Bits past the last page are not pages.
+            let valid = if self.pages - base >= 64 {
+                !0u64
+            } else {
+                (1u64 << (self.pages - base)) - 1
+            };
+            let unseen = !w & valid;
+            if unseen != 0 {
+                count += u64::from(unseen.count_ones());
+                first.get_or_insert(base + u64::from(unseen.trailing_zeros()));
+            }
+        }
+        let first = first?;
+        let gpa = self
+            .regions
+            .iter()
+            .rev()
+            .find(|r| r.2 <= first)
+            .map(|&(start, _, f)| start + (first - f) * PAGE_SIZE)
+            .unwrap_or(0);
+        Some((count, gpa))
     }
 }
 
@@ -156,6 +432,7 @@ enum Step {
     Heartbeat,
     State,
     PeerError,
+    Seal,
 }
 
 /// Which frames each state takes while receiving (`Established` and
@@ -171,6 +448,7 @@ fn frame_step(state: ReceiveState, kind: Kind) -> Result<Step, ProtocolError> {
         Kind::ZeroPages if receiving => Step::ZeroPages,
         Kind::PassEnd if receiving => Step::PassEnd,
         Kind::State if receiving => Step::State,
+        Kind::Seal if receiving => Step::Seal,
         other => {
             return Err(ProtocolError::Unexpected {
                 expected: if receiving {
@@ -199,6 +477,7 @@ fn next_state(state: ReceiveState, kind: Kind) -> ReceiveState {
 pub struct Receiver {
     listener: TcpListener,
     dir: Option<PathBuf>,
+    policy: ReceivePolicy,
 }
 
 impl Receiver {
@@ -218,7 +497,15 @@ impl Receiver {
         Ok(Receiver {
             listener,
             dir: dir.map(Path::to_path_buf),
+            policy: ReceivePolicy::default(),
         })
+    }
+
+    /// What this destination chooses whatever it is sent (checked now, so
+    /// that a bad flag fails before the first migration does).
+    pub fn with_policy(mut self, policy: ReceivePolicy) -> Result<Receiver, DestinationError> {
+        self.policy = policy.canonical()?;
+        Ok(self)
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -241,7 +528,7 @@ impl Receiver {
             };
             stream.set_nodelay(true).ok();
             stream.set_read_timeout(Some(IDLE_TIMEOUT)).ok();
-            let hello = match handshake(&mut stream, dir) {
+            let hello = match handshake(&mut stream, dir, &self.policy) {
                 Ok(h) => h,
                 Err(e) => {
                     eprintln!("ferry: refused a connection from {peer}: {e}");
@@ -257,7 +544,7 @@ impl Receiver {
                 hello.vcpus,
                 hello.memory_size >> 20
             );
-            return IncomingMigration::establish(stream, peer, hello, dir);
+            return IncomingMigration::establish(stream, peer, hello, dir, &self.policy);
         }
     }
 }
@@ -268,6 +555,9 @@ pub struct Received {
     pub vm: Vm,
     pub memfd: File,
     pub mem: GuestMemoryMmap,
+    /// Held by whoever runs the guest, for as long as it runs on the copied
+    /// files: a later `ferry receive` on the same `--dir` leaves them alone.
+    pub dir_lock: Option<DirLock>,
 }
 
 /// One migration being received, from handshake to hand-over.
@@ -285,6 +575,12 @@ pub struct IncomingMigration {
     /// Serves `share_dir` until the state arrives.
     share_server: Option<NfsShareServer>,
     vm_state: Option<VmState>,
+    policy: ReceivePolicy,
+    /// Over every frame since `HelloAck`, seeded with its nonce.
+    digest: StreamDigest,
+    /// A `Seal` matching the digest arrived; only `State` may follow.
+    sealed: bool,
+    pages: PageMap,
 }
 
 impl IncomingMigration {
@@ -294,14 +590,16 @@ impl IncomingMigration {
         peer: SocketAddr,
         hello: Hello,
         dir: Option<&Path>,
+        policy: &ReceivePolicy,
     ) -> Result<IncomingMigration, DestinationError> {
         let setup = (|| {
+            let nonce = crate::util::random_hex::<16>().map_err(DestinationError::ShareSetup)?;
             let share = open_share(&stream, peer, &hello, dir)?;
             let (memfd, mem) = create_guest_memory(hello.memory_size)?;
             let vm = Vm::new(&mem)?;
-            Ok::<_, DestinationError>((vm, memfd, mem, share))
+            Ok::<_, DestinationError>((vm, memfd, mem, share, nonce))
         })();
-        let (vm, memfd, mem, share) = match setup {
+        let (vm, memfd, mem, share, nonce) = match setup {
             Ok(s) => s,
             Err(e) => {
                 tell_source(&mut stream, &e);
@@ -321,6 +619,7 @@ impl IncomingMigration {
                 vcpus: hello.vcpus,
                 memory_size: hello.memory_size,
                 share: offer,
+                nonce: nonce.clone(),
             },
         )?;
         stream.flush().map_err(ProtocolError::from)?;
@@ -330,10 +629,14 @@ impl IncomingMigration {
             peer,
             hello,
             guest: Some((vm, memfd)),
+            pages: PageMap::new(&mem),
             mem,
             share_dir,
             share_server,
             vm_state: None,
+            policy: policy.clone(),
+            digest: StreamDigest::new(&nonce),
+            sealed: false,
         })
     }
 
@@ -377,7 +680,17 @@ impl IncomingMigration {
     /// One frame, and the transition it makes.
     fn next_frame(&mut self, reader: &mut impl Read) -> Result<(), DestinationError> {
         let h = read_header(reader)?;
-        match frame_step(self.state, h.kind)? {
+        let step = frame_step(self.state, h.kind)?;
+        if self.sealed && !matches!(step, Step::State | Step::PeerError) {
+            return Err(DestinationError::Stream(format!(
+                "a {:?} frame after the Seal",
+                h.kind
+            )));
+        }
+        if step != Step::Seal {
+            self.digest.add(&h);
+        }
+        match step {
             Step::PeerError => {
                 let r: Reason = parse_json(Kind::Error, &read_payload(reader, &h)?)?;
                 return Err(ProtocolError::Peer(r.reason).into());
@@ -386,26 +699,115 @@ impl IncomingMigration {
                 read_payload(reader, &h)?;
             }
             Step::Pages => {
-                receive_pages(reader, &h, &self.mem)?;
+                let (gpa, pages) = receive_pages_at(reader, &h, &self.mem)?;
+                self.pages.got_data(gpa, pages * PAGE_SIZE);
             }
             Step::ZeroPages => {
-                receive_zero(reader, &h, &self.mem)?;
+                let (gpa, count) = read_zero_range(reader, &h, &self.mem)?;
+                for (at, len) in self.pages.got_zero(gpa, count * PAGE_SIZE) {
+                    zero_range(&self.mem, Kind::ZeroPages, at, len)?;
+                }
             }
             Step::PassEnd => {
                 let _: PassEnd = parse_json(Kind::PassEnd, &read_payload(reader, &h)?)?;
             }
+            Step::Seal => {
+                let got: Seal = parse_json(Kind::Seal, &read_payload(reader, &h)?)?;
+                let want = self.digest.seal();
+                if got.frames != want.frames || got.digest != want.digest {
+                    return Err(DestinationError::Stream(format!(
+                        "the source sealed {} frames with digest {:08x}, this destination \
+                         received {} with digest {:08x} (frames lost, repeated, or recorded \
+                         for another migration)",
+                        got.frames, got.digest, want.frames, want.digest
+                    )));
+                }
+                // The seal ends the memory: all of it must be here.
+                if let Some((count, gpa)) = self.pages.missing() {
+                    return Err(DestinationError::Stream(format!(
+                        "{count} pages of guest memory were never sent nor declared zero \
+                         (the first at {gpa:#x})"
+                    )));
+                }
+                self.sealed = true;
+            }
             Step::State => {
+                if !self.sealed {
+                    return Err(DestinationError::Stream(
+                        "the state came without a Seal of the stream before it".into(),
+                    ));
+                }
                 let payload = read_payload(reader, &h)?;
                 let mut state: VmState = parse_json(Kind::State, &payload)?;
                 check_state(&self.hello, &state)?;
-                if let Some(d) = &self.share_dir {
-                    local_paths(&mut state.config, &d.path);
-                }
+                // The copy is complete: nothing more may be written to it
+                // while it is checked and opened.
+                self.share_server = None;
+                self.place(&mut state.config)?;
                 self.vm_state = Some(state);
             }
         }
         self.state = next_state(self.state, h.kind);
         Ok(())
+    }
+
+    /// Makes the received config this destination's own: every host
+    /// resource it names is chosen here (the copies in the share
+    /// directory, files under `--shared-storage-root`, `--serial`), and the
+    /// result must pass the checks a config file passes.
+    fn place(&self, config: &mut VmConfig) -> Result<(), DestinationError> {
+        config.api_socket = None;
+        config.serial = self.policy.serial.clone();
+        match (&self.share_dir, &self.hello.storage) {
+            (Some(dir), Some(offer)) => {
+                check_share_contents(&dir.path, &offer.files, &offer.sizes)?;
+                local_paths(config, &dir.path);
+                // The copies exist; nothing is created from a sent size.
+                for d in config.drives.iter_mut() {
+                    d.create_size_mib = None;
+                }
+                let announced = |p: &Path| {
+                    p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| offer.files.iter().any(|f| f == n))
+                };
+                let mut named = vec![("kernel".to_string(), &config.kernel)];
+                named.extend(config.initrd.iter().map(|p| ("initrd".to_string(), p)));
+                for (i, d) in config.drives.iter().enumerate() {
+                    named.push((format!("drives[{i}]"), &d.path));
+                }
+                for (what, p) in named {
+                    if !announced(p) {
+                        return Err(DestinationError::Untrusted(format!(
+                            "{what} is {}, which is not a file announced for the share",
+                            p.display()
+                        )));
+                    }
+                }
+            }
+            _ => {
+                let Some(root) = &self.policy.shared_storage_root else {
+                    return Err(DestinationError::Untrusted(
+                        "shared storage needs --shared-storage-root on the destination".into(),
+                    ));
+                };
+                config.kernel = under_root(root, "kernel", &config.kernel)?;
+                if let Some(initrd) = &config.initrd {
+                    config.initrd = Some(under_root(root, "initrd", initrd)?);
+                }
+                for (i, d) in config.drives.iter_mut().enumerate() {
+                    d.path = under_root(root, &format!("drives[{i}].path"), &d.path)?;
+                    // Shared files exist already; nothing is created here.
+                    d.create_size_mib = None;
+                }
+            }
+        }
+        config.validate().map_err(|e| match e {
+            crate::config::ConfigError::Invalid { problems } => {
+                DestinationError::Untrusted(problems.join("; "))
+            }
+            e => DestinationError::Untrusted(e.to_string()),
+        })
     }
 
     /// The hand-over, `StateReceived` to `Running`: `build` makes the guest
@@ -429,6 +831,7 @@ impl IncomingMigration {
             vm,
             memfd,
             mem: self.mem.clone(),
+            dir_lock: self.share_dir.as_mut().and_then(ShareDir::take_lock),
         };
         let mut guest = match build(received) {
             Ok(g) => g,
@@ -481,6 +884,94 @@ fn local_paths(config: &mut crate::config::VmConfig, dir: &Path) {
     }
 }
 
+/// A shared-storage path, resolved here (symlinks and `..` included),
+/// must lie under the root this destination allows.
+fn under_root(root: &Path, what: &str, path: &Path) -> Result<PathBuf, DestinationError> {
+    let canon = std::fs::canonicalize(path).map_err(|e| {
+        DestinationError::Untrusted(format!(
+            "{what}: {}: {}",
+            path.display(),
+            crate::util::io_msg(&e)
+        ))
+    })?;
+    if !canon.starts_with(root) {
+        return Err(DestinationError::Untrusted(format!(
+            "{what}: {} is outside --shared-storage-root {}",
+            path.display(),
+            root.display()
+        )));
+    }
+    Ok(canon)
+}
+
+/// What is in the share directory when the copy is done: only announced
+/// regular files, none larger than announced (a source that writes through
+/// its own mount is not held to this by the NFS server).
+fn check_share_contents(
+    dir: &Path,
+    files: &[String],
+    sizes: &[u64],
+) -> Result<(), DestinationError> {
+    let limits: HashMap<&str, u64> = files
+        .iter()
+        .map(String::as_str)
+        .zip(sizes.iter().copied())
+        .collect();
+    let entries = std::fs::read_dir(dir).map_err(|source| DestinationError::ShareDir {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    for e in entries {
+        let e = e.map_err(|source| DestinationError::ShareDir {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        let meta =
+            std::fs::symlink_metadata(e.path()).map_err(|source| DestinationError::ShareDir {
+                path: e.path(),
+                source,
+            })?;
+        match limits.get(name.as_str()) {
+            Some(&max) if meta.is_file() && meta.len() <= max => {}
+            Some(&max) if meta.is_file() => {
+                return Err(DestinationError::Untrusted(format!(
+                    "share file {name} is {} bytes, {max} were announced",
+                    meta.len()
+                )))
+            }
+            _ => {
+                return Err(DestinationError::Untrusted(format!(
+                    "{name} in the share is not an announced regular file"
+                )))
+            }
+        }
+        // Guest data: for this host's owner only.
+        if meta.mode() & 0o077 != 0 {
+            let _ = std::fs::set_permissions(
+                e.path(),
+                std::os::unix::fs::PermissionsExt::from_mode(0o600),
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Bytes free for an unprivileged writer on the filesystem of `dir`.
+fn free_bytes(dir: &Path) -> std::io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: statvfs is plain data, for which all zeros is a valid value.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: statvfs writes only into the struct we pass; the path is a
+    // NUL-terminated string that outlives the call.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+}
+
 /// Best effort: the source learns why we give up.
 fn tell_source(stream: &mut TcpStream, why: &dyn std::fmt::Display) {
     let _ = send_json(
@@ -492,9 +983,15 @@ fn tell_source(stream: &mut TcpStream, why: &dyn std::fmt::Display) {
     );
 }
 
-/// Reads and vets the source's Hello.
-fn handshake(stream: &mut TcpStream, dir: Option<&Path>) -> Result<Hello, DestinationError> {
-    let hello: Hello = parse_json(Kind::Hello, &expect(stream, Kind::Hello)?)?;
+/// Reads and vets the source's Hello: nothing is created or allocated for
+/// a Hello that fails here, and the receiver goes on listening.
+fn handshake(
+    stream: &mut TcpStream,
+    dir: Option<&Path>,
+    policy: &ReceivePolicy,
+) -> Result<Hello, DestinationError> {
+    // Before anything is known of the peer, it gets no more than this.
+    let hello: Hello = parse_json(Kind::Hello, &expect_small(stream, Kind::Hello, MAX_HELLO)?)?;
     if hello.protocol != PROTOCOL_VERSION {
         return Err(DestinationError::Refused(format!(
             "migration protocol version {}, this ferry speaks version {PROTOCOL_VERSION}",
@@ -507,45 +1004,91 @@ fn handshake(stream: &mut TcpStream, dir: Option<&Path>) -> Result<Hello, Destin
     {
         return Err(DestinationError::Refused("invalid migration id".into()));
     }
-    if let Some(offer) = &hello.storage {
-        if dir.is_none() {
+    match (&hello.storage, dir) {
+        (Some(_), None) => {
             return Err(DestinationError::Refused(
                 "the source wants to copy the VM's files, but this ferry receive has no --dir to put them in"
                     .into(),
             ));
         }
-        let plain = |n: &String| {
-            !n.is_empty()
-                && n.len() <= 255
-                && n != "."
-                && n != ".."
-                && n.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
-        };
-        if offer.files.len() > 64 || !offer.files.iter().all(plain) {
+        (Some(offer), Some(base)) => check_offer(offer, base, &hello.migration_id)?,
+        (None, _) if policy.shared_storage_root.is_none() => {
             return Err(DestinationError::Refused(
-                "invalid file names for the share".into(),
+                "the source wants shared storage (its files at the same paths here), but this \
+                 ferry receive has no --shared-storage-root to allow any"
+                    .into(),
             ));
         }
+        (None, _) => {}
     }
-    if hello.vcpus == 0 || hello.vcpus > crate::config::MAX_VCPUS {
+    if let Some(p) = crate::config::vcpus_problem(hello.vcpus) {
         return Err(DestinationError::Refused(format!(
-            "{} vCPUs is not a VM this ferry can run",
+            "{} vCPUs is not a VM this ferry can run: {p}",
             hello.vcpus
         )));
     }
-    let host_mib = crate::util::host_memory_mib().unwrap_or(0);
-    if hello.memory_size < MIN_MEMORY
-        || !hello.memory_size.is_multiple_of(1 << 20)
-        || hello.memory_size >> 20 > host_mib
-    {
+    let host_mib = crate::util::host_memory_mib();
+    let mib_problem =
+        if hello.memory_size < MIN_MEMORY || !hello.memory_size.is_multiple_of(1 << 20) {
+            Some("not a whole number of MiB, at least 16".to_string())
+        } else if host_mib.is_none() {
+            // Without the host's size there is no limit to check against.
+            Some("this host's memory size is unknown (/proc/meminfo)".to_string())
+        } else {
+            crate::config::memory_problem(hello.memory_size >> 20)
+        };
+    if let Some(p) = mib_problem {
         return Err(DestinationError::Refused(format!(
-            "guest memory of {} bytes does not fit this host ({host_mib} MiB)",
-            hello.memory_size
+            "guest memory of {} bytes does not fit this host ({} MiB): {p}",
+            hello.memory_size,
+            host_mib.unwrap_or(0)
         )));
     }
     check_cpuid(&hello.cpuid)?;
     Ok(hello)
+}
+
+/// The files a storage copy announces: plain names, one size each, and an
+/// id not in use under `--dir`.
+fn check_offer(
+    offer: &super::protocol::StorageOffer,
+    base: &Path,
+    id: &str,
+) -> Result<(), DestinationError> {
+    let plain = |n: &String| {
+        !n.is_empty()
+            && n.len() <= 255
+            && n != "."
+            && n != ".."
+            && n.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+    };
+    let mut names: Vec<&String> = offer.files.iter().collect();
+    names.sort();
+    names.dedup();
+    if offer.files.len() > 64 || !offer.files.iter().all(plain) || names.len() != offer.files.len()
+    {
+        return Err(DestinationError::Refused(
+            "invalid file names for the share".into(),
+        ));
+    }
+    if offer.sizes.len() != offer.files.len() {
+        return Err(DestinationError::Refused(format!(
+            "the storage offer gives {} sizes for {} files",
+            offer.sizes.len(),
+            offer.files.len()
+        )));
+    }
+    for p in [base.join(id), ShareDir::marker(base, id)] {
+        if std::fs::symlink_metadata(&p).is_ok() {
+            return Err(DestinationError::Refused(format!(
+                "migration id {id} is already in use in --dir {} ({} exists)",
+                base.display(),
+                p.display()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// The feature bits a guest may have come to rely on, by (leaf, subleaf,
@@ -603,6 +1146,18 @@ fn open_share(
     let (Some(offer), Some(base)) = (&hello.storage, dir) else {
         return Ok(None);
     };
+    // Refused before a byte is copied, rather than failing halfway.
+    let need = offer
+        .data_bytes
+        .unwrap_or_else(|| offer.sizes.iter().fold(0u64, |a, &b| a.saturating_add(b)));
+    let free = free_bytes(base).map_err(DestinationError::ShareSetup)?;
+    if need > free {
+        return Err(DestinationError::NoSpace {
+            dir: base.to_path_buf(),
+            need_mib: need.div_ceil(1 << 20),
+            free_mib: free >> 20,
+        });
+    }
     let share_dir = ShareDir::create(base, &hello.migration_id)?;
     if offer.mounted_share {
         let offer = ShareOffer {
@@ -620,7 +1175,14 @@ fn open_share(
         "/ferry-{}",
         crate::util::random_hex::<16>().map_err(DestinationError::ShareSetup)?
     );
-    let server = NfsShareServer::start(&share_dir.path, local, &export, Some(peer.ip()))?;
+    let files = offer
+        .files
+        .iter()
+        .cloned()
+        .zip(offer.sizes.iter().copied())
+        .collect();
+    let server =
+        NfsShareServer::start_for(&share_dir.path, local, &export, Some(peer.ip()), files)?;
     eprintln!(
         "ferry: sharing {} over NFSv3 at {local}:{} as {export} (only to {})",
         share_dir.path.display(),
@@ -643,7 +1205,8 @@ fn check_state(hello: &Hello, state: &VmState) -> Result<(), DestinationError> {
             why,
         })
     };
-    if state.memory_size != hello.memory_size || state.config.memory_mib << 20 != hello.memory_size
+    if state.memory_size != hello.memory_size
+        || state.config.memory_mib.checked_mul(1 << 20) != Some(hello.memory_size)
     {
         return Err(bad("memory size differs from the handshake".into()));
     }
@@ -732,5 +1295,153 @@ mod tests {
         assert_eq!(config.kernel, Path::new("/dst/abc/kernel"));
         assert_eq!(config.initrd.as_deref(), Some(Path::new("/dst/abc/initrd")));
         assert_eq!(config.drives[0].path, Path::new("/dst/abc/drive0-d0.img"));
+    }
+
+    fn tempdir() -> PathBuf {
+        let d = std::env::temp_dir().join(format!(
+            "ferry-dest-test-{}",
+            crate::util::random_hex::<8>().unwrap()
+        ));
+        std::fs::create_dir(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn leftovers_are_removed_only_when_no_live_receiver_holds_them() {
+        let base = tempdir();
+        // A dead receiver's copy: marker and directory, nobody holds them.
+        std::fs::create_dir(base.join("aa11")).unwrap();
+        std::fs::write(base.join("aa11/disk.img"), b"partial").unwrap();
+        std::fs::write(base.join(".aa11.partial"), b"").unwrap();
+        // A live receiver's copy in progress: this process holds it.
+        let mut live = ShareDir::create(&base, "bb22").unwrap();
+        std::fs::write(live.path.join("disk.img"), b"copying").unwrap();
+        // A guest that runs on its copy: no marker, directory held.
+        let mut running = ShareDir::create(&base, "cc33").unwrap();
+        running.keep();
+        let guest_lock = running.take_lock();
+        assert!(guest_lock.is_some());
+        std::fs::write(base.join("cc33/disk.img"), b"running").unwrap();
+        // A forged marker naming the running guest's directory.
+        std::fs::write(base.join(".cc33.partial"), b"").unwrap();
+
+        remove_leftovers(&base);
+        assert!(!base.join("aa11").exists());
+        assert!(!base.join(".aa11.partial").exists());
+        assert_eq!(
+            std::fs::read(base.join("bb22/disk.img")).unwrap(),
+            b"copying"
+        );
+        assert!(base.join(".bb22.partial").exists());
+        assert_eq!(
+            std::fs::read(base.join("cc33/disk.img")).unwrap(),
+            b"running"
+        );
+
+        // Once nobody holds them (their receiver died), they go too.
+        live.keep = true;
+        drop(live);
+        remove_leftovers(&base);
+        assert!(!base.join("bb22").exists());
+        // The guest still runs: the directory stays while its lock is held.
+        assert!(base.join("cc33/disk.img").exists());
+        drop(guest_lock);
+        drop(running);
+        std::fs::remove_dir_all(&base).unwrap();
+    }
+
+    #[test]
+    fn an_id_in_use_is_refused_and_nothing_is_touched() {
+        let base = tempdir();
+        std::fs::create_dir(base.join("dd44")).unwrap();
+        std::fs::write(base.join("dd44/disk.img"), b"a guest's disk").unwrap();
+        assert!(ShareDir::create(&base, "dd44").is_err());
+        assert_eq!(
+            std::fs::read(base.join("dd44/disk.img")).unwrap(),
+            b"a guest's disk"
+        );
+        // No marker was left behind for a later cleanup to act on.
+        assert!(!base.join(".dd44.partial").exists());
+        remove_leftovers(&base);
+        assert!(base.join("dd44/disk.img").exists());
+        std::fs::remove_dir_all(&base).unwrap();
+    }
+
+    #[test]
+    fn the_page_map_needs_every_page_once_and_clears_only_received_data() {
+        let (_fd, mem) = create_guest_memory(16 << 20).unwrap();
+        let mut map = PageMap::new(&mem);
+        let pages = (16 << 20) / PAGE_SIZE;
+        assert_eq!(map.missing(), Some((pages, 0)));
+        map.got_data(0, 8 * PAGE_SIZE);
+        // Zero over data and fresh pages: only the data needs clearing.
+        assert_eq!(
+            map.got_zero(4 * PAGE_SIZE, 8 * PAGE_SIZE),
+            vec![(4 * PAGE_SIZE, 4 * PAGE_SIZE)]
+        );
+        assert_eq!(map.got_zero(4 * PAGE_SIZE, 8 * PAGE_SIZE), vec![]);
+        assert_eq!(map.missing(), Some((pages - 12, 12 * PAGE_SIZE)));
+        map.got_zero(12 * PAGE_SIZE, (pages - 12) * PAGE_SIZE);
+        assert_eq!(map.missing(), None);
+    }
+
+    #[test]
+    fn the_page_map_follows_memory_above_the_mmio_hole() {
+        // 3 GiB below the hole, 16 MiB at 4 GiB: a sparse memfd, nothing
+        // is touched.
+        let (_fd, mem) = create_guest_memory((3 << 30) + (16 << 20)).unwrap();
+        let mut map = PageMap::new(&mem);
+        map.got_zero(0, 3 << 30);
+        assert_eq!(map.missing(), Some((4096, 4 << 30)));
+        map.got_data(4 << 30, 4 * PAGE_SIZE);
+        assert_eq!(map.missing(), Some((4092, (4 << 30) + 4 * PAGE_SIZE)));
+        map.got_zero((4 << 30) + 4 * PAGE_SIZE, (16 << 20) - 4 * PAGE_SIZE);
+        assert_eq!(map.missing(), None);
+    }
+
+    #[test]
+    fn share_contents_must_be_announced_and_within_size() {
+        let dir = tempdir();
+        let files = vec!["disk.img".to_string(), "vm.json".to_string()];
+        std::fs::write(dir.join("disk.img"), [0u8; 100]).unwrap();
+        check_share_contents(&dir, &files, &[100, 10]).unwrap();
+        let err = check_share_contents(&dir, &files, &[99, 10]).unwrap_err();
+        assert!(err.to_string().contains("100 bytes, 99"), "{err}");
+        std::os::unix::fs::symlink("/etc/passwd", dir.join("vm.json")).unwrap();
+        let err = check_share_contents(&dir, &files, &[100, 10]).unwrap_err();
+        assert!(err.to_string().contains("vm.json"), "{err}");
+        std::fs::remove_file(dir.join("vm.json")).unwrap();
+        std::fs::write(dir.join("extra"), b"").unwrap();
+        let err = check_share_contents(&dir, &files, &[100, 10]).unwrap_err();
+        assert!(err.to_string().contains("extra"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn shared_storage_paths_must_resolve_under_the_root() {
+        let base = tempdir();
+        let root = base.join("root");
+        std::fs::create_dir(&root).unwrap();
+        std::fs::write(root.join("disk.img"), b"").unwrap();
+        std::fs::write(base.join("outside.img"), b"").unwrap();
+        std::os::unix::fs::symlink(base.join("outside.img"), root.join("link.img")).unwrap();
+        let root = std::fs::canonicalize(&root).unwrap();
+        assert_eq!(
+            under_root(&root, "d", &root.join("disk.img")).unwrap(),
+            root.join("disk.img")
+        );
+        for p in [
+            root.join("link.img"),
+            root.join("../outside.img"),
+            base.join("outside.img"),
+        ] {
+            let err = under_root(&root, "d", &p).unwrap_err();
+            assert!(
+                err.to_string().contains("outside --shared-storage-root"),
+                "{err}"
+            );
+        }
+        assert!(under_root(&root, "d", &root.join("missing.img")).is_err());
+        std::fs::remove_dir_all(&base).unwrap();
     }
 }

@@ -184,6 +184,19 @@ impl<'a, W: Write> PageSender<'a, W> {
         Ok(())
     }
 
+    /// Declares `[gpa, gpa + len)` (within one region) zero without
+    /// reading it: one frame whatever the length.
+    pub fn send_zero(&mut self, gpa: u64, len: u64) -> Result<(), ProtocolError> {
+        let count = len / PAGE_SIZE;
+        self.wire_bytes += send_frame(
+            self.w,
+            Kind::ZeroPages,
+            &[&gpa.to_le_bytes(), &count.to_le_bytes()],
+        )?;
+        self.zero_pages += count;
+        Ok(())
+    }
+
     /// One chunk: runs of zero pages become ZeroPages markers, the rest
     /// MemoryPages frames.
     fn send_chunk(&mut self, addr: u64, data: &[u8]) -> Result<(), ProtocolError> {
@@ -251,6 +264,15 @@ pub fn receive_pages<R: Read>(
     h: &FrameHeader,
     mem: &GuestMemoryMmap,
 ) -> Result<u64, ProtocolError> {
+    receive_pages_at(r, h, mem).map(|(_, pages)| pages)
+}
+
+/// As [`receive_pages`]; returns the frame's address and page count.
+pub fn receive_pages_at<R: Read>(
+    r: &mut R,
+    h: &FrameHeader,
+    mem: &GuestMemoryMmap,
+) -> Result<(u64, u64), ProtocolError> {
     if h.len < 8 + PAGE_SIZE || h.len - 8 > MAX_MEMORY_CHUNK as u64 {
         return Err(ProtocolError::Malformed {
             kind: Kind::MemoryPages,
@@ -272,7 +294,7 @@ pub fn receive_pages<R: Read>(
     if crc.finalize() != h.crc {
         return Err(ProtocolError::PayloadChecksum(Kind::MemoryPages));
     }
-    Ok(len / PAGE_SIZE)
+    Ok((gpa, len / PAGE_SIZE))
 }
 
 /// Receives a ZeroPages frame: zeroes the range.
@@ -281,6 +303,18 @@ pub fn receive_zero<R: Read>(
     h: &FrameHeader,
     mem: &GuestMemoryMmap,
 ) -> Result<u64, ProtocolError> {
+    let (gpa, count) = read_zero_range(r, h, mem)?;
+    zero_range(mem, Kind::ZeroPages, gpa, count * PAGE_SIZE)?;
+    Ok(count)
+}
+
+/// Reads a ZeroPages frame and checks that its range lies in guest memory;
+/// returns (address, page count) without touching memory.
+pub fn read_zero_range<R: Read>(
+    r: &mut R,
+    h: &FrameHeader,
+    mem: &GuestMemoryMmap,
+) -> Result<(u64, u64), ProtocolError> {
     if h.len != 16 {
         return Err(ProtocolError::Malformed {
             kind: Kind::ZeroPages,
@@ -296,10 +330,44 @@ pub fn receive_zero<R: Read>(
             kind: Kind::ZeroPages,
             why: format!("{count} pages"),
         })?;
-    let host = host_range(mem, Kind::ZeroPages, gpa, len)?;
+    host_range(mem, Kind::ZeroPages, gpa, len)?;
+    Ok((gpa, count))
+}
+
+/// Zeroes `[gpa, gpa + len)` of guest memory on the destination.
+pub fn zero_range(
+    mem: &GuestMemoryMmap,
+    kind: Kind,
+    gpa: u64,
+    len: u64,
+) -> Result<(), ProtocolError> {
+    let host = host_range(mem, kind, gpa, len)?;
     // SAFETY: as in receive_pages.
     unsafe { std::ptr::write_bytes(host, 0, len as usize) };
-    Ok(count)
+    Ok(())
+}
+
+/// The ranges of guest memory that `populated` (sorted, as
+/// [`populated_ranges`] gives them) leaves out, each within one region:
+/// pass 1 declares them zero, so that the destination can tell a complete
+/// stream from one that lost a frame.
+pub fn unpopulated_ranges(mem: &GuestMemoryMmap, populated: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    for region in mem.iter() {
+        let start = region.start_addr().raw_value();
+        let end = start + region.len();
+        let mut at = start;
+        for &(gpa, len) in populated.iter().filter(|r| r.0 >= start && r.0 < end) {
+            if gpa > at {
+                out.push((at, gpa - at));
+            }
+            at = at.max(gpa + len);
+        }
+        if at < end {
+            out.push((at, end - at));
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -393,4 +461,16 @@ mod tests {
         assert!(receive_zero(&mut r, &h, &dst).is_err());
     }
     const HEADER: usize = crate::migration::protocol::HEADER_LEN;
+
+    #[test]
+    fn unpopulated_ranges_are_the_rest_of_each_region() {
+        let (_fd, mem) = create_guest_memory(16 << 20).unwrap();
+        let end = 16u64 << 20;
+        assert_eq!(unpopulated_ranges(&mem, &[]), vec![(0, end)]);
+        assert_eq!(
+            unpopulated_ranges(&mem, &[(0, 4096), (8192, 4096), (end - 4096, 4096)]),
+            vec![(4096, 4096), (12288, end - 4096 - 12288)]
+        );
+        assert_eq!(unpopulated_ranges(&mem, &[(0, end)]), vec![]);
+    }
 }

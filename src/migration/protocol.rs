@@ -13,7 +13,9 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 /// Bumped on any incompatible change to frames or messages.
 /// 2: storage migration (`Hello.storage`, `HelloAck.share`, `Heartbeat`).
-pub const PROTOCOL_VERSION: u32 = 2;
+/// 3: a destination that trusts nothing it is sent (`StorageOffer.sizes`,
+/// `HelloAck.nonce`, the `Seal` frame, every page declared in pass 1).
+pub const PROTOCOL_VERSION: u32 = 3;
 pub const MAGIC: [u8; 4] = *b"FMIG";
 pub const HEADER_LEN: usize = 24;
 /// Most guest memory one MemoryPages frame carries.
@@ -51,6 +53,10 @@ pub enum Kind {
     /// Source -> destination: still here (sent while memory waits for the
     /// storage copy, so the destination's idle timeout means a dead link).
     Heartbeat = 11,
+    /// Source -> destination, right before `State`: how many frames it sent
+    /// since `HelloAck` and their digest (JSON `Seal`), so that a stream
+    /// with a frame lost, repeated or recorded elsewhere is refused.
+    Seal = 12,
 }
 
 impl Kind {
@@ -68,6 +74,7 @@ impl Kind {
             9 => Go,
             10 => Resumed,
             11 => Heartbeat,
+            12 => Seal,
             _ => return None,
         })
     }
@@ -116,6 +123,17 @@ pub struct Hello {
 pub struct StorageOffer {
     /// File names (no directories) in the share.
     pub files: Vec<String>,
+    /// The size in bytes of each file in `files`, in the same order: the
+    /// destination lets none grow past it, and checks its free space
+    /// against their sum before the copy starts.
+    #[serde(default)]
+    pub sizes: Vec<u64>,
+    /// The bytes the copy will take on the destination's disk (holes stay
+    /// holes): what its free space is checked against. Absent: the sum of
+    /// `sizes`. Only the source's own copy fails if it is too low; the
+    /// per-file sizes are what the destination enforces.
+    #[serde(default)]
+    pub data_bytes: Option<u64>,
     /// The source writes through a directory it has mounted itself (the
     /// destination's `--dir`), instead of the destination's NFS share.
     pub mounted_share: bool,
@@ -143,6 +161,11 @@ pub struct HelloAck {
     /// The share for a storage migration.
     #[serde(default)]
     pub share: Option<ShareOffer>,
+    /// Fresh random hex the destination drew for this connection. It seeds
+    /// the stream digest in `Seal`, so that a stream recorded for an
+    /// earlier migration does not pass at a later one.
+    #[serde(default)]
+    pub nonce: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -157,13 +180,152 @@ pub struct PassEnd {
     pub pass: u32,
 }
 
+/// Closes the memory stream (JSON payload of `Seal`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Seal {
+    /// Frames sent after `HelloAck`, not counting this one.
+    pub frames: u64,
+    /// [`StreamDigest`] over those frames' headers.
+    pub digest: u32,
+}
+
+/// A running digest over frame headers, seeded with the destination's
+/// nonce. A header carries the payload's CRC, so the digest covers every
+/// payload byte without hashing it twice. It detects frames lost, repeated,
+/// reordered or recorded for another migration; it is no MAC (a peer who
+/// forges a stream computes it as easily: authenticating the peer is the
+/// transport's job).
+#[derive(Clone)]
+pub struct StreamDigest {
+    hasher: crc32fast::Hasher,
+    frames: u64,
+}
+
+impl StreamDigest {
+    pub fn new(nonce: &str) -> StreamDigest {
+        let mut hasher = crc32fast::Hasher::new();
+        hasher.update(nonce.as_bytes());
+        StreamDigest { hasher, frames: 0 }
+    }
+
+    pub fn add_header(&mut self, header: &[u8; HEADER_LEN]) {
+        self.hasher.update(header);
+        self.frames += 1;
+    }
+
+    /// Adds a header as it was read.
+    pub fn add(&mut self, h: &FrameHeader) {
+        self.add_header(&header_bytes(h.kind, h.len, h.crc));
+    }
+
+    pub fn seal(&self) -> Seal {
+        Seal {
+            frames: self.frames,
+            digest: self.hasher.clone().finalize(),
+        }
+    }
+}
+
+/// A writer that feeds the header of every frame written through it to a
+/// [`StreamDigest`] once one is started. Writes must be whole frames, in
+/// order (as `send_frame` makes them); a partial write is tracked, so the
+/// digest follows what the inner writer actually took.
+pub struct DigestWriter<W: Write> {
+    inner: W,
+    digest: Option<StreamDigest>,
+    /// Header bytes of the frame being written, until all 24 are in.
+    header: [u8; HEADER_LEN],
+    header_have: usize,
+    /// Payload bytes of the current frame still to come.
+    payload_left: u64,
+}
+
+impl<W: Write> DigestWriter<W> {
+    pub fn new(inner: W) -> DigestWriter<W> {
+        DigestWriter {
+            inner,
+            digest: None,
+            header: [0; HEADER_LEN],
+            header_have: 0,
+            payload_left: 0,
+        }
+    }
+
+    /// Digests every frame written from now on.
+    pub fn start_digest(&mut self, nonce: &str) {
+        self.digest = Some(StreamDigest::new(nonce));
+    }
+
+    /// What `Seal` carries for the frames written so far.
+    pub fn seal(&self) -> Option<Seal> {
+        self.digest.as_ref().map(StreamDigest::seal)
+    }
+
+    pub fn get_ref(&self) -> &W {
+        &self.inner
+    }
+
+    pub fn get_mut(&mut self) -> &mut W {
+        &mut self.inner
+    }
+
+    fn track(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            if self.payload_left > 0 {
+                let n = (bytes.len() as u64).min(self.payload_left);
+                self.payload_left -= n;
+                bytes = &bytes[n as usize..];
+                continue;
+            }
+            let n = (HEADER_LEN - self.header_have).min(bytes.len());
+            self.header[self.header_have..self.header_have + n].copy_from_slice(&bytes[..n]);
+            self.header_have += n;
+            bytes = &bytes[n..];
+            if self.header_have == HEADER_LEN {
+                self.header_have = 0;
+                self.payload_left = u64::from_le_bytes(self.header[8..16].try_into().unwrap());
+                if let Some(d) = &mut self.digest {
+                    d.add_header(&self.header);
+                }
+            }
+        }
+    }
+}
+
+impl<W: Write> Write for DigestWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.track(&buf[..n]);
+        Ok(n)
+    }
+
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> std::io::Result<usize> {
+        let n = self.inner.write_vectored(bufs)?;
+        let mut left = n;
+        for b in bufs {
+            if left == 0 {
+                break;
+            }
+            let take = left.min(b.len());
+            self.track(&b[..take]);
+            left -= take;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 pub struct FrameHeader {
     pub kind: Kind,
     pub len: u64,
     pub crc: u32,
 }
 
-fn header_bytes(kind: Kind, len: u64, crc: u32) -> [u8; HEADER_LEN] {
+pub fn header_bytes(kind: Kind, len: u64, crc: u32) -> [u8; HEADER_LEN] {
     let mut h = [0u8; HEADER_LEN];
     h[0..4].copy_from_slice(&MAGIC);
     h[4..8].copy_from_slice(&(kind as u32).to_le_bytes());
@@ -274,6 +436,31 @@ pub fn expect<R: Read>(r: &mut R, want: Kind) -> Result<Vec<u8>, ProtocolError> 
     read_payload(r, &h)
 }
 
+/// [`expect`] for a frame that is never large: a longer claim is refused
+/// on the header, before the payload is allocated or read.
+pub fn expect_small<R: Read>(r: &mut R, want: Kind, max: u64) -> Result<Vec<u8>, ProtocolError> {
+    let h = read_header(r)?;
+    if h.len > max {
+        return Err(ProtocolError::TooLarge {
+            kind: h.kind,
+            len: h.len,
+            max,
+        });
+    }
+    if h.kind == Kind::Error {
+        let p = read_payload(r, &h)?;
+        let reason: Reason = parse_json(Kind::Error, &p)?;
+        return Err(ProtocolError::Peer(reason.reason));
+    }
+    if h.kind != want {
+        return Err(ProtocolError::Unexpected {
+            expected: kind_name(want),
+            got: h.kind,
+        });
+    }
+    read_payload(r, &h)
+}
+
 fn kind_name(k: Kind) -> &'static str {
     match k {
         Kind::Hello => "Hello",
@@ -287,6 +474,7 @@ fn kind_name(k: Kind) -> &'static str {
         Kind::Go => "Go",
         Kind::Resumed => "Resumed",
         Kind::Heartbeat => "Heartbeat",
+        Kind::Seal => "Seal",
     }
 }
 
@@ -364,5 +552,58 @@ mod tests {
             read_header(&mut &[0u8; 3][..]),
             Err(ProtocolError::Io(_))
         ));
+    }
+
+    #[test]
+    fn the_digest_written_is_the_digest_read() {
+        let mut w = DigestWriter::new(Vec::new());
+        send_json(&mut w, Kind::Hello, &PassEnd { pass: 0 }).unwrap();
+        w.start_digest("00ff");
+        send_frame(
+            &mut w,
+            Kind::MemoryPages,
+            &[&0u64.to_le_bytes(), &[7u8; 4096]],
+        )
+        .unwrap();
+        send_json(&mut w, Kind::PassEnd, &PassEnd { pass: 1 }).unwrap();
+        send_frame(&mut w, Kind::ZeroPages, &[&[0u8; 16]]).unwrap();
+        let seal = w.seal().unwrap();
+        assert_eq!(seal.frames, 3);
+        let wire = w.get_ref().clone();
+
+        let read = |wire: &[u8], nonce: &str| {
+            let mut r = wire;
+            let hello = read_header(&mut r).unwrap();
+            read_payload(&mut r, &hello).unwrap();
+            let mut d = StreamDigest::new(nonce);
+            while !r.is_empty() {
+                let h = read_header(&mut r).unwrap();
+                read_payload(&mut r, &h).unwrap();
+                d.add(&h);
+            }
+            d.seal()
+        };
+        let got = read(&wire, "00ff");
+        assert_eq!((got.frames, got.digest), (seal.frames, seal.digest));
+        // Another nonce (a recorded stream at a later migration) differs.
+        assert_ne!(read(&wire, "00fe").digest, seal.digest);
+        // So does a stream with a frame missing.
+        let first = HEADER_LEN + read_header(&mut &wire[..]).unwrap().len as usize;
+        let second = HEADER_LEN + 8 + 4096;
+        let mut cut = wire[..first].to_vec();
+        cut.extend_from_slice(&wire[first + second..]);
+        assert_ne!(read(&cut, "00ff").digest, seal.digest);
+
+        // Written a byte at a time, the digest is the same.
+        let mut w = DigestWriter::new(Vec::new());
+        w.start_digest("00ff");
+        let mut one = Vec::new();
+        send_json(&mut one, Kind::PassEnd, &PassEnd { pass: 1 }).unwrap();
+        for b in &one {
+            w.write_all(std::slice::from_ref(b)).unwrap();
+        }
+        let mut d = StreamDigest::new("00ff");
+        d.add(&read_header(&mut &one[..]).unwrap());
+        assert_eq!(w.seal().unwrap().digest, d.seal().digest);
     }
 }

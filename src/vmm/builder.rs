@@ -6,6 +6,7 @@
 
 use std::fs::File;
 use std::io::{LineWriter, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -236,8 +237,10 @@ impl SerialLog {
     /// Creates or truncates (appends to, for a saved guest) the log; from
     /// here on the UART writes to it.
     pub fn open(self) -> Result<(), VmmError> {
+        // The console carries guest data: for this host's owner only.
         let f = std::fs::OpenOptions::new()
             .create(true)
+            .mode(0o600)
             .write(true)
             .append(self.append)
             .truncate(!self.append)

@@ -21,7 +21,7 @@ use crate::arch::x86_64::{boot, cpuid, mptable, regs};
 use crate::config::VmConfig;
 use crate::devices::serial::SerialDevice;
 use crate::devices::virtio::block::BlockError;
-use crate::migration::destination::{self, Received, Receiver};
+use crate::migration::destination::{self, DirLock, ReceivePolicy, Received, Receiver};
 use crate::snapshot::{self, SnapshotError};
 use crate::util::lock;
 pub use crate::vstate::vcpu::VmExit;
@@ -88,7 +88,10 @@ impl VmmError {
         match self {
             VmmError::Config(_) | VmmError::Cmdline(_) => true,
             VmmError::Snapshot(e) => e.is_bad_input(),
-            VmmError::Receive(destination::DestinationError::NotADirectory(_)) => true,
+            VmmError::Receive(
+                destination::DestinationError::NotADirectory(_)
+                | destination::DestinationError::SharedRoot { .. },
+            ) => true,
             VmmError::Boot(e) => !matches!(e, boot::BootError::BootParams(_)),
             VmmError::Drive { source, .. } => matches!(
                 source,
@@ -135,13 +138,16 @@ pub fn restore(dir: &Path, api_socket: Option<PathBuf>) -> Result<VmExit, VmmErr
 /// Waits on `listen` for a migration, then runs the guest it brings.
 /// With `start_paused`, the guest is taken over but kept paused until a
 /// `PUT /vm/resume` (as QEMU's -S), e.g. to inspect its disks first.
+/// `policy` is what this host decides whatever the source sends: where the
+/// console goes, which shared files the guest may use.
 pub fn receive(
     listen: &str,
     dir: Option<&Path>,
     api_socket: Option<PathBuf>,
     start_paused: bool,
+    policy: ReceivePolicy,
 ) -> Result<VmExit, VmmError> {
-    let receiver = Receiver::bind(listen, dir)?;
+    let receiver = Receiver::bind(listen, dir)?.with_policy(policy)?;
     eprintln!(
         "ferry: waiting for a migration on {}",
         receiver
@@ -160,7 +166,9 @@ pub fn receive(
             memfd: r.memfd,
             mem: r.mem,
         };
-        Vmm::build(config, boot, api_socket.as_deref(), start_paused)
+        let mut vmm = Vmm::build(config, boot, api_socket.as_deref(), start_paused)?;
+        vmm._dir_lock = r.dir_lock;
+        Ok::<_, VmmError>(vmm)
     };
     let vmm = incoming.hand_over(build, Vmm::start)?;
     vmm.run()
@@ -178,6 +186,8 @@ struct Vmm {
     serial: Arc<Mutex<SerialDevice>>,
     /// Removes the socket file when dropped.
     _api_server: Option<ApiServer>,
+    /// A received guest's hold on the directory of its copied files.
+    _dir_lock: Option<DirLock>,
 }
 
 impl Vmm {
@@ -270,6 +280,7 @@ impl Vmm {
             exit,
             serial: built.serial,
             _api_server: api_server,
+            _dir_lock: None,
         })
     }
 

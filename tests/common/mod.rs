@@ -285,16 +285,24 @@ impl Drop for Ferry {
 }
 
 /// `ferry receive` on an ephemeral port of loopback; returns it and the port
-/// it listens on (from its "waiting for a migration on ..." line).
+/// it listens on (from its "waiting for a migration on ..." line). Source
+/// and destination are this one host, so shared storage may use any file.
 pub fn receiver(dir: &Path) -> (Ferry, u16) {
+    receiver_with(dir, &["--shared-storage-root", "/"])
+}
+
+/// `receiver` with other options than the shared-storage root.
+pub fn receiver_with(dir: &Path, extra: &[&str]) -> (Ferry, u16) {
     let sock = dir.join("dst.sock");
-    let mut f = Ferry::spawn(&[
+    let mut args = vec![
         "receive",
         "--listen",
         "127.0.0.1:0",
         "--api-sock",
         sock.to_str().unwrap(),
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    let mut f = Ferry::spawn(&args);
     f.api_sock = Some(sock);
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {

@@ -52,6 +52,13 @@ use super::{ShareError, MAX_NAME_LEN};
 /// Largest READ and WRITE the server offers (FSINFO rtmax / wtmax).
 pub const MAX_IO: u32 = 1 << 20;
 
+/// Largest RPC record a client may send: a WRITE of `MAX_IO` with room to
+/// spare for its header. nfs3_server 0.11.1 allocates what a record marker
+/// claims (`IncompleteRpcMessage::recv` resizes its buffer to each
+/// fragment's length, up to 2 GiB, and appends fragment after fragment),
+/// so [`RecordLimit`] refuses a larger claim before the crate reads it.
+pub const MAX_RECORD: u64 = 4 << 20;
+
 const ROOT_ID: u64 = 1;
 
 /// How long dropping the server waits for file operations still running.
@@ -80,6 +87,33 @@ impl NfsShareServer {
         ip: IpAddr,
         export_path: &str,
         allowed_peer: Option<IpAddr>,
+    ) -> Result<Self, ShareError> {
+        Self::start_inner(dir, ip, export_path, allowed_peer, None)
+    }
+
+    /// As [`NfsShareServer::start`], for a migration's share: only the
+    /// files in `files` can be created, written or removed, each up to its
+    /// size in bytes, and no other name is visible.
+    pub fn start_for(
+        dir: &Path,
+        ip: IpAddr,
+        export_path: &str,
+        allowed_peer: Option<IpAddr>,
+        files: Vec<(String, u64)>,
+    ) -> Result<Self, ShareError> {
+        let files = files
+            .into_iter()
+            .map(|(n, size)| (OsString::from(n), size))
+            .collect();
+        Self::start_inner(dir, ip, export_path, allowed_peer, Some(files))
+    }
+
+    fn start_inner(
+        dir: &Path,
+        ip: IpAddr,
+        export_path: &str,
+        allowed_peer: Option<IpAddr>,
+        files: Option<HashMap<OsString, u64>>,
     ) -> Result<Self, ShareError> {
         check_export_path(export_path)?;
         let dir_what = || format!("share directory {}", dir.display());
@@ -116,6 +150,7 @@ impl NfsShareServer {
             inner: Arc::new(FsInner {
                 root: dir.to_path_buf(),
                 fsid: meta.dev(),
+                files,
                 state: Mutex::new(State {
                     next_id: ROOT_ID + 1,
                     by_name: HashMap::new(),
@@ -253,8 +288,179 @@ async fn serve(
             TRANSACTION_TRIM,
         ));
         tokio::spawn(async move {
-            let _ = process_socket(socket, context).await;
+            let _ =
+                process_socket(RecordLimit::new(socket, MAX_RECORD, MAX_IN_FLIGHT), context).await;
         });
+    }
+}
+
+/// Follows RPC record marking (RFC 5531 §11: a 4-byte header per fragment,
+/// length in the low 31 bits, "last fragment" in the top bit) through a
+/// byte stream, in whatever pieces it comes.
+#[derive(Default)]
+struct RecordMarks {
+    /// Bytes of the current fragment header seen so far.
+    header: [u8; 4],
+    header_have: usize,
+    /// Payload bytes of the current fragment still to pass.
+    fragment_left: u64,
+    /// The fragment being passed is the record's last.
+    last: bool,
+    /// Bytes the current record's fragments have announced so far.
+    record: u64,
+}
+
+impl RecordMarks {
+    /// Feeds `bytes`; returns how many records they completed, or an error
+    /// as soon as a record announces more than `max` bytes.
+    fn feed(&mut self, mut bytes: &[u8], max: u64) -> io::Result<u32> {
+        let mut done = 0;
+        while !bytes.is_empty() {
+            if self.fragment_left > 0 {
+                let n = (bytes.len() as u64).min(self.fragment_left);
+                self.fragment_left -= n;
+                bytes = &bytes[n as usize..];
+                if self.fragment_left == 0 && self.last {
+                    self.record = 0;
+                    done += 1;
+                }
+                continue;
+            }
+            let n = (4 - self.header_have).min(bytes.len());
+            self.header[self.header_have..self.header_have + n].copy_from_slice(&bytes[..n]);
+            self.header_have += n;
+            bytes = &bytes[n..];
+            if self.header_have < 4 {
+                continue;
+            }
+            self.header_have = 0;
+            let h = u32::from_be_bytes(self.header);
+            self.last = h & 0x8000_0000 != 0;
+            self.fragment_left = u64::from(h & 0x7fff_ffff);
+            self.record += self.fragment_left;
+            if self.record > max {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "RPC record of more than {} bytes (at most {max} allowed)",
+                        self.record
+                    ),
+                ));
+            }
+            if self.fragment_left == 0 && self.last {
+                self.record = 0;
+                done += 1;
+            }
+        }
+        Ok(done)
+    }
+}
+
+/// Most requests one share connection may have read and not yet answered:
+/// `nfs3_server` 0.11.1 spawns a task per request as soon as it is read,
+/// each holding its record, so without this a client that pipelines WRITEs
+/// faster than the disk takes them makes the server hold all of them. Our
+/// client has one call per connection in flight; libnfs pipelines a few.
+pub(crate) const MAX_IN_FLIGHT: u32 = 16;
+
+/// A share connection's stream with its requests bounded: a record that
+/// announces more than `max` bytes fails the read before the server
+/// allocates for it, and once `max_in_flight` requests are read and not
+/// answered, reading waits for a reply to go out (the client's writes then
+/// back up in TCP). Replies are counted as they are written.
+pub(crate) struct RecordLimit<S> {
+    inner: S,
+    max: u64,
+    max_in_flight: u32,
+    incoming: RecordMarks,
+    outgoing: RecordMarks,
+    in_flight: u32,
+    /// The reader waiting for a reply to free a slot.
+    waiting: Option<std::task::Waker>,
+}
+
+impl<S> RecordLimit<S> {
+    pub(crate) fn new(inner: S, max: u64, max_in_flight: u32) -> Self {
+        RecordLimit {
+            inner,
+            max,
+            max_in_flight,
+            incoming: RecordMarks::default(),
+            outgoing: RecordMarks::default(),
+            in_flight: 0,
+            waiting: None,
+        }
+    }
+
+    /// Follows bytes read; an error if a record grows past the limit.
+    pub(crate) fn track(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.in_flight += self.incoming.feed(bytes, self.max)?;
+        Ok(())
+    }
+
+    /// Follows bytes written: every reply completed frees a slot.
+    fn track_reply(&mut self, bytes: &[u8]) {
+        // Our own replies: no limit applies (READ answers are ≤ MAX_IO).
+        if let Ok(n) = self.outgoing.feed(bytes, u64::MAX) {
+            if n > 0 {
+                self.in_flight = self.in_flight.saturating_sub(n);
+                if let Some(w) = self.waiting.take() {
+                    w.wake();
+                }
+            }
+        }
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for RecordLimit<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        let this = &mut *self;
+        if this.in_flight >= this.max_in_flight {
+            this.waiting = Some(cx.waker().clone());
+            return std::task::Poll::Pending;
+        }
+        let before = buf.filled().len();
+        match std::pin::Pin::new(&mut this.inner).poll_read(cx, buf) {
+            std::task::Poll::Ready(Ok(())) => {
+                std::task::Poll::Ready(this.track(&buf.filled()[before..]))
+            }
+            other => other,
+        }
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for RecordLimit<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        let this = &mut *self;
+        match std::pin::Pin::new(&mut this.inner).poll_write(cx, buf) {
+            std::task::Poll::Ready(Ok(n)) => {
+                this.track_reply(&buf[..n]);
+                std::task::Poll::Ready(Ok(n))
+            }
+            other => other,
+        }
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
@@ -272,6 +478,9 @@ struct DirFs {
 struct FsInner {
     root: PathBuf,
     fsid: u64,
+    /// The names the share may hold and their largest size; `None` serves
+    /// the directory as it is (tests).
+    files: Option<HashMap<OsString, u64>>,
     state: Mutex<State>,
 }
 
@@ -399,6 +608,33 @@ impl FsInner {
         }
     }
 
+    /// Whether `name` may be created, written or removed here.
+    fn allowed(&self, name: &OsStr) -> Result<(), nfsstat3> {
+        match &self.files {
+            Some(files) if !files.contains_key(name) => Err(nfsstat3::NFS3ERR_ACCES),
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether `name` is shown at all: an unannounced name is not there.
+    fn visible(&self, name: &OsStr) -> bool {
+        self.files.as_ref().is_none_or(|f| f.contains_key(name))
+    }
+
+    /// The largest size the file `id` may reach.
+    fn limit(&self, id: u64) -> u64 {
+        let Some(files) = &self.files else {
+            return u64::MAX;
+        };
+        let state = self.lock();
+        state
+            .by_id
+            .get(&id)
+            .and_then(|e| files.get(&e.name))
+            .copied()
+            .unwrap_or(0)
+    }
+
     fn check_dir(&self, dir: u64) -> Result<(), nfsstat3> {
         if dir == ROOT_ID {
             Ok(())
@@ -474,6 +710,9 @@ impl FsInner {
             return Ok(ROOT_ID);
         }
         let name = file_name(name)?;
+        if !self.visible(name) {
+            return Err(nfsstat3::NFS3ERR_NOENT);
+        }
         match std::fs::symlink_metadata(self.root.join(name)) {
             Ok(meta) if meta.is_file() => {
                 Ok(self.lock().register(name, (meta.dev(), meta.ino()), None))
@@ -517,7 +756,10 @@ impl FsInner {
         data: &[u8],
         stable: stable_how,
     ) -> Result<(fattr3, stable_how), nfsstat3> {
-        if offset.checked_add(data.len() as u64).is_none() {
+        if offset
+            .checked_add(data.len() as u64)
+            .is_none_or(|end| end > self.limit(id))
+        {
             return Err(nfsstat3::NFS3ERR_FBIG);
         }
         let file = self.file(id)?;
@@ -560,10 +802,13 @@ impl FsInner {
             return Err(nfsstat3::NFS3ERR_PERM);
         }
         if let set_size3::Some(size) = attr.size {
+            if size > self.limit(id) {
+                return Err(nfsstat3::NFS3ERR_FBIG);
+            }
             file.set_len(size).map_err(|e| io_status(&e))?;
         }
         if let set_mode3::Some(mode) = attr.mode {
-            file.set_permissions(Permissions::from_mode(mode & 0o777))
+            file.set_permissions(Permissions::from_mode(mode & self.mode_mask()))
                 .map_err(|e| io_status(&e))?;
         }
         let mut times = FileTimes::new();
@@ -597,12 +842,22 @@ impl FsInner {
         Ok(self.attr(id, &meta))
     }
 
+    /// Guest data in a migration's share is for this host's owner only.
+    fn mode_mask(&self) -> u32 {
+        if self.files.is_some() {
+            0o600
+        } else {
+            0o777
+        }
+    }
+
     fn create(&self, dir: u64, name: &filename3<'_>, attr: &sattr3) -> Result<u64, nfsstat3> {
         self.check_dir(dir)?;
         let name = file_name(name)?;
+        self.allowed(name)?;
         let mode = match attr.mode {
-            set_mode3::Some(mode) => mode & 0o777,
-            set_mode3::None => 0o644,
+            set_mode3::Some(mode) => mode & self.mode_mask(),
+            set_mode3::None => 0o644 & self.mode_mask(),
         };
         let file = Self::open(&self.root.join(name), Some(mode), false).map_err(|e| {
             match e.raw_os_error() {
@@ -634,7 +889,8 @@ impl FsInner {
     ) -> Result<u64, nfsstat3> {
         self.check_dir(dir)?;
         let name = file_name(name)?;
-        match Self::open(&self.root.join(name), Some(0o644), true) {
+        self.allowed(name)?;
+        match Self::open(&self.root.join(name), Some(0o644 & self.mode_mask()), true) {
             Ok(file) => {
                 let meta = file.metadata().map_err(|e| io_status(&e))?;
                 let mut state = self.lock();
@@ -661,6 +917,7 @@ impl FsInner {
     fn remove(&self, dir: u64, name: &filename3<'_>) -> Result<(), nfsstat3> {
         self.check_dir(dir)?;
         let name = file_name(name)?;
+        self.allowed(name)?;
         let path = self.root.join(name);
         let meta = std::fs::symlink_metadata(&path).map_err(|e| io_status(&e))?;
         if !meta.is_file() {
@@ -683,6 +940,10 @@ impl FsInner {
         self.check_dir(from_dir)?;
         self.check_dir(to_dir)?;
         let (from, to) = (file_name(from)?, file_name(to)?);
+        // Each announced file has its own size: a rename would dodge it.
+        if self.files.is_some() {
+            return Err(nfsstat3::NFS3ERR_ACCES);
+        }
         let (from_path, to_path) = (self.root.join(from), self.root.join(to));
         let meta = std::fs::symlink_metadata(&from_path).map_err(|e| io_status(&e))?;
         if !meta.is_file() {
@@ -714,7 +975,9 @@ impl FsInner {
         for entry in std::fs::read_dir(&self.root).map_err(|e| io_status(&e))? {
             let entry = entry.map_err(|e| io_status(&e))?;
             match entry.metadata() {
-                Ok(meta) if meta.is_file() => found.push((entry.file_name(), meta)),
+                Ok(meta) if meta.is_file() && self.visible(&entry.file_name()) => {
+                    found.push((entry.file_name(), meta))
+                }
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => return Err(io_status(&e)),

@@ -459,3 +459,146 @@ fn libnfs_utils_can_list_read_and_write() {
         .unwrap()
         .contains(&("up.img".to_string(), upload.len() as u64)));
 }
+
+/// A migration's share: only the announced names, each up to its size,
+/// owner-only; nothing else is visible.
+#[test]
+fn a_migration_share_takes_only_the_announced_files_up_to_their_sizes() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("secret"), b"not for the peer").unwrap();
+    let server = NfsShareServer::start_for(
+        dir.path(),
+        LOCALHOST,
+        EXPORT,
+        Some(LOCALHOST),
+        vec![("disk.img".into(), 2 * MIB as u64), ("vm.json".into(), 100)],
+    )
+    .unwrap();
+    let share = NfsShare::connect(SocketAddr::new(LOCALHOST, server.port()), EXPORT).unwrap();
+
+    // An unannounced name can be neither created nor seen.
+    let err = share
+        .create("evil.img", 4096)
+        .err()
+        .expect("created evil.img");
+    assert!(err.to_string().contains("NFS3ERR_ACCES"), "{err}");
+    assert!(!dir.path().join("evil.img").exists());
+    assert!(share.remove("secret").is_err());
+    assert!(dir.path().join("secret").exists());
+    assert!(!share.list().unwrap().iter().any(|(n, _)| n == "secret"));
+
+    // An announced one up to its size, not past it.
+    let err = share
+        .create("disk.img", 2 * MIB as u64 + 1)
+        .err()
+        .expect("sized past the announcement");
+    assert!(err.to_string().contains("NFS3ERR_FBIG"), "{err}");
+    let file = share.create("disk.img", 2 * MIB as u64).unwrap();
+    file.write_at(2 * MIB as u64 - 4096, &pattern(9, 4096))
+        .unwrap();
+    let err = file
+        .write_at(2 * MIB as u64 - 10, &pattern(10, 11))
+        .expect_err("wrote past the announced size");
+    assert!(err.to_string().contains("NFS3ERR_FBIG"), "{err}");
+    file.sync().unwrap();
+    let meta = std::fs::metadata(dir.path().join("disk.img")).unwrap();
+    assert_eq!(meta.len(), 2 * MIB as u64);
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    assert_eq!(
+        share.list().unwrap(),
+        vec![("disk.img".to_string(), 2 * MIB as u64)]
+    );
+}
+
+/// A record marker that claims more than the limit ends the connection
+/// before the server reads (or allocates for) the record.
+#[test]
+fn oversized_rpc_records_end_the_connection() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let server = NfsShareServer::start_for(dir.path(), LOCALHOST, EXPORT, None, vec![]).unwrap();
+    for claim in [
+        // One fragment of 1 GiB, last.
+        vec![0xc0u8, 0, 0, 0],
+        // A 3 MiB fragment that is not the last, then the header of
+        // another: the record grows past the limit.
+        [
+            &[0x00u8, 0x30, 0, 0][..],
+            &vec![0u8; 3 << 20],
+            &[0x00, 0x30, 0, 0],
+        ]
+        .concat(),
+    ] {
+        let mut s = std::net::TcpStream::connect((LOCALHOST, server.port())).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let _ = s.write_all(&claim);
+        let mut buf = [0u8; 64];
+        let started = Instant::now();
+        // Closed (EOF or reset), and well before the read timeout: without
+        // the limit the server would sit waiting for the rest.
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => {}
+            Ok(n) => panic!("the server answered {n} bytes to an oversized record"),
+        }
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+    // Normal traffic still works on a new connection.
+    let share = NfsShare::connect(SocketAddr::new(LOCALHOST, server.port()), EXPORT).unwrap();
+    assert!(share.list().unwrap().is_empty());
+}
+
+#[test]
+fn record_limit_follows_fragments_across_reads() {
+    let mut r = server::RecordLimit::new((), 100, u32::MAX);
+    // A record of two fragments (60 + 40), split at awkward places.
+    let mut bytes = vec![0, 0, 0, 60];
+    bytes.extend([1u8; 60]);
+    bytes.extend([0x80, 0, 0, 40]);
+    bytes.extend([2u8; 40]);
+    for part in bytes.chunks(7) {
+        r.track(part).unwrap();
+    }
+    // The next record starts afresh: 100 bytes are allowed again.
+    let mut next = vec![0x80, 0, 0, 100];
+    next.extend([3u8; 100]);
+    r.track(&next).unwrap();
+    // One byte too many.
+    assert!(r.track(&[0x80, 0, 0, 101]).is_err());
+}
+
+/// Requests read and not answered are bounded: reading stops until a reply
+/// goes out.
+#[test]
+fn unanswered_requests_stop_the_reading() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let (mut client, server_end) = tokio::io::duplex(1 << 16);
+        let mut limited = server::RecordLimit::new(server_end, 1024, 2);
+        let record = |b: u8| [&[0x80u8, 0, 0, 4][..], &[b; 4]].concat();
+        for b in 1..=3 {
+            client.write_all(&record(b)).await.unwrap();
+        }
+        let mut got = vec![0u8; 16];
+        limited.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got[4..8], &[1; 4]);
+        assert_eq!(&got[12..16], &[2; 4]);
+        // Two in flight: the third waits.
+        let mut third = vec![0u8; 8];
+        let waited =
+            tokio::time::timeout(Duration::from_millis(100), limited.read_exact(&mut third)).await;
+        assert!(waited.is_err(), "read a third request with two unanswered");
+        // A reply, written in two pieces as the server does, frees a slot.
+        limited.write_all(&[0x80, 0, 0, 2]).await.unwrap();
+        limited.write_all(&[9, 9]).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(5), limited.read_exact(&mut third))
+            .await
+            .expect("still waiting after a reply")
+            .unwrap();
+        assert_eq!(&third[4..8], &[3; 4]);
+    });
+}

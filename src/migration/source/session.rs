@@ -16,11 +16,11 @@ use super::{ms, share_plan, SharePlan, SourceContext, SourceError, CONFIG_NAME};
 use crate::devices::virtio::block::WriteMirror;
 use crate::migration::memory::{
     collect_dirty, count_pages, dirty_ranges, merge_into, populated_ranges, start_dirty_tracking,
-    stop_dirty_tracking, DirtyBitmaps, PageSender,
+    stop_dirty_tracking, unpopulated_ranges, DirtyBitmaps, PageSender,
 };
 use crate::migration::protocol::{
-    expect, parse_json, send_json, Hello, HelloAck, Kind, PassEnd, ProtocolError, Reason,
-    ShareOffer, StorageOffer, PAGE_SIZE, PROTOCOL_VERSION,
+    expect, parse_json, send_json, DigestWriter, Hello, HelloAck, Kind, PassEnd, ProtocolError,
+    Reason, ShareOffer, StorageOffer, PAGE_SIZE, PROTOCOL_VERSION,
 };
 use crate::migration::share::{MountedShare, NfsShare, Share};
 use crate::migration::storage::{Pacer, StorageCopy, StorageError};
@@ -59,7 +59,7 @@ pub(super) fn run(
         cancel,
         started,
         dest_ip: addr.ip(),
-        w: BufWriter::with_capacity(256 << 10, stream),
+        w: DigestWriter::new(BufWriter::with_capacity(256 << 10, stream)),
         reader,
         pacer,
         storage: None,
@@ -104,7 +104,8 @@ struct MigrationContext<'a> {
     cancel: &'a AtomicBool,
     started: Instant,
     dest_ip: IpAddr,
-    w: BufWriter<TcpStream>,
+    /// Every frame after `HelloAck` goes into the digest that `Seal` sends.
+    w: DigestWriter<BufWriter<TcpStream>>,
     reader: TcpStream,
     pacer: Arc<Pacer>,
     storage: Option<StorageCopy>,
@@ -187,21 +188,17 @@ impl MigrationContext<'_> {
         let mode = self.req.storage_mode();
         self.plan = (mode == StorageMode::Copy).then(|| share_plan(&self.src.machine.config()));
         self.update(|s| s.storage = Some(mode));
+        let storage = match &self.plan {
+            Some(p) => Some(storage_offer(p, self.req.share.is_some())?),
+            None => None,
+        };
         let hello = Hello {
             protocol: PROTOCOL_VERSION,
             migration_id: id.clone(),
             vcpus: self.src.vcpus,
             memory_size,
             cpuid: self.src.machine.guest_cpuid(),
-            storage: self.plan.as_ref().map(|p| StorageOffer {
-                files: p
-                    .items
-                    .iter()
-                    .map(|i| i.name.clone())
-                    .chain([CONFIG_NAME.to_string()])
-                    .collect(),
-                mounted_share: self.req.share.is_some(),
-            }),
+            storage,
         };
         self.send(Kind::Hello, &hello)?;
         let ack: HelloAck = expect(&mut self.reader, Kind::HelloAck)
@@ -218,6 +215,16 @@ impl MigrationContext<'_> {
                 PROTOCOL_VERSION, id, self.src.vcpus, memory_size
             )));
         }
+        if ack.nonce.is_empty()
+            || ack.nonce.len() > 64
+            || !ack.nonce.chars().all(|c| c.is_ascii_hexdigit())
+        {
+            return Err(SourceError::Mismatch(format!(
+                "its stream nonce {:?} is not 1 to 64 hex digits",
+                ack.nonce
+            )));
+        }
+        self.w.start_digest(&ack.nonce);
         Ok(ack)
     }
 
@@ -305,6 +312,8 @@ impl MigrationContext<'_> {
         // Pass 1 copies every populated page; later passes what got dirty.
         let mut ranges = populated_ranges(&self.src.mem, self.src.memfd.as_deref())
             .map_err(SourceError::Memory)?;
+        // Declared zero in pass 1, so that every page was covered once.
+        let mut holes = unpopulated_ranges(&self.src.mem, &ranges);
         let mut last_sync = Instant::now();
         let mut pass = 0u32;
         loop {
@@ -316,7 +325,8 @@ impl MigrationContext<'_> {
                 s.pass_bytes = ranges.iter().map(|r| r.1).sum();
                 s.pass_done_bytes = 0;
             });
-            let (wire_bytes, send_secs) = self.send_pass(pass, &ranges)?;
+            let (wire_bytes, send_secs) =
+                self.send_pass(pass, &ranges, &std::mem::take(&mut holes))?;
             self.wait_for_storage()?;
             if let Some(rest) = MIN_PASS.checked_sub(last_sync.elapsed()) {
                 std::thread::sleep(rest);
@@ -365,7 +375,12 @@ impl MigrationContext<'_> {
 
     /// Sends `ranges` and `PassEnd`; returns the wire bytes and the time it
     /// took (bandwidth-limit sleeps included).
-    fn send_pass(&mut self, pass: u32, ranges: &[(u64, u64)]) -> Result<(u64, f64), SourceError> {
+    fn send_pass(
+        &mut self,
+        pass: u32,
+        ranges: &[(u64, u64)],
+        holes: &[(u64, u64)],
+    ) -> Result<(u64, f64), SourceError> {
         let start = Instant::now();
         let (status, cancel, started, pacer) =
             (self.status, self.cancel, self.started, &self.pacer);
@@ -405,6 +420,11 @@ impl MigrationContext<'_> {
                 sender.send_range(gpa, len, false, &mut between)?;
                 range_progress.set((done + len, sender.wire_bytes, 0));
                 Ok(())
+            })
+            .and_then(|()| {
+                holes
+                    .iter()
+                    .try_for_each(|&(gpa, len)| sender.send_zero(gpa, len))
             })
             .and_then(|()| send_json(sender.w, Kind::PassEnd, &PassEnd { pass }))
             .map(|end| sender.wire_bytes + end);
@@ -474,6 +494,12 @@ impl MigrationContext<'_> {
             // The destination runs the guest on the copies.
             state.config = plan.config.clone();
         }
+        // The seal covers every frame up to here; the state comes next.
+        let seal = self.w.seal().unwrap_or(crate::migration::protocol::Seal {
+            frames: 0,
+            digest: 0,
+        });
+        self.send(Kind::Seal, &seal)?;
         self.send(Kind::State, &state)?;
         let wire_total = self.wire_total;
         self.update(|s| {
@@ -542,14 +568,53 @@ impl MigrationContext<'_> {
             };
             self.w
                 .get_ref()
+                .get_ref()
                 .set_write_timeout(Some(ERROR_WRITE_TIMEOUT))
                 .ok();
             let _ = send_json(&mut self.w, Kind::Error, &Reason { reason });
             let _ = self.w.flush();
         }
         // Other handles on this socket (cancel's) must not keep it open.
-        let _ = self.w.get_ref().shutdown(std::net::Shutdown::Both);
+        let _ = self
+            .w
+            .get_ref()
+            .get_ref()
+            .shutdown(std::net::Shutdown::Both);
     }
+}
+
+/// The files the copy writes, with the size each will have: the images
+/// and kernel as they are here, and the rewritten config as it will be
+/// written.
+fn storage_offer(plan: &SharePlan, mounted_share: bool) -> Result<StorageOffer, SourceError> {
+    let mut files = Vec::new();
+    let mut sizes = Vec::new();
+    let mut data_bytes = 0u64;
+    for item in &plan.items {
+        let local = |source| StorageError::Local {
+            path: item.source.clone(),
+            source,
+        };
+        let file = std::fs::File::open(&item.source).map_err(local)?;
+        let size = file.metadata().map_err(local)?.len();
+        let data: u64 = crate::sparse::data_extents(&file, 0, size)
+            .map_err(local)?
+            .iter()
+            .map(|(from, to)| to - from)
+            .sum();
+        files.push(item.name.clone());
+        sizes.push(size);
+        data_bytes = data_bytes.saturating_add(data);
+    }
+    let config = serde_json::to_vec_pretty(&plan.config)?.len() as u64;
+    files.push(CONFIG_NAME.to_string());
+    sizes.push(config);
+    Ok(StorageOffer {
+        files,
+        sizes,
+        data_bytes: Some(data_bytes.saturating_add(config)),
+        mounted_share,
+    })
 }
 
 /// The give-up reason, and what to do when the allowance is below what the
