@@ -12,7 +12,7 @@
 //!   "serial": "stdout", "api_socket": "ferry.sock" }
 //! ```
 
-use crate::util::{host_memory_mib, io_msg};
+use crate::util::{host_memory_mib, io_msg, read_bounded, BoundedReadError};
 use std::fs::{self, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
@@ -42,6 +42,8 @@ pub const MAX_CREATE_SIZE_MIB: u64 = 1 << 24;
 pub const MAX_SOCKET_PATH_LEN: usize = 107;
 
 const MIB: u64 = 1 << 20;
+/// A VM config is a few hundred bytes; this leaves room for any real one.
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
 
 /// Everything needed to start a VM. Paths are stored resolved (absolute when
 /// loaded through [`VmConfig::from_file`]), so a config saved in a snapshot
@@ -140,6 +142,13 @@ fn deserialize_vcpus<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u8, D
 pub enum ConfigError {
     #[error("cannot read config {}: {}", path.display(), io_msg(source))]
     Read { path: PathBuf, source: io::Error },
+    #[error("config {} is {kind}, not a regular file; give the path of a JSON file", path.display())]
+    NotAFile { path: PathBuf, kind: &'static str },
+    #[error(
+        "config {} is {len} bytes or more, larger than the {MAX_CONFIG_BYTES}-byte limit for a VM config",
+        path.display()
+    )]
+    TooLarge { path: PathBuf, len: u64 },
     /// Malformed JSON, a wrong type, a missing or unknown field.
     #[error("{origin}: line {line}, column {column}: {message}")]
     Parse {
@@ -163,9 +172,23 @@ impl VmConfig {
     /// Reads, parses, resolves relative paths against the config file's
     /// directory, and validates.
     pub fn from_file(path: &Path) -> Result<VmConfig, ConfigError> {
-        let text = fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let bytes = read_bounded(path, MAX_CONFIG_BYTES).map_err(|e| match e {
+            BoundedReadError::NotAFile(kind) => ConfigError::NotAFile {
+                path: path.to_path_buf(),
+                kind,
+            },
+            BoundedReadError::TooLarge { len, .. } => ConfigError::TooLarge {
+                path: path.to_path_buf(),
+                len,
+            },
+            BoundedReadError::Io(source) => ConfigError::Read {
+                path: path.to_path_buf(),
+                source,
+            },
+        })?;
+        let text = String::from_utf8(bytes).map_err(|_| ConfigError::Read {
             path: path.to_path_buf(),
-            source,
+            source: io::Error::new(io::ErrorKind::InvalidData, "not UTF-8 text"),
         })?;
         let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
         let base_dir = match absolute.parent() {
@@ -244,6 +267,26 @@ impl VmConfig {
         }
     }
 
+    /// The limits on what the config asks of this host (vCPUs, memory,
+    /// drive count), without looking at any file: for configs that come
+    /// with saved state.
+    pub fn check_resources(&self) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        self.check_vcpus(&mut problems);
+        self.check_memory(&mut problems);
+        if self.drives.len() > MAX_DRIVES {
+            problems.push(format!(
+                "drives: {} drives, at most {MAX_DRIVES} are supported",
+                self.drives.len()
+            ));
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid { problems })
+        }
+    }
+
     fn check_vcpus(&self, problems: &mut Vec<String>) {
         problems.extend(vcpus_problem(self.vcpus));
     }
@@ -256,6 +299,7 @@ impl VmConfig {
         // For duplicate detection: the file each drive names, canonical when
         // it exists so that two spellings of one file are caught too.
         let mut seen_files: Vec<PathBuf> = Vec::new();
+        let mut seen_inodes: Vec<Option<(u64, u64)>> = Vec::new();
         if self.drives.len() > MAX_DRIVES {
             problems.push(format!(
                 "drives: {} drives, at most {MAX_DRIVES} are supported (one interrupt line each)",
@@ -306,13 +350,23 @@ impl VmConfig {
             check_drive_path(&label, drive, problems);
 
             let file = fs::canonicalize(&drive.path).unwrap_or_else(|_| drive.path.clone());
-            if let Some(first) = seen_files.iter().position(|f| *f == file) {
+            // A hard link is another name for the same inode.
+            let inode = fs::metadata(&drive.path).ok().map(|m| {
+                use std::os::unix::fs::MetadataExt;
+                (m.dev(), m.ino())
+            });
+            if let Some(first) = seen_files
+                .iter()
+                .position(|f| *f == file)
+                .or_else(|| inode.and_then(|ino| seen_inodes.iter().position(|i| *i == Some(ino))))
+            {
                 problems.push(format!(
                     "{label}.path: {} is the same file as drives[{first}].path",
                     drive.path.display()
                 ));
             }
             seen_files.push(file);
+            seen_inodes.push(inode);
         }
     }
 
@@ -320,15 +374,17 @@ impl VmConfig {
     /// and whose file does not exist yet. Existing files are left untouched.
     /// Call it after [`VmConfig::validate`]. On failure, the images this call
     /// created are removed again.
-    pub fn create_missing_drives(&self) -> Result<(), ConfigError> {
+    /// Returns the images it created.
+    pub fn create_missing_drives(&self) -> Result<Vec<PathBuf>, ConfigError> {
         let mut created: Vec<&Path> = Vec::new();
         let result = self.create_missing_drives_inner(&mut created);
         if result.is_err() {
             for path in created {
                 let _ = fs::remove_file(path);
             }
+            return result.map(|()| Vec::new());
         }
-        result
+        Ok(created.into_iter().map(Path::to_path_buf).collect())
     }
 
     fn create_missing_drives_inner<'a>(

@@ -20,6 +20,75 @@ pub fn io_msg(e: &io::Error) -> String {
     }
 }
 
+/// Why a bounded read of a file was refused.
+#[derive(Debug)]
+pub enum BoundedReadError {
+    /// Not a regular file: what it is instead ("a FIFO", "a character
+    /// device", ...).
+    NotAFile(&'static str),
+    /// Larger than the bound (`len` is at least `max + 1`).
+    TooLarge {
+        len: u64,
+        max: u64,
+    },
+    Io(io::Error),
+}
+
+fn file_kind(ft: std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if ft.is_dir() {
+        "a directory"
+    } else if ft.is_fifo() {
+        "a FIFO"
+    } else if ft.is_char_device() {
+        "a character device"
+    } else if ft.is_block_device() {
+        "a block device"
+    } else if ft.is_socket() {
+        "a socket"
+    } else {
+        "not a regular file"
+    }
+}
+
+/// Reads a regular file of at most `max` bytes. What is not a regular file
+/// (a FIFO, /dev/zero, through a symlink or not) or is larger is refused by
+/// its metadata, before a byte is read; a file that grows meanwhile is cut
+/// off at `max + 1` bytes and refused too.
+pub fn read_bounded(path: &std::path::Path, max: u64) -> Result<Vec<u8>, BoundedReadError> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let check = |m: &std::fs::Metadata| {
+        if !m.is_file() {
+            Err(BoundedReadError::NotAFile(file_kind(m.file_type())))
+        } else if m.len() > max {
+            Err(BoundedReadError::TooLarge { len: m.len(), max })
+        } else {
+            Ok(())
+        }
+    };
+    check(&std::fs::metadata(path).map_err(BoundedReadError::Io)?)?;
+    // O_NONBLOCK: a FIFO swapped in after the check must not hang the open.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(BoundedReadError::Io)?;
+    let meta = file.metadata().map_err(BoundedReadError::Io)?;
+    check(&meta)?;
+    let mut out = Vec::with_capacity(meta.len() as usize);
+    file.take(max + 1)
+        .read_to_end(&mut out)
+        .map_err(BoundedReadError::Io)?;
+    if out.len() as u64 > max {
+        return Err(BoundedReadError::TooLarge {
+            len: out.len() as u64,
+            max,
+        });
+    }
+    Ok(out)
+}
+
 /// MemTotal from /proc/meminfo, in MiB.
 pub fn host_memory_mib() -> Option<u64> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
@@ -54,6 +123,36 @@ pub fn random_hex<const N: usize>() -> io::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bounded_reads_refuse_devices_fifos_and_large_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let small = dir.path().join("small");
+        std::fs::write(&small, b"12345").unwrap();
+        assert_eq!(read_bounded(&small, 5).unwrap(), b"12345");
+        assert!(matches!(
+            read_bounded(&small, 4),
+            Err(BoundedReadError::TooLarge { len: 5, max: 4 })
+        ));
+        let zero = dir.path().join("zero");
+        std::os::unix::fs::symlink("/dev/zero", &zero).unwrap();
+        assert!(matches!(
+            read_bounded(&zero, 1 << 20),
+            Err(BoundedReadError::NotAFile("a character device"))
+        ));
+        let fifo = dir.path().join("fifo");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo reads the NUL-terminated path only.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        assert!(matches!(
+            read_bounded(&fifo, 1 << 20),
+            Err(BoundedReadError::NotAFile("a FIFO"))
+        ));
+        assert!(matches!(
+            read_bounded(dir.path(), 1 << 20),
+            Err(BoundedReadError::NotAFile("a directory"))
+        ));
+    }
 
     #[test]
     fn io_msg_drops_the_os_error_suffix() {

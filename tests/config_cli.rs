@@ -160,3 +160,52 @@ fn kernel_that_is_not_a_kernel() {
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains(junk.to_str().unwrap()), "{err}");
 }
+
+/// `ferry run --config P`, killed if it does not exit within 10 s (a
+/// config read that blocks, on a FIFO say, fails the test instead of
+/// hanging it).
+fn run_config_path(path: &Path) -> (Option<i32>, String) {
+    let mut f = Ferry::spawn(&["run", "--config", path.to_str().unwrap()]);
+    let status = f.wait_exit(std::time::Duration::from_secs(10));
+    (status.code(), f.stderr())
+}
+
+#[test]
+fn config_that_is_not_a_regular_file_is_refused_without_reading_it() {
+    let dir = tempdir();
+    let zero = dir.path().join("zero.json");
+    std::os::unix::fs::symlink("/dev/zero", &zero).unwrap();
+    let fifo = dir.path().join("fifo.json");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo reads the NUL-terminated path only.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    for (path, kind) in [
+        (Path::new("/dev/zero"), "a character device"),
+        (zero.as_path(), "a character device"),
+        (fifo.as_path(), "a FIFO"),
+        (dir.path(), "a directory"),
+    ] {
+        let (code, err) = run_config_path(path);
+        assert_eq!(code, Some(2), "{}: {err}", path.display());
+        assert!(
+            err.contains(&format!("{} is {kind}, not a regular file", path.display())),
+            "{}: {err}",
+            path.display()
+        );
+    }
+}
+
+#[test]
+fn oversized_config_is_refused_by_its_size() {
+    let dir = tempdir();
+    let big = dir.path().join("big.json");
+    // Sparse: 1 GiB that costs nothing, and must not be read.
+    std::fs::File::create(&big)
+        .unwrap()
+        .set_len(1 << 30)
+        .unwrap();
+    let (code, err) = run_config_path(&big);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("larger than the 1048576-byte limit"), "{err}");
+    assert!(err.contains(big.to_str().unwrap()), "{err}");
+}

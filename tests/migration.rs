@@ -1598,3 +1598,60 @@ fn an_authenticated_peer_writes_only_the_announced_files_into_the_share() {
     let names: Vec<_> = std::fs::read_dir(&base).unwrap().collect();
     assert!(names.is_empty(), "{names:?}");
 }
+
+/// Issue 10, image locks: on shared storage both ferries open the same
+/// image. The destination builds without the lock, the source lets go once
+/// the guest is paused and the destination is ready, and the destination
+/// holds it from its start on, so a third VM is kept out throughout.
+#[test]
+fn shared_image_lock_moves_with_the_guest() {
+    if !kvm_available("shared_image_lock_moves_with_the_guest") {
+        return;
+    }
+    let dir = tempdir();
+    let image = dir.path().join("shared.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(4 << 20)
+        .unwrap();
+    let mut cfg = config(1, 128, "testkernel.workload=idle");
+    cfg["drives"] = serde_json::json!([{ "id": "d0", "path": image }]);
+    let (mut dst, port) = receiver(dir.path());
+    let mut src = Ferry::run(dir.path(), &cfg);
+    src.wait_line(WAIT, |l| l == "testkernel: tick 1");
+
+    let intruder = |name: &str| {
+        let sub = dir.path().join(name);
+        std::fs::create_dir_all(&sub).unwrap();
+        let mut f = Ferry::run(&sub, &cfg);
+        let status = f.wait_exit(WAIT);
+        (status.code(), f.stderr())
+    };
+    let (code, err) = intruder("before");
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("in use by"), "{err}");
+
+    let (status, body) = start_migration(&src, &format!("127.0.0.1:{port}"), None);
+    assert_eq!(status, 200, "{body}");
+    assert!(src.wait_exit(WAIT).success(), "{}", src.stderr());
+    let last: u64 = src
+        .lines()
+        .iter()
+        .rev()
+        .find_map(|l| l.strip_prefix("testkernel: tick ")?.parse().ok())
+        .unwrap();
+    let (_, line) = dst.wait_line_from(0, WAIT, |l| l.starts_with("testkernel: tick "));
+    let next: u64 = line["testkernel: tick ".len()..].parse().unwrap();
+    assert_eq!(next, last + 1, "{:?} {}", dst.lines(), dst.stderr());
+    dst.wait_api(WAIT);
+    let (_, vm) = dst.api("GET", "/vm");
+    assert_eq!(vm["state"], "Running");
+
+    // The source is gone; the destination holds the image now.
+    let (code, err) = intruder("after");
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("in use by"), "{err}");
+    assert!(err.contains(image.to_str().unwrap()), "{err}");
+    dst.api("PUT", "/vm/shutdown");
+    assert!(dst.wait_exit(WAIT).success());
+}

@@ -250,3 +250,130 @@ fn snapshot_request_errors_keep_the_guest_running() {
     let n = f.lines().len();
     f.wait_line_from(n, WAIT, |l| l.starts_with("testkernel: tick"));
 }
+
+/// Issue 10, verified snapshots: what an attacker who can write the
+/// snapshot directory tries is refused before the guest runs (exit 2),
+/// and the files ferry writes are private to their owner.
+#[test]
+fn tampered_snapshots_are_refused_and_files_are_private() {
+    if !kvm_available("tampered_snapshots_are_refused_and_files_are_private") {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempdir();
+    let snap = dir.path().join("snap");
+    let f = Ferry::run(
+        dir.path(),
+        &config(1, 64, "testkernel.workload=dirty testkernel.dirty_mib=8"),
+    );
+    f.wait_line(WAIT, |l| l == "testkernel: dirty pass=1 ok");
+    snapshot(&f, &snap);
+    drop(f);
+    for name in ["vmstate", "memory"] {
+        let mode = std::fs::metadata(snap.join(name))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{name} has mode {mode:o}");
+    }
+    let state_path = snap.join("vmstate");
+    let good_state = std::fs::read(&state_path).unwrap();
+    let good_mem = std::fs::read(snap.join("memory")).unwrap();
+
+    // A copy of the snapshot with `state` (or a link in its place) and
+    // `mem`; restored, it must fail with exit 2 and run nothing.
+    let try_restore = |name: &str, state: Option<&[u8]>, mem: &[u8]| -> String {
+        let bad = dir.path().join(name);
+        std::fs::create_dir_all(&bad).unwrap();
+        if let Some(state) = state {
+            std::fs::write(bad.join("vmstate"), state).unwrap();
+        }
+        std::fs::write(bad.join("memory"), mem).unwrap();
+        let mut g = Ferry::spawn(&["run", "--restore", bad.to_str().unwrap()]);
+        let status = g.wait_exit(WAIT);
+        assert_eq!(status.code(), Some(2), "{name}: {}", g.stderr());
+        assert!(g.lines().is_empty(), "{name}: the guest ran");
+        g.stderr()
+    };
+    let (state, sums) = ferry::snapshot::decode_state(&state_path, &good_state).unwrap();
+    assert!(!sums.is_empty());
+
+    // One flipped byte in guest memory.
+    let at = good_mem.iter().position(|&b| b != 0).unwrap() + 1;
+    let mut flipped = good_mem.clone();
+    flipped[at] ^= 0x01;
+    let err = try_restore("flipped", Some(&good_state), &flipped);
+    assert!(err.contains("corrupted memory"), "{err}");
+    assert!(err.contains("do not match their checksum"), "{err}");
+    // One byte where the snapshot has a hole.
+    let mut in_hole = good_mem.clone();
+    let hole = (0..good_mem.len())
+        .step_by(4096)
+        .rev()
+        .find(|&o| good_mem[o..o + 4096].iter().all(|&b| b == 0))
+        .unwrap();
+    in_hole[hole + 9] = 0x42;
+    let err = try_restore("in-hole", Some(&good_state), &in_hole);
+    assert!(err.contains("should be all zero"), "{err}");
+
+    // State consistent in its checksum but not with itself: memory size
+    // arithmetic that wraps to the real size, and more vCPUs than `ferry
+    // run` allows here.
+    let reencode = |edit: &dyn Fn(&mut ferry::snapshot::VmState)| {
+        let (mut st, sums) = ferry::snapshot::decode_state(&state_path, &good_state).unwrap();
+        edit(&mut st);
+        ferry::snapshot::encode_state(&st, &sums).unwrap()
+    };
+    let wraps = reencode(&|st| st.config.memory_mib = (1 << 44) + 64);
+    let err = try_restore("wraps", Some(&wraps), &good_mem);
+    assert!(err.contains("memory_mib"), "{err}");
+    let many = reencode(&|st| {
+        st.config.vcpus = 254;
+        let one = serde_json::to_value(&st.vcpus[0]).unwrap();
+        st.vcpus = (0..254)
+            .map(|_| serde_json::from_value(one.clone()).unwrap())
+            .collect();
+    });
+    let err = try_restore("vcpus", Some(&many), &good_mem);
+    assert!(err.contains("vcpus: 254 is too many"), "{err}");
+    let extra_drive = reencode(&|st| {
+        st.config
+            .drives
+            .push(st.config.drives.first().cloned().unwrap_or_else(|| {
+                serde_json::from_value(serde_json::json!({"id": "x", "path": "/nonexistent"}))
+                    .unwrap()
+            }))
+    });
+    let err = try_restore("drives", Some(&extra_drive), &good_mem);
+    assert!(err.contains("drive states for"), "{err}");
+    assert_eq!(state.memory_size, good_mem.len() as u64);
+
+    // A huge or endless state file is refused by its size or type, unread.
+    let huge = dir.path().join("huge");
+    std::fs::create_dir_all(&huge).unwrap();
+    std::fs::File::create(huge.join("vmstate"))
+        .unwrap()
+        .set_len(1 << 30)
+        .unwrap();
+    let err = try_restore("huge", None, &good_mem);
+    assert!(err.contains("larger than any state file"), "{err}");
+    let zero = dir.path().join("zero");
+    std::fs::create_dir_all(&zero).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", zero.join("vmstate")).unwrap();
+    let err = try_restore("zero", None, &good_mem);
+    assert!(
+        err.contains("is a character device, not a regular file"),
+        "{err}"
+    );
+    let fifo = dir.path().join("fifo");
+    std::fs::create_dir_all(&fifo).unwrap();
+    let c = std::ffi::CString::new(fifo.join("vmstate").to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo reads the NUL-terminated path only.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let err = try_restore("fifo", None, &good_mem);
+    assert!(err.contains("is a FIFO, not a regular file"), "{err}");
+
+    // The untouched snapshot still restores.
+    let g = restore(&snap, &dir.path().join("ok.sock"));
+    g.wait_line(WAIT, |l| l.starts_with("testkernel: dirty pass="));
+}

@@ -3,10 +3,18 @@
 //! One dispatcher thread takes requests from tiny_http and hands each to a
 //! short-lived thread of its own, so that a client that sends its body slowly,
 //! or a VMM that is slow to answer, holds up only that one request.
+//!
+//! tiny_http 0.12 buffers a request line or header of any length whole, and
+//! keeps a connection whose declared body it will not drain. So clients never
+//! reach it directly: a gate accepts on the public socket, reads each
+//! connection's request head within `MAX_HEAD_LEN` and parses it with
+//! httparse, answers what is too large itself (414, 431, 413) and closes,
+//! and forwards one bounded request per connection to tiny_http on a private
+//! socket (in a 0700 directory), copying the answer back.
 
 use crate::util::{io_msg, lock};
 use std::fs;
-use std::io::{self, Cursor, Read};
+use std::io::{self, Cursor, Read, Write};
 use std::mem;
 use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
@@ -38,6 +46,18 @@ pub const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 /// the failed allocation. Requests declaring more than this are therefore
 /// never dropped: they are leaked, connection included (see `handle`).
 const UNDROPPABLE_BODY_LEN: usize = 16 << 20;
+
+/// Largest request line plus headers the gate reads; beyond it, 414 (no
+/// end of the request line yet) or 431.
+pub const MAX_HEAD_LEN: usize = 64 * 1024;
+
+/// A chunked body is forwarded up to the body limit plus this much chunk
+/// framing; tiny_http's reader then sees more than the limit (413) or the
+/// end.
+const CHUNK_FRAMING_SLACK: u64 = 64 * 1024;
+
+/// How long a client may take to send its request head or body.
+const CLIENT_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// `sockaddr_un.sun_path` holds 108 bytes including the NUL.
 const MAX_SOCKET_PATH_LEN: usize = 107;
@@ -168,9 +188,15 @@ pub enum ApiServerError {
 /// removes the socket file.
 pub struct ApiServer {
     path: PathBuf,
-    server: Arc<Server>,
+    server: Option<Arc<Server>>,
     stopping: Arc<AtomicBool>,
     dispatcher: Option<JoinHandle<()>>,
+    gate: Option<JoinHandle<()>>,
+    /// The public listener, to wake the gate's accept when stopping (its
+    /// path may be gone by then).
+    listener: Option<UnixListener>,
+    /// Holds tiny_http's private socket.
+    private_dir: PathBuf,
     context: Arc<Context>,
 }
 
@@ -184,13 +210,27 @@ impl ApiServer {
 impl Drop for ApiServer {
     fn drop(&mut self) {
         self.stopping.store(true, Ordering::SeqCst);
-        self.server.unblock();
+        // Wake the gate's accept: it fails on a shut-down listener, sees
+        // `stopping` and ends.
+        if let Some(l) = &self.listener {
+            // SAFETY: shutdown(2) on a descriptor we own; no memory involved.
+            unsafe { libc::shutdown(std::os::fd::AsRawFd::as_raw_fd(l), libc::SHUT_RDWR) };
+        }
+        if let Some(gate) = self.gate.take() {
+            let _ = gate.join();
+        }
+        let _ = fs::remove_file(&self.path);
+        if let Some(server) = &self.server {
+            server.unblock();
+        }
         if let Some(dispatcher) = self.dispatcher.take() {
             let _ = dispatcher.join();
         }
         self.context.drain();
-        // Dropping the last `Arc<Server>` next stops tiny_http's accept thread
-        // and removes the socket file (tiny_http's own Drop does both).
+        // Dropping the last `Arc<Server>` stops tiny_http's accept thread and
+        // removes its private socket file (tiny_http's own Drop does both).
+        self.server = None;
+        let _ = fs::remove_dir_all(&self.private_dir);
     }
 }
 
@@ -242,7 +282,26 @@ pub fn start_api_server_with_timeout(
         let _ = fs::remove_file(&path);
         e
     };
-    let server = Server::from_listener(listener, None)
+    let private_dir = private_dir().map_err(|source| {
+        cleanup(ApiServerError::Io {
+            path: path.clone(),
+            action: "create the private directory for",
+            source,
+        })
+    })?;
+    let private_sock = private_dir.join("http.sock");
+    let cleanup = |e: ApiServerError| {
+        let _ = fs::remove_dir_all(&private_dir);
+        cleanup(e)
+    };
+    let inner = bind_owner_only(&private_sock).map_err(|source| {
+        cleanup(ApiServerError::Io {
+            path: private_sock.clone(),
+            action: "bind",
+            source,
+        })
+    })?;
+    let server = Server::from_listener(inner, None)
         .map_err(|e| {
             cleanup(ApiServerError::Http {
                 path: path.clone(),
@@ -266,16 +325,246 @@ pub fn start_api_server_with_timeout(
         thread::Builder::new()
             .name("ferry-api".into())
             .spawn(move || dispatch(&server, &context, &stopping))
-            // The server is dropped with the error, removing the socket file.
-            .map_err(ApiServerError::Thread)?
+            // The server is dropped with the error, removing its socket file.
+            .map_err(|e| cleanup(ApiServerError::Thread(e)))?
     };
-    Ok(ApiServer {
+    let mut api = ApiServer {
         path,
-        server,
-        stopping,
+        server: Some(server),
+        stopping: Arc::clone(&stopping),
         dispatcher: Some(dispatcher),
-        context,
-    })
+        gate: None,
+        listener: None,
+        private_dir,
+        context: Arc::clone(&context),
+    };
+    // On failure `api` is dropped: everything stops and both sockets go.
+    api.listener = Some(listener.try_clone().map_err(|source| ApiServerError::Io {
+        path: api.path.clone(),
+        action: "clone the listener of",
+        source,
+    })?);
+    let gate = thread::Builder::new()
+        .name("ferry-api-gate".into())
+        .spawn(move || gate_accept(&listener, &private_sock, &context, &stopping))
+        .map_err(ApiServerError::Thread)?;
+    api.gate = Some(gate);
+    Ok(api)
+}
+
+/// A fresh directory only this user can enter, for tiny_http's socket.
+fn private_dir() -> io::Result<PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
+    let dir = std::env::temp_dir().join(format!("ferry-api-{}", crate::util::random_hex::<8>()?));
+    fs::DirBuilder::new().mode(0o700).create(&dir)?;
+    Ok(dir)
+}
+
+/// Accepts on the public socket; each connection gets a gate thread.
+fn gate_accept(
+    listener: &UnixListener,
+    inner: &Path,
+    context: &Arc<Context>,
+    stopping: &AtomicBool,
+) {
+    loop {
+        let client = match listener.accept() {
+            Ok((client, _)) => client,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                if stopping.load(Ordering::SeqCst) {
+                    return;
+                }
+                // Out of descriptors, say: the connections in flight end and
+                // give theirs back; never spin.
+                eprintln!("ferry: control socket: accept: {}", io_msg(&e));
+                thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+        };
+        if stopping.load(Ordering::SeqCst) {
+            return;
+        }
+        let inner = inner.to_path_buf();
+        let context = Arc::clone(context);
+        // If the thread cannot start, the connection closes with the closure.
+        let _ = thread::Builder::new()
+            .name("ferry-api-conn".into())
+            .spawn(move || gate_connection(client, &inner, &context));
+    }
+}
+
+/// What follows a request head.
+enum Body {
+    None,
+    Length(u64),
+    Chunked,
+}
+
+/// Reads one request head (bounded), refuses what is too large, forwards
+/// the request to tiny_http and its answer back, then closes.
+fn gate_connection(mut client: UnixStream, inner: &Path, context: &Arc<Context>) {
+    let _ = client.set_read_timeout(Some(CLIENT_READ_TIMEOUT));
+    let mut head = Vec::with_capacity(4096);
+    let mut buf = [0u8; 4096];
+    let (head_len, body) = loop {
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut req = httparse::Request::new(&mut headers);
+        match req.parse(&head) {
+            Ok(httparse::Status::Complete(n)) => match body_of(req.headers) {
+                Ok(body) => break (n, body),
+                Err(e) => return refuse(client, e),
+            },
+            Ok(httparse::Status::Partial) => {}
+            Err(httparse::Error::TooManyHeaders) => {
+                return refuse(client, ApiError::new(431, "more than 64 request headers"))
+            }
+            Err(e) => {
+                return refuse(
+                    client,
+                    ApiError::bad_request(format!("malformed request: {e}")),
+                )
+            }
+        }
+        if head.len() >= MAX_HEAD_LEN {
+            let e = if head.windows(2).any(|w| w == b"\r\n") {
+                ApiError::new(
+                    431,
+                    format!("request headers too large (maximum {MAX_HEAD_LEN} bytes)"),
+                )
+            } else {
+                ApiError::new(
+                    414,
+                    format!("request line too long (maximum {MAX_HEAD_LEN} bytes)"),
+                )
+            };
+            return refuse(client, e);
+        }
+        let want = (MAX_HEAD_LEN - head.len()).min(buf.len());
+        match client.read(&mut buf[..want]) {
+            Ok(0) => return,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return,
+        }
+    };
+    let body_limit = match body {
+        Body::Length(n) if n > MAX_BODY_LEN as u64 => {
+            return refuse(
+                client,
+                ApiError::new(
+                    413,
+                    format!("request body too large (maximum {MAX_BODY_LEN} bytes)"),
+                ),
+            )
+        }
+        Body::Length(n) => n,
+        Body::Chunked => MAX_BODY_LEN as u64 + CHUNK_FRAMING_SLACK,
+        Body::None => 0,
+    };
+    let Ok(mut upstream) = UnixStream::connect(inner) else {
+        return refuse(client, ApiError::new(503, "the control socket is stopping"));
+    };
+    // From here until the answer is back, a stopping server waits for it.
+    let _in_flight = InFlight::new(context);
+    let (Ok(mut answer_from), Ok(mut answer_to)) = (upstream.try_clone(), client.try_clone())
+    else {
+        return;
+    };
+    let copier = thread::Builder::new()
+        .name("ferry-api-answer".into())
+        .spawn(move || {
+            let _ = io::copy(&mut answer_from, &mut answer_to);
+            let _ = answer_to.shutdown(std::net::Shutdown::Write);
+        });
+    // The head, the body bytes read with it (any pipelined request after
+    // them is not forwarded: one request per connection), the rest of the
+    // body up to its bound.
+    let extra = (head.len() - head_len).min(body_limit as usize);
+    let sent = upstream
+        .write_all(&head[..head_len + extra])
+        .and_then(|()| {
+            io::copy(
+                &mut (&client).take(body_limit - extra as u64),
+                &mut upstream,
+            )
+        });
+    let _ = sent;
+    let _ = upstream.shutdown(std::net::Shutdown::Write);
+    if let Ok(copier) = copier {
+        let _ = copier.join();
+    }
+    let _ = client.shutdown(std::net::Shutdown::Both);
+}
+
+/// The body a request announces. Both a length and chunking, or a length
+/// that is not one number, is refused: what tiny_http would read must be
+/// what the gate bounded.
+fn body_of(headers: &[httparse::Header]) -> Result<Body, ApiError> {
+    let mut length = None;
+    let mut chunked = false;
+    for h in headers {
+        if h.name.eq_ignore_ascii_case("content-length") {
+            let n = std::str::from_utf8(h.value)
+                .ok()
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .ok_or_else(|| ApiError::bad_request("Content-Length is not a number"))?;
+            if length.is_some_and(|l| l != n) {
+                return Err(ApiError::bad_request("conflicting Content-Length headers"));
+            }
+            length = Some(n);
+        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            chunked = true;
+        }
+    }
+    match (length, chunked) {
+        (Some(_), true) => Err(ApiError::bad_request(
+            "both Content-Length and Transfer-Encoding",
+        )),
+        (Some(n), false) => Ok(Body::Length(n)),
+        (None, true) => Ok(Body::Chunked),
+        (None, false) => Ok(Body::None),
+    }
+}
+
+/// Answers `error` straight from the gate and closes the connection,
+/// reading (at most a little of) what the client still sends so that it
+/// gets to read the answer.
+fn refuse(mut client: UnixStream, error: ApiError) {
+    let reply = Reply::error(error);
+    let body = reply
+        .body
+        .as_ref()
+        .and_then(|b| serde_json::to_vec(b).ok())
+        .unwrap_or_default();
+    let head = format!(
+        "HTTP/1.1 {} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        reply.status,
+        reason(reply.status),
+        body.len()
+    );
+    let _ = client.set_write_timeout(Some(Duration::from_secs(5)));
+    if client
+        .write_all(head.as_bytes())
+        .and_then(|()| client.write_all(&body))
+        .is_err()
+    {
+        return;
+    }
+    let _ = client.shutdown(std::net::Shutdown::Write);
+    let _ = client.set_read_timeout(Some(Duration::from_secs(1)));
+    let _ = io::copy(&mut (&client).take(1 << 20), &mut io::sink());
+}
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        400 => "Bad Request",
+        413 => "Payload Too Large",
+        414 => "URI Too Long",
+        431 => "Request Header Fields Too Large",
+        503 => "Service Unavailable",
+        _ => "Error",
+    }
 }
 
 /// A socket file nobody accepts on any more is left over from a process that
@@ -835,6 +1124,85 @@ mod tests {
         fits.extend(b"{}");
         let raw = h.raw(&fits);
         assert!(raw.starts_with("HTTP/1.1 204 "), "{raw}");
+    }
+
+    /// Sends `head` (then keeps sending filler, as an attacker would, up to
+    /// `total`), reads the answer as soon as it comes.
+    fn send_huge(h: &Harness, head: &[u8], filler: u8, total: usize) -> String {
+        let stream = UnixStream::connect(&h.sock).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let mut w = stream.try_clone().expect("clone");
+        let head = head.to_vec();
+        let writer = thread::spawn(move || {
+            let _ = w.write_all(&head);
+            let chunk = vec![filler; 64 << 10];
+            let mut sent = head.len();
+            while sent < total && w.write_all(&chunk).is_ok() {
+                sent += chunk.len();
+            }
+        });
+        let mut response = Vec::new();
+        let _ = (&stream).read_to_end(&mut response);
+        drop(stream);
+        let _ = writer.join();
+        String::from_utf8_lossy(&response).into_owned()
+    }
+
+    #[test]
+    fn oversized_request_line_and_headers_are_refused_unbuffered() {
+        let h = Harness::new();
+        // A 64 MiB request line: refused after 64 KiB of it.
+        let raw = send_huge(&h, b"GET /", b'a', 64 << 20);
+        assert!(raw.starts_with("HTTP/1.1 414 "), "{raw:.200}");
+        assert!(raw.contains("request line too long"), "{raw:.300}");
+        // Endless headers.
+        let raw = send_huge(&h, b"GET /vm HTTP/1.1\r\nX-Big: ", b'b', 64 << 20);
+        assert!(raw.starts_with("HTTP/1.1 431 "), "{raw:.200}");
+        let mut many = b"GET /vm HTTP/1.1\r\n".to_vec();
+        for i in 0..100 {
+            many.extend(format!("X-{i}: y\r\n").as_bytes());
+        }
+        many.extend(b"\r\n");
+        assert!(h.raw(&many).starts_with("HTTP/1.1 431 "));
+        // Just under the bound is served.
+        let mut fits = b"GET /vm HTTP/1.1\r\nConnection: close\r\nX-Pad: ".to_vec();
+        fits.extend(std::iter::repeat_n(b'p', MAX_HEAD_LEN - 200));
+        fits.extend(b"\r\n\r\n");
+        let raw = h.raw(&fits);
+        assert!(raw.starts_with("HTTP/1.1 200 "), "{raw:.200}");
+        // Smuggling shapes are refused, not guessed at.
+        let raw = h.raw(
+            b"PUT /vm/pause HTTP/1.1\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n{}",
+        );
+        assert!(raw.starts_with("HTTP/1.1 400 "), "{raw}");
+        assert_eq!(h.call("GET", "/vm", None).0, 200);
+    }
+
+    #[test]
+    fn many_oversized_bodies_leak_no_connection() {
+        let h = Harness::new();
+        let fds = || std::fs::read_dir("/proc/self/fd").unwrap().count();
+        let before = fds();
+        for i in 0..600 {
+            let raw = send_huge(
+                &h,
+                b"PUT /vm/pause HTTP/1.1\r\nContent-Length: 1000000000000\r\n\r\n",
+                b' ',
+                256 << 10,
+            );
+            assert!(raw.starts_with("HTTP/1.1 413 "), "request {i}: {raw}");
+        }
+        assert_eq!(h.call("GET", "/vm", None).0, 200);
+        // Every refused connection was closed (other tests in this process
+        // open and close descriptors too: allow for them, not for 600).
+        thread::sleep(Duration::from_millis(200));
+        assert!(
+            fds() < before + 100,
+            "{before} descriptors before, {} after",
+            fds()
+        );
     }
 
     #[test]

@@ -27,6 +27,7 @@ use crate::devices::virtio::mmio::NOTIFY_REG_OFFSET;
 use crate::devices::virtio::{Block, BlockArgs, MmioArgs, MmioTransport, VirtioDevice};
 use crate::snapshot::{self, SnapshotError, VmState};
 use crate::startup;
+use crate::util::lock;
 use crate::vstate::memory::{create_guest_memory, GuestMemoryMmap};
 use crate::vstate::state;
 use crate::vstate::vcpu::{Vcpu, VcpuError};
@@ -55,6 +56,8 @@ pub enum Boot {
 
 /// A VM with all its devices, vCPUs created and set, nothing running yet.
 pub struct BuiltVm {
+    /// To be opened once nothing else can fail.
+    pub serial_log: Option<SerialLog>,
     pub vm: Vm,
     pub mem: GuestMemoryMmap,
     /// The memfd behind guest RAM (None when RAM maps a snapshot file).
@@ -74,6 +77,7 @@ pub struct BuiltVm {
 /// Builds the VM `config` describes, from its kernel or from saved state.
 pub fn build(config: &VmConfig, boot: Boot) -> Result<BuiltVm, VmmError> {
     let fresh = matches!(boot, Boot::Fresh);
+    let lock_images = !matches!(boot, Boot::Incoming { .. });
     let (vm, memfd, mem, saved, cpuid) = std::thread::scope(|scope| {
         // A fresh guest's CPUID starts from what the host supports; ask
         // for it while the VM and its memory are set up.
@@ -92,8 +96,9 @@ pub fn build(config: &VmConfig, boot: Boot) -> Result<BuiltVm, VmmError> {
         Ok((vm, memfd, mem, saved, cpuid))
     })?;
     startup::mark("vm-and-memory");
-    let devices = build_devices(&vm, &mem, config, saved.as_deref(), cpuid)?;
+    let devices = build_devices(&vm, &mem, config, saved.as_deref(), cpuid, lock_images)?;
     Ok(BuiltVm {
+        serial_log: devices.serial_log,
         vm,
         mem,
         memfd,
@@ -139,6 +144,7 @@ fn guest_memory(config: &VmConfig, boot: Boot) -> Result<Memory, VmmError> {
 
 /// Everything the VM has besides its memory.
 struct Devices {
+    serial_log: Option<SerialLog>,
     pio: Bus,
     mmio: Bus,
     event_loop: EventLoop,
@@ -155,6 +161,7 @@ fn build_devices(
     config: &VmConfig,
     saved: Option<&VmState>,
     supported_cpuid: Option<kvm_bindings::CpuId>,
+    lock_images: bool,
 ) -> Result<Devices, VmmError> {
     let mut b = Builder {
         supported_cpuid,
@@ -166,6 +173,8 @@ fn build_devices(
         mmio: Bus::new(),
         event_loop: EventManager::new().map_err(|e| VmmError::EventLoop(format!("{e:?}")))?,
         cmdline: Cmdline::try_from(&config.cmdline, CMDLINE_MAX_SIZE).map_err(VmmError::Cmdline)?,
+        lock_images,
+        serial_log: None,
     };
     startup::mark("event-loop");
     let serial = b.attach_serial()?;
@@ -178,6 +187,7 @@ fn build_devices(
     let (vcpus, guest_cpuid) = b.create_vcpus(entry)?;
     startup::mark("vcpus");
     Ok(Devices {
+        serial_log: b.serial_log,
         pio: b.pio,
         mmio: b.mmio,
         event_loop: b.event_loop,
@@ -203,33 +213,81 @@ struct Builder<'a> {
     event_loop: EventLoop,
     /// The guest's command line, to which each virtio device is added.
     cmdline: Cmdline,
+    /// Whether drive images are locked as they are opened. A received guest
+    /// locks them when it starts: on shared storage the source holds the
+    /// locks until the hand-over.
+    lock_images: bool,
+    serial_log: Option<SerialLog>,
 }
 
 fn eventfd() -> Result<EventFd, VmmError> {
     EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)
 }
 
-/// Where the guest's console goes. A restored guest appends to its log file:
-/// its earlier output is part of the same story.
-fn serial_output(cfg: &SerialConfig, append: bool) -> Result<Box<dyn Write + Send>, VmmError> {
-    Ok(match cfg {
-        SerialConfig::Stdout => Box::new(std::io::stdout()),
-        SerialConfig::File(path) => {
-            // The console carries guest data: for this host's owner only.
-            let f = std::fs::OpenOptions::new()
-                .create(true)
-                .mode(0o600)
-                .write(true)
-                .append(append)
-                .truncate(!append)
-                .open(path)
-                .map_err(|source| VmmError::SerialFile {
-                    path: path.display().to_string(),
-                    source,
-                })?;
-            Box::new(LineWriter::new(f))
+/// The guest's console log file, opened only once the VM is known good, so
+/// that a start that fails leaves an earlier log as it was. A restored
+/// guest appends: its earlier output is part of the same story.
+pub struct SerialLog {
+    path: PathBuf,
+    append: bool,
+    slot: Arc<Mutex<Option<LineWriter<File>>>>,
+}
+
+impl SerialLog {
+    /// Creates or truncates (appends to, for a saved guest) the log; from
+    /// here on the UART writes to it.
+    pub fn open(self) -> Result<(), VmmError> {
+        // The console carries guest data: for this host's owner only.
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .mode(0o600)
+            .write(true)
+            .append(self.append)
+            .truncate(!self.append)
+            .open(&self.path)
+            .map_err(|source| VmmError::SerialFile {
+                path: self.path.display().to_string(),
+                source,
+            })?;
+        *lock(&self.slot) = Some(LineWriter::new(f));
+        Ok(())
+    }
+}
+
+/// What the UART writes into until its log is open: no vCPU runs before.
+struct LogSlot(Arc<Mutex<Option<LineWriter<File>>>>);
+
+impl Write for LogSlot {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match lock(&self.0).as_mut() {
+            Some(f) => f.write(buf),
+            None => Ok(buf.len()),
         }
-    })
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match lock(&self.0).as_mut() {
+            Some(f) => f.flush(),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Where the guest's console goes; a log file is opened later
+/// ([`SerialLog::open`]).
+fn serial_output(cfg: &SerialConfig, append: bool) -> (Box<dyn Write + Send>, Option<SerialLog>) {
+    match cfg {
+        SerialConfig::Stdout => (Box::new(std::io::stdout()), None),
+        SerialConfig::File(path) => {
+            let slot = Arc::new(Mutex::new(None));
+            let log = SerialLog {
+                path: path.clone(),
+                append,
+                slot: slot.clone(),
+            };
+            (Box::new(LogSlot(slot)), Some(log))
+        }
+    }
 }
 
 impl Builder<'_> {
@@ -237,7 +295,8 @@ impl Builder<'_> {
     fn attach_serial(&mut self) -> Result<Arc<Mutex<SerialDevice>>, VmmError> {
         let irq = eventfd()?;
         self.vm.register_irqfd(&irq, SERIAL_IRQ)?;
-        let out = serial_output(&self.config.serial, self.saved.is_some())?;
+        let (out, log) = serial_output(&self.config.serial, self.saved.is_some());
+        self.serial_log = log;
         let serial = match self.saved {
             None => SerialDevice::new(irq, out),
             Some(st) => SerialDevice::restore(SerialArgs { irq, out }, &st.serial)?,
@@ -291,11 +350,14 @@ impl Builder<'_> {
             read_only: drive.read_only,
         };
         let saved = self.saved.map(|st| &st.drives[index]);
-        let block = match saved {
-            None => Block::new(args.id, &args.path, args.read_only),
+        let mut block = match saved {
+            None => Block::open_unlocked(args.id, &args.path, args.read_only),
             Some(st) => Block::restore(args, &st.block),
         }
         .map_err(drive_err)?;
+        if self.lock_images {
+            block.lock_image().map_err(drive_err)?;
+        }
         let base = MMIO_DEVICES_START + index as u64 * MMIO_DEVICE_SIZE;
         let irq = FIRST_VIRTIO_IRQ + index as u32;
         for (q, evt) in block.queue_events().iter().enumerate() {

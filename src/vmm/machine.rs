@@ -51,6 +51,17 @@ impl Machine {
         Ok(())
     }
 
+    /// Takes every drive's image lock not held yet.
+    pub fn lock_images(&self) -> Result<(), VmmError> {
+        for (i, (_, block)) in self.drives.iter().enumerate() {
+            lock(block).lock_image().map_err(|source| VmmError::Drive {
+                id: self.config.drives[i].id.clone(),
+                source,
+            })?;
+        }
+        Ok(())
+    }
+
     /// The whole VM state. The vCPUs must be paused.
     pub fn save_state(&mut self) -> Result<VmState, VmmError> {
         let msrs = match &self.msrs {
@@ -119,6 +130,31 @@ impl MigratableVm for MachineHandle {
         for (i, (_, block)) in m.drives.iter().enumerate() {
             lock(block).set_mirror(mirrors.as_ref().and_then(|v| v.get(i).cloned()));
         }
+    }
+
+    fn release_images(&self) {
+        let m = lock(&self.machine);
+        for (_, block) in &m.drives {
+            let mut b = lock(block);
+            if let Err(e) = b.unlock_image() {
+                // The lock goes with the process at the latest; the
+                // destination then waits for nothing worse than that.
+                eprintln!("ferry: {e}");
+            }
+        }
+    }
+
+    fn retake_images(&self) -> Result<(), MachineError> {
+        let m = lock(&self.machine);
+        for (i, (_, block)) in m.drives.iter().enumerate() {
+            lock(block)
+                .lock_image()
+                .map_err(|source| MachineError::Lock {
+                    drive: m.config.drives[i].id.clone(),
+                    source,
+                })?;
+        }
+        Ok(())
     }
 
     fn migrated(&self, destination: &str, downtime: Duration) {

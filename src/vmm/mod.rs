@@ -96,6 +96,7 @@ impl VmmError {
             VmmError::Drive { source, .. } => matches!(
                 source,
                 BlockError::Open { .. }
+                    | BlockError::Locked { .. }
                     | BlockError::NotRegularFile(_)
                     | BlockError::UnalignedSize { .. }
             ),
@@ -107,8 +108,15 @@ impl VmmError {
 /// Builds the VM described by `config`, boots it, runs it, and returns how
 /// it ended.
 pub fn run(config: VmConfig, api_socket: Option<PathBuf>) -> Result<VmExit, VmmError> {
-    config.create_missing_drives()?;
-    let mut vmm = Vmm::build(config, Boot::Fresh, api_socket.as_deref(), false)?;
+    // A start that fails leaves no image behind it created: they are new
+    // (never a user's file), so removing them loses nothing.
+    let created = config.create_missing_drives()?;
+    let built = Vmm::build(config, Boot::Fresh, api_socket.as_deref(), false);
+    let mut vmm = built.inspect_err(|_| {
+        for path in &created {
+            let _ = std::fs::remove_file(path);
+        }
+    })?;
     vmm.start()?;
     vmm.run()
 }
@@ -215,6 +223,10 @@ impl Vmm {
         };
 
         crate::startup::mark("api-socket");
+        // The last step that touches the host: nothing fails after it.
+        if let Some(log) = built.serial_log.take() {
+            log.open()?;
+        }
         let exit = Arc::new(ExitSignal::new().map_err(VmmError::EventFd)?);
         let control = Arc::new(if start_paused {
             VcpuControl::new_paused()
@@ -274,8 +286,13 @@ impl Vmm {
         })
     }
 
-    /// Starts the vCPU threads (paused ones wait for a resume).
+    /// Starts the vCPU threads (paused ones wait for a resume). A received
+    /// guest takes its image locks here, once its source has let go of them.
     fn start(&mut self) -> Result<(), VmmError> {
+        {
+            let c = lock(&self.controller);
+            lock(&c.machine).lock_images()?;
+        }
         let mut handles = Vec::with_capacity(self.vcpus.len());
         for vcpu in self.vcpus.drain(..) {
             handles.push(vcpu.start(self.vcpu_ctx.clone())?);

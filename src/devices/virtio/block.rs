@@ -42,6 +42,8 @@ pub const QUEUE_SIZE: u16 = 256;
 const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
 const ID_BYTES: usize = VIRTIO_BLK_ID_BYTES as usize;
 const HEADER_LEN: u64 = 16;
+/// The most host memory one mirrored write holds at a time.
+const MIRROR_CHUNK: u64 = 1 << 20;
 /// virtio_blk_config up to and including blk_size; later fields read as 0.
 const CONFIG_LEN: usize = 24;
 
@@ -57,6 +59,21 @@ pub enum BlockError {
         "disk image {0} is neither a regular file nor a block device; give the path of a raw image"
     )]
     NotRegularFile(PathBuf),
+    #[error(
+        "disk image {path} is in use by {holder} ({held} lock); stop the VM that uses it, or attach it read-only everywhere"
+    )]
+    Locked {
+        path: PathBuf,
+        holder: String,
+        /// The kind of lock that is in the way: "write" or "read".
+        held: &'static str,
+    },
+    #[error("cannot lock disk image {path}: {source}")]
+    Lock {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("disk image {path} is {size} bytes, not a multiple of 512; pad or truncate it")]
     UnalignedSize { path: PathBuf, size: u64 },
     #[error("cannot create an event fd for block device {id}: {source}")]
@@ -274,6 +291,8 @@ pub trait WriteMirror: Send + Sync {
 
 struct Disk {
     file: File,
+    /// Whether this open file description holds the image lock.
+    locked: bool,
     sectors: u64,
     read_only: bool,
     id: [u8; ID_BYTES],
@@ -393,18 +412,30 @@ impl Disk {
                     Some(mirror) => {
                         // One snapshot of the guest's buffer for both sides,
                         // so that a guest changing it mid-request cannot make
-                        // the copy differ from the image.
-                        let mut buf = vec![0u8; len as usize];
-                        let mut pos = 0;
-                        for s in &data {
-                            let end = pos + s.len as usize;
-                            mem.read_slice(&mut buf[pos..end], s.addr)
-                                .map_err(|e| fail(BlockError::GuestMemory(e)))?;
-                            pos = end;
-                        }
-                        std::os::unix::fs::FileExt::write_all_at(&self.file, &buf, start)
+                        // the copy differ from the image; taken a bounded
+                        // chunk at a time, so that a request of any length
+                        // costs at most MIRROR_CHUNK of host memory.
+                        let mut buf = vec![0u8; len.min(MIRROR_CHUNK) as usize];
+                        let mut done = 0u64;
+                        while done < len {
+                            let n = (len - done).min(MIRROR_CHUNK);
+                            let chunk = &mut buf[..n as usize];
+                            let mut pos = 0;
+                            for s in sub_range(&data, done, n).map_err(fail)? {
+                                let end = pos + s.len as usize;
+                                mem.read_slice(&mut chunk[pos..end], s.addr)
+                                    .map_err(|e| fail(BlockError::GuestMemory(e)))?;
+                                pos = end;
+                            }
+                            std::os::unix::fs::FileExt::write_all_at(
+                                &self.file,
+                                chunk,
+                                start + done,
+                            )
                             .map_err(|e| fail(BlockError::Write(e)))?;
-                        mirror.write(start, &buf);
+                            mirror.write(start + done, chunk);
+                            done += n;
+                        }
                     }
                 }
                 Ok(0)
@@ -451,6 +482,24 @@ impl Disk {
     }
 }
 
+/// One whole-file OFD lock operation (`F_OFD_SETLK` or `F_OFD_GETLK`).
+fn ofd_lock(file: &File, cmd: libc::c_int, kind: libc::c_int) -> io::Result<libc::flock> {
+    // SAFETY: flock is plain old data; all zero is a valid value.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = kind as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    // l_start = l_len = 0: the whole file, however it grows; l_pid must be 0
+    // for OFD locks.
+    // SAFETY: fcntl with a lock command reads and (GETLK) writes `fl`, a
+    // valid flock owned by this frame; the fd is open for `file`'s lifetime.
+    let r = unsafe { libc::fcntl(file.as_raw_fd(), cmd, &mut fl as *mut libc::flock) };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(fl)
+    }
+}
+
 /// A virtio-blk device with one request queue.
 pub struct Block {
     id: String,
@@ -468,8 +517,18 @@ pub struct Block {
 }
 
 impl Block {
-    /// Opens the raw image at `path` (read-write unless `read_only`).
+    /// Opens the raw image at `path` (read-write unless `read_only`) and
+    /// locks it (see [`Block::lock_image`]).
     pub fn new(id: String, path: &Path, read_only: bool) -> Result<Block, BlockError> {
+        let mut block = Block::open_unlocked(id, path, read_only)?;
+        block.lock_image()?;
+        Ok(block)
+    }
+
+    /// Opens the image without taking its lock: for a migration destination
+    /// on shared storage, whose source holds the lock until it hands over.
+    /// [`Block::lock_image`] must follow before the guest runs.
+    pub fn open_unlocked(id: String, path: &Path, read_only: bool) -> Result<Block, BlockError> {
         let open_err = |source| BlockError::Open {
             path: path.to_path_buf(),
             source,
@@ -533,6 +592,7 @@ impl Block {
             path: path.to_path_buf(),
             disk: Disk {
                 file,
+                locked: false,
                 sectors,
                 read_only,
                 id: disk_id,
@@ -553,6 +613,77 @@ impl Block {
 
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    /// Locks the image as QEMU does, so that no two VMs write one image:
+    /// exclusively when writable, shared when read-only. OFD locks belong to
+    /// this open file description, so a second open of the same inode (a
+    /// hard link, a symlink, the same file named twice) conflicts even in
+    /// this process, and the lock goes away with the last fd. Idempotent.
+    pub fn lock_image(&mut self) -> Result<(), BlockError> {
+        if self.disk.locked {
+            return Ok(());
+        }
+        let kind = if self.disk.read_only {
+            libc::F_RDLCK
+        } else {
+            libc::F_WRLCK
+        };
+        match ofd_lock(&self.disk.file, libc::F_OFD_SETLK, kind) {
+            Ok(_) => {
+                self.disk.locked = true;
+                Ok(())
+            }
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EACCES)) => {
+                // Who is in the way, if the kernel tells: OFD locks (ours,
+                // QEMU's) report no pid, classic POSIX locks do.
+                let (holder, held) = match ofd_lock(&self.disk.file, libc::F_OFD_GETLK, kind) {
+                    Ok(l) if l.l_type == libc::F_UNLCK as i16 => ("another process".into(), "a"),
+                    Ok(l) => (
+                        if l.l_pid > 0 {
+                            format!("process {}", l.l_pid)
+                        } else {
+                            "another process".into()
+                        },
+                        if l.l_type == libc::F_WRLCK as i16 {
+                            "write"
+                        } else {
+                            "read"
+                        },
+                    ),
+                    Err(_) => ("another process".into(), "a"),
+                };
+                Err(BlockError::Locked {
+                    path: self.path.clone(),
+                    holder,
+                    held,
+                })
+            }
+            Err(source) => Err(BlockError::Lock {
+                path: self.path.clone(),
+                source,
+            }),
+        }
+    }
+
+    /// Gives the image lock up: the guest runs elsewhere now (a migration
+    /// hand-over on shared storage), or is about to.
+    pub fn unlock_image(&mut self) -> Result<(), BlockError> {
+        if !self.disk.locked {
+            return Ok(());
+        }
+        ofd_lock(&self.disk.file, libc::F_OFD_SETLK, libc::F_UNLCK).map_err(|source| {
+            BlockError::Lock {
+                path: self.path.clone(),
+                source,
+            }
+        })?;
+        self.disk.locked = false;
+        Ok(())
+    }
+
+    pub fn image_locked(&self) -> bool {
+        self.disk.locked
     }
 
     pub fn path(&self) -> &Path {
@@ -631,9 +762,11 @@ impl Persist for Block {
     }
 
     /// Opens `args.path` and checks that it is the disk the guest saw. The
-    /// transport's restore activates the device.
+    /// transport's restore activates the device. The image is not locked:
+    /// when to lock is the caller's choice (a migration destination on
+    /// shared storage may only lock once the source has let go).
     fn restore(args: BlockArgs, state: &BlockState) -> Result<Block, BlockError> {
-        let mut block = Block::new(args.id, &args.path, args.read_only)?;
+        let mut block = Block::open_unlocked(args.id, &args.path, args.read_only)?;
         if block.disk.sectors != state.sectors {
             return Err(BlockError::CapacityMismatch {
                 path: args.path,
@@ -995,6 +1128,48 @@ mod tests {
     }
 
     #[test]
+    fn long_mirrored_write_goes_in_bounded_chunks() {
+        // 3 MiB + 512 over three descriptors whose edges do not fall on
+        // chunk edges.
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 8 << 20)]).unwrap();
+        let img = image(8 << 11);
+        let vq = MockSplitQueue::new(&mem, 16);
+        let mut block = activated(&mem, &vq, img.path(), false);
+        let mirror = Arc::new(RecordingMirror::default());
+        block.set_mirror(Some(mirror.clone()));
+        let lens = [3 << 19, 1 << 20, (1 << 19) + 512];
+        let total: usize = lens.iter().sum();
+        let pattern: Vec<u8> = (0..total).map(|i| (i * 31 / 7) as u8).collect();
+        let base = 1u64 << 20;
+        mem.write_slice(&pattern, GuestAddress(base)).unwrap();
+        write_header(&mem, VIRTIO_BLK_T_OUT, 8);
+        let mut parts = vec![(HDR, 16, R)];
+        let mut at = base;
+        for l in lens {
+            parts.push((at, l as u32, R));
+            at += l as u64;
+        }
+        parts.push((STATUS, 1, W));
+        let mut next = 0;
+        add_chain(&vq, &mut next, &parts);
+        assert!(block.process_queue().unwrap());
+        assert_eq!(status(&mem), VIRTIO_BLK_S_OK);
+        let on_disk = file_bytes(&img);
+        assert_eq!(&on_disk[8 * 512..8 * 512 + total], &pattern[..]);
+        let writes = mirror.writes.lock().unwrap().clone();
+        assert_eq!(writes.len(), 4, "3 MiB + 512 in 1 MiB chunks");
+        let mut expect_at = 8 * 512;
+        let mut seen = Vec::new();
+        for (offset, data) in &writes {
+            assert!(data.len() as u64 <= MIRROR_CHUNK);
+            assert_eq!(*offset, expect_at);
+            expect_at += data.len() as u64;
+            seen.extend_from_slice(data);
+        }
+        assert_eq!(seen, pattern);
+    }
+
+    #[test]
     fn read_scattered_over_descriptors_and_any_layout() {
         let img = image(DISK_SECTORS);
         let mem = test_mem();
@@ -1102,7 +1277,9 @@ mod tests {
         expect[20..].fill(0xaa);
         assert_eq!(got, expect);
 
-        // Longer ids are truncated to 20 bytes, without a terminator.
+        // Longer ids are truncated to 20 bytes, without a terminator. The
+        // first device lets go of the image (and its lock) first.
+        drop(block);
         let long = "abcdefghijklmnopqrstuvwxyz".to_string();
         let mut block = Block::new(long, img.path(), false).unwrap();
         let vq2 = MockSplitQueue::create(&mem, GuestAddress(0x8000), 16);
@@ -1385,6 +1562,43 @@ mod tests {
         assert_eq!(f & (1 << VIRTIO_BLK_F_RO), 0);
         assert_eq!(block.device_type(), TYPE_BLOCK);
         assert_eq!(block.queue_max_sizes(), &[256]);
+    }
+
+    #[test]
+    fn image_locks_keep_a_second_writer_out() {
+        let img = image(DISK_SECTORS);
+        let mut first = Block::new("a".into(), img.path(), false).unwrap();
+        assert!(first.image_locked());
+        // A second open file description of the same inode conflicts, in
+        // this process too.
+        for ro in [false, true] {
+            match Block::new("b".into(), img.path(), ro) {
+                Err(BlockError::Locked { path, held, .. }) => {
+                    assert_eq!(path, img.path());
+                    assert_eq!(held, "write");
+                }
+                other => panic!("expected a lock conflict, got {:?}", other.err()),
+            }
+        }
+        // Unlocked (a migration hand-over), another may take it; ours then
+        // cannot be taken back until that one lets go.
+        first.unlock_image().unwrap();
+        let second = Block::new("b".into(), img.path(), false).unwrap();
+        assert!(matches!(first.lock_image(), Err(BlockError::Locked { .. })));
+        drop(second);
+        first.lock_image().unwrap();
+        // Readers share.
+        drop(first);
+        let r1 = Block::new("r1".into(), img.path(), true).unwrap();
+        let r2 = Block::new("r2".into(), img.path(), true).unwrap();
+        assert!(r1.image_locked() && r2.image_locked());
+        match Block::new("w".into(), img.path(), false) {
+            Err(BlockError::Locked { held, .. }) => assert_eq!(held, "read"),
+            other => panic!("expected a lock conflict, got {:?}", other.err()),
+        }
+        // Opened for a migration destination: no lock until asked.
+        let unlocked = Block::open_unlocked("u".into(), img.path(), false).unwrap();
+        assert!(!unlocked.image_locked());
     }
 
     #[test]

@@ -50,6 +50,11 @@ pub trait MigratableVm: Send + Sync {
     /// Starts (one per drive, in config order) or stops (None) mirroring
     /// guest writes.
     fn set_mirrors(&self, mirrors: Option<Vec<Arc<dyn WriteMirror>>>);
+    /// Lets go of the disk image locks (the guest is paused), so that a
+    /// destination on the same storage can take them when it starts.
+    fn release_images(&self);
+    /// Takes the image locks back before the guest resumes here.
+    fn retake_images(&self) -> Result<(), MachineError>;
 }
 
 /// What the VM side of a migration can fail with.
@@ -57,6 +62,8 @@ pub trait MigratableVm: Send + Sync {
 pub enum MachineError {
     #[error("drive {drive}: {source}")]
     Quiesce { drive: String, source: BlockError },
+    #[error("drive {drive}: {source}")]
+    Lock { drive: String, source: BlockError },
     /// The VMM's own error, boxed: migration does not reach up into it.
     #[error("{0}")]
     SaveState(Box<dyn std::error::Error + Send + Sync>),

@@ -75,6 +75,7 @@ pub(super) fn run(
         tracking: false,
         paused_here: false,
         committed: false,
+        images_released: false,
         stream_intact: true,
     };
     let result = mc.drive();
@@ -144,6 +145,8 @@ struct MigrationContext<'a> {
     paused_here: bool,
     /// `Go` was sent: the guest may run at the destination, never here.
     committed: bool,
+    /// The image locks were given up for the destination (issue 10).
+    images_released: bool,
     /// No write failed halfway through a frame: the destination can still
     /// read an `Error` frame.
     stream_intact: bool,
@@ -549,6 +552,11 @@ impl MigrationContext<'_> {
     /// run the guest; returns the downtime.
     fn hand_over(&mut self, paused_at: Instant) -> Result<Duration, SourceError> {
         expect(&mut self.reader, Kind::Ready).map_err(|e| self.read_failed(e))?;
+        // Issue 10, image locks: the guest is paused and quiesced; a
+        // destination on the same storage takes the locks when it starts,
+        // which it does only after Go.
+        self.src.machine.release_images();
+        self.images_released = true;
         self.check_cancel()?;
         // From here on the destination may run the guest: never resume it
         // here again, whatever happens.
@@ -571,7 +579,20 @@ impl MigrationContext<'_> {
                 if self.tracking {
                     let _ = stop_dirty_tracking(&self.src.vm, &self.src.mem);
                 }
-                if self.paused_here {
+                // Issue 10, image locks: never run the guest on images
+                // someone else may have locked meanwhile.
+                let relocked = !self.images_released
+                    || self.src.machine.retake_images().map_or_else(
+                        |e| {
+                            eprintln!(
+                                "ferry: cannot lock the disk images again ({e}); the guest stays \
+                                 paused: resume it (PUT /vm/resume) once nothing else uses them"
+                            );
+                            false
+                        },
+                        |()| true,
+                    );
+                if self.paused_here && relocked {
                     self.src.control.resume();
                 }
             }
