@@ -409,34 +409,9 @@ impl Disk {
                                 .map_err(|e| fail(BlockError::GuestMemory(e)))?;
                         }
                     }
-                    Some(mirror) => {
-                        // One snapshot of the guest's buffer for both sides,
-                        // so that a guest changing it mid-request cannot make
-                        // the copy differ from the image; taken a bounded
-                        // chunk at a time, so that a request of any length
-                        // costs at most MIRROR_CHUNK of host memory.
-                        let mut buf = vec![0u8; len.min(MIRROR_CHUNK) as usize];
-                        let mut done = 0u64;
-                        while done < len {
-                            let n = (len - done).min(MIRROR_CHUNK);
-                            let chunk = &mut buf[..n as usize];
-                            let mut pos = 0;
-                            for s in sub_range(&data, done, n).map_err(fail)? {
-                                let end = pos + s.len as usize;
-                                mem.read_slice(&mut chunk[pos..end], s.addr)
-                                    .map_err(|e| fail(BlockError::GuestMemory(e)))?;
-                                pos = end;
-                            }
-                            std::os::unix::fs::FileExt::write_all_at(
-                                &self.file,
-                                chunk,
-                                start + done,
-                            )
-                            .map_err(|e| fail(BlockError::Write(e)))?;
-                            mirror.write(start + done, chunk);
-                            done += n;
-                        }
-                    }
+                    Some(mirror) => self
+                        .write_mirrored(mem, &data, start, len, mirror.as_ref())
+                        .map_err(fail)?,
                 }
                 Ok(0)
             }
@@ -462,6 +437,39 @@ impl Disk {
             }
             t => Err(fail(BlockError::Unsupported(t))),
         }
+    }
+
+    /// A guest write of `len` bytes from `data` to the image at `start` and
+    /// to `mirror`. One snapshot of the guest's buffer serves both sides, so
+    /// that a guest changing it mid-request cannot make the copy differ from
+    /// the image; it is taken a bounded chunk at a time, so that a request of
+    /// any length costs at most MIRROR_CHUNK of host memory.
+    fn write_mirrored(
+        &self,
+        mem: &GuestMemoryMmap,
+        data: &[Seg],
+        start: u64,
+        len: u64,
+        mirror: &dyn WriteMirror,
+    ) -> Result<(), BlockError> {
+        let mut buf = vec![0u8; len.min(MIRROR_CHUNK) as usize];
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(MIRROR_CHUNK);
+            let chunk = &mut buf[..n as usize];
+            let mut pos = 0;
+            for s in sub_range(data, done, n)? {
+                let end = pos + s.len as usize;
+                mem.read_slice(&mut chunk[pos..end], s.addr)
+                    .map_err(BlockError::GuestMemory)?;
+                pos = end;
+            }
+            std::os::unix::fs::FileExt::write_all_at(&self.file, chunk, start + done)
+                .map_err(BlockError::Write)?;
+            mirror.write(start + done, chunk);
+            done += n;
+        }
+        Ok(())
     }
 
     /// Checks that `len` bytes at `sector` lie on the disk; returns the byte
