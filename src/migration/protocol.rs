@@ -425,26 +425,22 @@ pub fn parse_json<T: DeserializeOwned>(kind: Kind, payload: &[u8]) -> Result<T, 
 /// Reads the next frame, which must be `want` (an `Error` frame from the
 /// peer becomes `ProtocolError::Peer`), and returns its payload.
 pub fn expect<R: Read>(r: &mut R, want: Kind) -> Result<Vec<u8>, ProtocolError> {
-    let h = read_header(r)?;
-    if h.kind == Kind::Error {
-        let p = read_payload(r, &h)?;
-        let reason: Reason = parse_json(Kind::Error, &p)?;
-        return Err(ProtocolError::Peer(reason.reason));
-    }
-    if h.kind != want {
-        return Err(ProtocolError::Unexpected {
-            expected: kind_name(want),
-            got: h.kind,
-        });
-    }
-    read_payload(r, &h)
+    expect_within(r, want, None)
 }
 
 /// [`expect`] for a frame that is never large: a longer claim is refused
 /// on the header, before the payload is allocated or read.
 pub fn expect_small<R: Read>(r: &mut R, want: Kind, max: u64) -> Result<Vec<u8>, ProtocolError> {
+    expect_within(r, want, Some(max))
+}
+
+fn expect_within<R: Read>(
+    r: &mut R,
+    want: Kind,
+    max: Option<u64>,
+) -> Result<Vec<u8>, ProtocolError> {
     let h = read_header(r)?;
-    if h.len > max {
+    if let Some(max) = max.filter(|&m| h.len > m) {
         return Err(ProtocolError::TooLarge {
             kind: h.kind,
             len: h.len,
