@@ -104,6 +104,8 @@ pub struct ReceivePolicy {
     /// `--serial`: where the received guest's console goes (the sent config
     /// names a path on the source's host, which means nothing here).
     pub serial: SerialConfig,
+    /// `--tap ID=TAP`: this host's tap for each net device, by id.
+    pub taps: Vec<(String, String)>,
 }
 
 impl ReceivePolicy {
@@ -966,6 +968,7 @@ impl IncomingMigration {
     fn place(&self, config: &mut VmConfig) -> Result<(), DestinationError> {
         config.api_socket = None;
         config.serial = self.policy.serial.clone();
+        place_taps(config, &self.policy.taps)?;
         match (&self.share_dir, &self.hello.storage) {
             (Some(dir), Some(offer)) => {
                 check_share_contents(&dir.path, &offer.files, &offer.sizes)?;
@@ -1425,6 +1428,24 @@ fn open_share(
     Ok(Some((share_dir, Some(server), offer)))
 }
 
+/// Every net device gets the tap this host chose for it; one it did not
+/// choose for is refused.
+fn place_taps(config: &mut VmConfig, taps: &[(String, String)]) -> Result<(), DestinationError> {
+    for (i, net) in config.net.iter_mut().enumerate() {
+        match taps.iter().find(|(id, _)| *id == net.id) {
+            Some((_, tap)) => net.tap = tap.clone(),
+            None => {
+                return Err(DestinationError::Untrusted(format!(
+                    "net[{i}] (id \"{}\") has no tap on the destination: start `ferry receive` \
+                     with --tap {}=TAP",
+                    net.id, net.id
+                )))
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The state must describe the VM the handshake announced.
 fn check_state(hello: &Hello, state: &VmState) -> Result<(), DestinationError> {
     let bad = |why: String| {
@@ -1443,6 +1464,9 @@ fn check_state(hello: &Hello, state: &VmState) -> Result<(), DestinationError> {
     }
     if state.drives.len() != state.config.drives.len() {
         return Err(bad("drive states do not match the config".into()));
+    }
+    if state.nets.len() != state.config.net.len() {
+        return Err(bad("net device states do not match the config".into()));
     }
     Ok(())
 }

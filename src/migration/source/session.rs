@@ -576,6 +576,7 @@ impl MigrationContext<'_> {
             if !self.committed {
                 // The guest stays here: it runs on, as before the
                 // migration, on its local images.
+                self.src.machine.resume_devices();
                 if self.tracking {
                     let _ = stop_dirty_tracking(&self.src.vm, &self.src.mem);
                 }
