@@ -295,10 +295,20 @@ fn answer(s: &mut State, f: u64, len: u64) -> bool {
         }
         _ => return false,
     };
-    // A free tx buffer: the device has used all but QSIZE - 1 of ours.
+    // A free tx buffer. When all are in flight, hand them over now and
+    // wait (bounded) for the device to send one.
     let tx = ring(1);
     if s.tx_avail.wrapping_sub(rd16(tx + 0x202)) as u64 >= QSIZE {
-        return false;
+        wr16(tx + 0x102, s.tx_avail);
+        wr32(s.base + QUEUE_NOTIFY, 1);
+        let mut spins = 0u32;
+        while s.tx_avail.wrapping_sub(rd16(tx + 0x202)) as u64 >= QSIZE {
+            spins += 1;
+            if spins > 1 << 20 {
+                return false;
+            }
+            core::hint::spin_loop();
+        }
     }
     let slot = s.tx_avail as u64 % QSIZE;
     let t = buf(1, slot);

@@ -356,6 +356,11 @@ impl Net {
             self.rx_len = 0;
             self.counters.dropped += 1;
         }
+        let c = self.counters;
+        eprintln!(
+            "ferry: net {}: paused after {} frames in, {} out, {} dropped",
+            self.id, c.rx_frames, c.tx_frames, c.dropped
+        );
         sent.map(|_| ())
     }
 
@@ -457,7 +462,10 @@ impl Net {
                         // A tap takes a frame whole or not at all.
                         Ok(n) if n == len => self.counters.tx_frames += 1,
                         // A full tap drops, as a wire would.
-                        Ok(_) | Err(_) => self.counters.dropped += 1,
+                        r => {
+                            self.counters.dropped += 1;
+                            self.log.log(format_args!("{}: tap write: {r:?}", self.id));
+                        }
                     }
                 }
             }
