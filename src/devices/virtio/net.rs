@@ -881,4 +881,146 @@ mod tests {
         );
         assert!(matches!(bad, Err(NetError::Features { .. })));
     }
+
+    mod rings {
+        use super::*;
+        use std::sync::atomic::{AtomicU32, Ordering};
+        use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+        use virtio_queue::desc::{split::Descriptor, RawDescriptor};
+        use virtio_queue::mock::MockSplitQueue;
+        use vm_memory::GuestAddress;
+
+        const W: u16 = VRING_DESC_F_WRITE as u16;
+        const MEM: usize = 0x40_0000;
+
+        fn unique_tap() -> String {
+            static N: AtomicU32 = AtomicU32::new(0);
+            format!(
+                "fut{}-{}",
+                std::process::id() % 100_000,
+                N.fetch_add(1, Ordering::SeqCst)
+            )
+        }
+
+        fn chain(vq: &MockSplitQueue<GuestMemoryMmap>, first: u16, parts: &[(u64, u32, u16)]) {
+            let descs: Vec<RawDescriptor> = parts
+                .iter()
+                .enumerate()
+                .map(|(i, &(addr, len, flags))| {
+                    let last = i == parts.len() - 1;
+                    let next = if last { 0 } else { first + i as u16 + 1 };
+                    let flags = if last {
+                        flags
+                    } else {
+                        flags | VRING_DESC_F_NEXT as u16
+                    };
+                    RawDescriptor::from(Descriptor::new(addr, len, flags, next))
+                })
+                .collect();
+            vq.add_desc_chains(&descs, first).unwrap();
+        }
+
+        /// A device on a fresh tap whose two queues are `rx` and `tx`.
+        fn device(
+            mem: &GuestMemoryMmap,
+            rx: &MockSplitQueue<GuestMemoryMmap>,
+            tx: &MockSplitQueue<GuestMemoryMmap>,
+        ) -> Net {
+            let mut net = Net::new("n0".into(), &unique_tap(), [2, 0, 0, 0, 0, 1]).unwrap();
+            net.set_acked_features(net.avail_features());
+            let queues = vec![
+                rx.create_queue::<Queue>().unwrap(),
+                tx.create_queue().unwrap(),
+            ];
+            net.activate(mem.clone(), queues).unwrap();
+            net
+        }
+
+        #[test]
+        fn hostile_tx_chains_are_dropped_and_completed() {
+            if !crate::util::tests_can_create_taps() {
+                return;
+            }
+            let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]).unwrap();
+            let rx = MockSplitQueue::new(&mem, 16);
+            let tx = MockSplitQueue::create(&mem, GuestAddress(0x20_0000), 16);
+            let mut net = device(&mem, &rx, &tx);
+            // A device-writable buffer, a frame of 128 KiB in 64 KiB parts,
+            // a buffer past the end of memory, a frame shorter than its
+            // headers, and one good frame.
+            chain(&tx, 0, &[(0x1000, 64, W)]);
+            chain(&tx, 1, &[(0x1_0000, 0x1_0000, 0), (0x2_0000, 0x1_0000, 0)]);
+            chain(&tx, 3, &[(MEM as u64 - 16, 64, 0)]);
+            chain(&tx, 4, &[(0x1000, 20, 0)]);
+            chain(&tx, 5, &[(0x1000, 12, 0), (0x2000, 60, 0)]);
+            assert_eq!(net.process_tx().unwrap(), 5);
+            assert_eq!(tx.used().idx().load(), 5);
+            let c = net.counters();
+            // The good frame goes out only if the tap is up; either way it is
+            // accounted for, and the four bad ones are dropped.
+            assert_eq!(c.tx_frames + c.dropped, 5);
+            assert!(c.dropped >= 4, "{c:?}");
+            // Nothing more is taken than was offered.
+            assert_eq!(net.process_tx().unwrap(), 0);
+        }
+
+        #[test]
+        fn rx_frames_never_overrun_the_guest_buffers() {
+            if !crate::util::tests_can_create_taps() {
+                return;
+            }
+            let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]).unwrap();
+            let rx = MockSplitQueue::new(&mem, 16);
+            let tx = MockSplitQueue::create(&mem, GuestAddress(0x20_0000), 16);
+            let mut net = device(&mem, &rx, &tx);
+            let frame = |net: &mut Net, len: usize| {
+                for (i, b) in net.rx_buf[..len].iter_mut().enumerate() {
+                    *b = (i % 251) as u8 | 1;
+                }
+                net.rx_len = len;
+            };
+            mem.write_slice(&[0u8; 256], GuestAddress(0x3000)).unwrap();
+            // Too small: dropped, nothing written past the 100 bytes.
+            chain(&rx, 0, &[(0x3000, 100, W)]);
+            frame(&mut net, 150);
+            assert!(net.deliver().unwrap());
+            let mut after = [0u8; 8];
+            mem.read_slice(&mut after, GuestAddress(0x3000 + 100))
+                .unwrap();
+            assert_eq!(after, [0; 8]);
+            // A device-readable buffer is not written to.
+            chain(&rx, 1, &[(0x4000, 2048, 0)]);
+            frame(&mut net, 80);
+            assert!(net.deliver().unwrap());
+            assert_eq!(mem.read_obj::<u64>(GuestAddress(0x4000)).unwrap(), 0);
+            // A good chain in two parts gets the frame with a clean header.
+            chain(&rx, 2, &[(0x5000, 40, W), (0x6000, 2048, W)]);
+            frame(&mut net, 90);
+            assert!(net.deliver().unwrap());
+            let mut hdr = [0xffu8; 12];
+            mem.read_slice(&mut hdr, GuestAddress(0x5000)).unwrap();
+            assert_eq!(hdr, [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0]);
+            let mut rest = [0u8; 50];
+            mem.read_slice(&mut rest, GuestAddress(0x6000)).unwrap();
+            assert!(rest
+                .iter()
+                .enumerate()
+                .all(|(i, &b)| b == ((i + 40) % 251) as u8 | 1));
+            let used = |i: usize| rx.used().ring().ref_at(i).unwrap().load();
+            assert_eq!((used(0).len(), used(1).len(), used(2).len()), (0, 0, 90));
+            assert_eq!(net.counters().dropped, 2);
+            assert_eq!(net.counters().rx_frames, 1);
+            // No buffer: the frame waits, and pausing drops it, once.
+            frame(&mut net, 60);
+            assert!(!net.deliver().unwrap());
+            assert_eq!(net.rx_len, 60);
+            net.pause().unwrap();
+            assert_eq!(net.rx_len, 0);
+            assert_eq!(net.counters().dropped, 3);
+            // Paused, nothing touches the rings.
+            chain(&rx, 4, &[(0x7000, 2048, W)]);
+            assert!(!net.process_rx().unwrap());
+            assert_eq!(rx.used().idx().load(), 3);
+        }
+    }
 }
