@@ -1256,7 +1256,35 @@ fn handshake(
         )));
     }
     check_cpuid(&hello.cpuid)?;
+    check_net_ids(&hello.net_ids, &policy.taps)?;
     Ok(hello)
+}
+
+/// Every announced net device must have a tap here (`--tap`).
+fn check_net_ids(ids: &[String], taps: &[(String, String)]) -> Result<(), DestinationError> {
+    if ids.len() > crate::config::MAX_DRIVES
+        || ids
+            .iter()
+            .any(|id| id.is_empty() || id.len() > crate::config::MAX_DRIVE_ID_LEN)
+    {
+        return Err(DestinationError::Refused("invalid net device ids".into()));
+    }
+    for (i, id) in ids.iter().enumerate() {
+        if !taps.iter().any(|(t, _)| t == id) {
+            return Err(DestinationError::Refused(no_tap(i, id)));
+        }
+    }
+    Ok(())
+}
+
+fn no_tap(index: usize, id: &str) -> String {
+    // The id is bounded and shown quoted, so that it cannot pass for
+    // anything else in the message.
+    format!(
+        "net[{index}] (id {id:?}) has no tap on the destination: start `ferry receive` with \
+         --tap {}=TAP",
+        id.escape_default()
+    )
 }
 
 /// The files a storage copy announces: plain names, one size each, and an
@@ -1434,13 +1462,7 @@ fn place_taps(config: &mut VmConfig, taps: &[(String, String)]) -> Result<(), De
     for (i, net) in config.net.iter_mut().enumerate() {
         match taps.iter().find(|(id, _)| *id == net.id) {
             Some((_, tap)) => net.tap = tap.clone(),
-            None => {
-                return Err(DestinationError::Untrusted(format!(
-                    "net[{i}] (id \"{}\") has no tap on the destination: start `ferry receive` \
-                     with --tap {}=TAP",
-                    net.id, net.id
-                )))
-            }
+            None => return Err(DestinationError::Untrusted(no_tap(i, &net.id))),
         }
     }
     Ok(())
@@ -1465,8 +1487,17 @@ fn check_state(hello: &Hello, state: &VmState) -> Result<(), DestinationError> {
     if state.drives.len() != state.config.drives.len() {
         return Err(bad("drive states do not match the config".into()));
     }
-    if state.nets.len() != state.config.net.len() {
-        return Err(bad("net device states do not match the config".into()));
+    if state.nets.len() != state.config.net.len()
+        || !state
+            .config
+            .net
+            .iter()
+            .map(|n| &n.id)
+            .eq(hello.net_ids.iter())
+    {
+        return Err(bad(
+            "net devices differ from the handshake or from their states".into(),
+        ));
     }
     Ok(())
 }

@@ -225,6 +225,14 @@ impl MigrationContext<'_> {
             memory_size,
             cpuid: self.src.machine.guest_cpuid(),
             storage,
+            net_ids: self
+                .src
+                .machine
+                .config()
+                .net
+                .iter()
+                .map(|n| n.id.clone())
+                .collect(),
         };
         self.send(Kind::Hello, &hello)?;
         let ack: HelloAck = expect(&mut self.reader, Kind::HelloAck)
