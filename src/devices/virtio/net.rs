@@ -287,6 +287,10 @@ pub struct Net {
     tap_watched: bool,
     paused: bool,
     announce_timer: TimerFd,
+    /// Rebuilt from saved state: its first activation is the transport's
+    /// restore, not the guest's driver, and announces nothing (the VMM
+    /// announces when the guest runs here, see [`Net::announce`]).
+    restored: bool,
     /// Announcements still to send (index into ANNOUNCE_AT_MS).
     announce_next: usize,
     counters: NetCounters,
@@ -324,6 +328,7 @@ impl Net {
             tap_watched: false,
             paused: false,
             announce_timer,
+            restored: false,
             announce_next: ANNOUNCE_AT_MS.len(),
             counters: NetCounters::default(),
             log: GuestErrorLog::new("virtio-net"),
@@ -634,6 +639,7 @@ impl Persist for Net {
             });
         }
         net.acked_features = state.acked_features;
+        net.restored = true;
         Ok(net)
     }
 }
@@ -703,6 +709,12 @@ impl VirtioDevice for Net {
         for evt in &self.queue_evts {
             evt.write(1).map_err(ActivateError::QueueEvent)?;
         }
+        // The guest's driver brought the link up: tell the switches where
+        // this address is now (a switch may remember it on another port,
+        // from an earlier life of the guest elsewhere).
+        if !std::mem::take(&mut self.restored) {
+            self.announce();
+        }
         Ok(())
     }
 
@@ -715,6 +727,7 @@ impl VirtioDevice for Net {
     }
 
     fn reset(&mut self) {
+        self.restored = false;
         self.mem = None;
         self.queues.clear();
         self.acked_features = 0;
