@@ -63,7 +63,11 @@ impl Machine {
     /// Lets the net devices touch guest memory again (after [`quiesce`]).
     pub fn unpause_devices(&self) {
         for (_, net) in &self.nets {
-            lock(net).unpause();
+            let mut net = lock(net);
+            net.unpause();
+            // A destination that got as far as building the guest has
+            // announced it: take the address back.
+            net.announce();
         }
     }
 

@@ -180,6 +180,15 @@ pub fn receive(
         };
         let mut vmm = Vmm::build(config, boot, api_socket.as_deref(), start_paused)?;
         vmm._dir_lock = r.dir_lock;
+        // The source is paused and has sent everything: from now on frames
+        // for the guest had better queue on this host's taps, to be
+        // delivered when it runs here, than reach the paused source and be
+        // lost. Should the source resume after all, it announces itself
+        // back.
+        {
+            let c = lock(&vmm.controller);
+            lock(&c.machine).announce();
+        }
         Ok::<_, VmmError>(vmm)
     };
     let vmm = incoming.hand_over(build, Vmm::start)?;

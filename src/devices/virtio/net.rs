@@ -352,10 +352,13 @@ impl Net {
     }
 
     /// Stops all guest memory access (the vCPUs are paused, the state is
-    /// about to be saved). Frames the guest queued for sending go out first;
-    /// a received frame not yet delivered is dropped.
+    /// about to be saved, memory not yet sent for the last time). Frames the
+    /// guest queued for sending go out first, and what waits on the tap
+    /// goes into the guest's free rx buffers, to be answered wherever the
+    /// guest runs next; a frame beyond those is dropped.
     pub fn pause(&mut self) -> Result<(), NetError> {
         let sent = self.process_tx();
+        let received = self.process_rx();
         self.paused = true;
         if self.rx_len != 0 {
             self.rx_len = 0;
@@ -366,7 +369,7 @@ impl Net {
             "ferry: net {}: paused after {} frames in, {} out, {} dropped",
             self.id, c.rx_frames, c.tx_frames, c.dropped
         );
-        sent.map(|_| ())
+        sent.and(received).map(|_| ())
     }
 
     /// Undoes [`Net::pause`]: the guest goes on running here.
