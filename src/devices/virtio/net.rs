@@ -96,6 +96,8 @@ pub enum NetError {
     },
     #[error("saved acked features {acked:#x} are not offered by this device ({avail:#x})")]
     Features { acked: u64, avail: u64 },
+    #[error("saved state gives net device {id:?} the address {mac}, not a unicast one")]
+    StateMac { id: String, mac: String },
     #[error("saved state is of net device {saved:?}, restored as {id:?}")]
     StateMismatch { id: String, saved: String },
     #[error("cannot complete a buffer in the used ring: {0}")]
@@ -634,6 +636,14 @@ impl Persist for Net {
                 saved: state.id.clone(),
             });
         }
+        // The state may come from another host: its address must be one a
+        // NIC may have before anything is sent from it.
+        if state.mac[0] & 1 != 0 || state.mac == [0; 6] {
+            return Err(NetError::StateMac {
+                id: args.id,
+                mac: format_mac(&state.mac),
+            });
+        }
         let mut net = Net::new(args.id, &args.tap, state.mac)?;
         if state.acked_features & !net.avail_features != 0 {
             return Err(NetError::Features {
@@ -896,6 +906,18 @@ mod tests {
             &wrong,
         );
         assert!(matches!(bad, Err(NetError::Features { .. })));
+        for mac in [[0xff; 6], [0; 6], [1, 0, 0, 0, 0, 1]] {
+            let mut wrong = st.clone();
+            wrong.mac = mac;
+            let bad = Net::restore(
+                NetArgs {
+                    id: "n0".into(),
+                    tap: "ferryut-cfg0".into(),
+                },
+                &wrong,
+            );
+            assert!(matches!(bad, Err(NetError::StateMac { .. })), "{mac:?}");
+        }
     }
 
     mod rings {
