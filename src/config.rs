@@ -62,6 +62,10 @@ pub struct VmConfig {
     pub initrd: Option<PathBuf>,
     #[serde(default)]
     pub drives: Vec<DriveConfig>,
+    /// virtio-net devices, each on a tap; after the drives on the MMIO
+    /// windows and interrupt lines.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub net: Vec<NetConfig>,
     #[serde(default)]
     pub serial: SerialConfig,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -80,6 +84,19 @@ pub struct DriveConfig {
     /// An existing file is used as is, never truncated.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub create_size_mib: Option<u64>,
+}
+
+/// One virtio-net device on a tap. `mac` is generated when absent, and
+/// kept from then on (snapshots and migrations carry it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetConfig {
+    pub id: String,
+    /// The host's tap interface: opened, or created when missing (which
+    /// needs CAP_NET_ADMIN).
+    pub tap: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
 }
 
 /// Where the guest's serial console goes. In JSON: `"stdout"` or a file path
@@ -254,6 +271,7 @@ impl VmConfig {
             check_input_file("initrd", initrd, false, &mut problems);
         }
         self.check_drives(&mut problems);
+        self.check_net(&mut problems);
         if let SerialConfig::File(path) = &self.serial {
             check_serial_file(path, &mut problems);
         }
@@ -280,6 +298,7 @@ impl VmConfig {
                 self.drives.len()
             ));
         }
+        self.check_net(&mut problems);
         if problems.is_empty() {
             Ok(())
         } else {
@@ -293,6 +312,87 @@ impl VmConfig {
 
     fn check_memory(&self, problems: &mut Vec<String>) {
         problems.extend(memory_problem(self.memory_mib));
+    }
+
+    /// Ids and addresses unique, addresses well formed, tap names valid,
+    /// and room for every device on the interrupt lines the drives leave.
+    fn check_net(&self, problems: &mut Vec<String>) {
+        use crate::devices::virtio::net::{check_tap_name, parse_mac};
+        let room = MAX_DRIVES.saturating_sub(self.drives.len());
+        if self.net.len() > room {
+            problems.push(format!(
+                "net: {} devices, but {} drives leave room for {room} (drives and net devices \
+                 share {MAX_DRIVES} interrupt lines)",
+                self.net.len(),
+                self.drives.len()
+            ));
+            return;
+        }
+        for (i, net) in self.net.iter().enumerate() {
+            let label = format!("net[{i}]");
+            if net.id.is_empty() {
+                problems.push(format!("{label}.id: must not be empty"));
+            } else if net.id.len() > MAX_DRIVE_ID_LEN {
+                problems.push(format!(
+                    "{label}.id \"{}\" is {} bytes long (maximum {MAX_DRIVE_ID_LEN})",
+                    net.id,
+                    net.id.len()
+                ));
+            } else if let Some(first) = self.net[..i].iter().position(|n| n.id == net.id) {
+                problems.push(format!(
+                    "{label}.id \"{}\" is a duplicate of net[{first}].id",
+                    net.id
+                ));
+            }
+            if check_tap_name(&net.tap).is_err() {
+                problems.push(format!(
+                    "{label}.tap {:?} is not an interface name (1 to 15 bytes, no '/', ':' or \
+                     whitespace)",
+                    net.tap
+                ));
+            } else if let Some(first) = self.net[..i].iter().position(|n| n.tap == net.tap) {
+                problems.push(format!(
+                    "{label}.tap \"{}\" is already net[{first}].tap (a tap serves one device)",
+                    net.tap
+                ));
+            }
+            if let Some(mac) = &net.mac {
+                match parse_mac(mac) {
+                    Err(why) => problems.push(format!("{label}.mac: {why}")),
+                    Ok(m) => {
+                        let same = |n: &NetConfig| {
+                            n.mac.as_deref().and_then(|x| parse_mac(x).ok()) == Some(m)
+                        };
+                        if let Some(first) = self.net[..i].iter().position(same) {
+                            problems.push(format!("{label}.mac {mac} is already net[{first}].mac"));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Gives every net device without an address a random one, so that the
+    /// saved config (snapshots, migrations) keeps it.
+    pub fn assign_macs(&mut self) -> std::io::Result<()> {
+        use crate::devices::virtio::net::{format_mac, random_mac};
+        for i in 0..self.net.len() {
+            if self.net[i].mac.is_some() {
+                continue;
+            }
+            let mac = loop {
+                let m = format_mac(&random_mac()?);
+                if !self
+                    .net
+                    .iter()
+                    .any(|n| n.mac.as_deref() == Some(m.as_str()))
+                {
+                    break m;
+                }
+            };
+            self.net[i].mac = Some(mac);
+        }
+        Ok(())
     }
 
     fn check_drives(&self, problems: &mut Vec<String>) {
@@ -1159,6 +1259,73 @@ mod tests {
             r#"{"kernel": "vmlinux", "drives": [{"id": "abcdefghijklmnopqrst", "path": "a.img"}]}"#,
         )
         .expect("20 bytes fit");
+    }
+
+    #[test]
+    fn net_devices_need_unique_ids_taps_and_good_macs() {
+        let f = Fixture::new();
+        let problems = f.problems(
+            r#"{"kernel": "vmlinux", "net": [
+                {"id": "n0", "tap": "tap0", "mac": "02:00:00:00:00:01"},
+                {"id": "n0", "tap": "tap1"},
+                {"id": "", "tap": "tap0"},
+                {"id": "n3", "tap": "a/b", "mac": "03:00:00:00:00:01"},
+                {"id": "n4", "tap": "tap4", "mac": "02:00:00:00:00:01"},
+                {"id": "n5", "tap": "tap5", "mac": "02:00:00:00:01"}]}"#,
+        );
+        assert_eq!(
+            problems,
+            vec![
+                "net[1].id \"n0\" is a duplicate of net[0].id".to_string(),
+                "net[2].id: must not be empty".to_string(),
+                "net[2].tap \"tap0\" is already net[0].tap (a tap serves one device)".to_string(),
+                "net[3].tap \"a/b\" is not an interface name (1 to 15 bytes, no '/', ':' or \
+                 whitespace)"
+                    .to_string(),
+                "net[3].mac: \"03:00:00:00:00:01\" is a multicast address; a NIC needs a \
+                 unicast one"
+                    .to_string(),
+                "net[4].mac 02:00:00:00:00:01 is already net[0].mac".to_string(),
+                "net[5].mac: \"02:00:00:00:01\" is not a MAC address (six hex bytes, e.g. \
+                 02:00:00:00:00:01)"
+                    .to_string(),
+            ]
+        );
+        let err = f
+            .load(r#"{"kernel": "vmlinux", "net": [{"id": "n0", "tap": "t", "ip": "x"}]}"#)
+            .expect_err("unknown field");
+        assert!(err.to_string().contains("unknown field \"ip\""), "{err}");
+
+        let mut config = f
+            .load(r#"{"kernel": "vmlinux", "net": [{"id": "a", "tap": "t0"}, {"id": "b", "tap": "t1", "mac": "02:00:00:00:00:07"}]}"#)
+            .expect("valid");
+        config.assign_macs().expect("random");
+        let a = config.net[0].mac.clone().expect("assigned");
+        assert_ne!(a, "02:00:00:00:00:07");
+        assert_eq!(config.net[1].mac.as_deref(), Some("02:00:00:00:00:07"));
+        config.validate().expect("assigned addresses are valid");
+        config.assign_macs().expect("no-op");
+        assert_eq!(config.net[0].mac, Some(a), "kept once chosen");
+    }
+
+    #[test]
+    fn net_devices_share_the_interrupt_lines_with_drives() {
+        let f = Fixture::new();
+        let nets: Vec<String> = (0..=MAX_DRIVES)
+            .map(|i| format!(r#"{{"id": "n{i}", "tap": "t{i}"}}"#))
+            .collect();
+        let problems = f.problems(&format!(
+            r#"{{"kernel": "vmlinux", "net": [{}]}}"#,
+            nets.join(",")
+        ));
+        assert_eq!(
+            problems,
+            vec![
+                "net: 20 devices, but 0 drives leave room for 19 (drives and net devices share \
+                 19 interrupt lines)"
+                    .to_string()
+            ]
+        );
     }
 
     #[test]

@@ -67,6 +67,11 @@ enum Command {
         /// config is never used.
         #[arg(long, value_name = "stdout|FILE")]
         serial: Option<String>,
+        /// The tap of this host each net device of the guest attaches to
+        /// (repeatable, one per device: the sent config's tap names are
+        /// never used). A guest with a net device not named here is refused.
+        #[arg(long = "tap", value_name = "ID=TAP", value_parser = tap_mapping)]
+        taps: Vec<(String, String)>,
         /// This host's certificates: ca.pem (the CA peers must chain to),
         /// cert.pem, key.pem (see `ferry tls-init`).
         #[arg(long)]
@@ -154,6 +159,18 @@ fn listen_address(text: &str) -> Result<String, String> {
             ferry::util::io_msg(&e)
         )),
     }
+}
+
+/// `--tap ID=TAP`.
+fn tap_mapping(text: &str) -> Result<(String, String), String> {
+    let Some((id, tap)) = text.split_once('=') else {
+        return Err("give ID=TAP, e.g. n0=tap0".to_string());
+    };
+    if id.is_empty() {
+        return Err("the device id before '=' is empty".to_string());
+    }
+    ferry::devices::virtio::net::check_tap_name(tap).map_err(|e| e.to_string())?;
+    Ok((id.to_string(), tap.to_string()))
 }
 
 const EXIT_RUNTIME: u8 = 1;
@@ -755,6 +772,7 @@ fn main() -> ExitCode {
             api_sock,
             shared_storage_root,
             serial,
+            taps,
             tls_dir,
             allow_client,
             insecure,
@@ -774,6 +792,7 @@ fn main() -> ExitCode {
             let policy = ferry::migration::destination::ReceivePolicy {
                 shared_storage_root,
                 serial,
+                taps,
             };
             receive(
                 &listen,

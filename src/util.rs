@@ -120,6 +120,23 @@ pub fn random_hex<const N: usize>() -> io::Result<String> {
         .collect())
 }
 
+/// Whether unit tests may create tap devices here (root with /dev/net/tun);
+/// says so when they may not, and fails in CI, where they must.
+#[cfg(test)]
+pub(crate) fn tests_can_create_taps() -> bool {
+    // SAFETY: geteuid() takes nothing and cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    let ok = root && std::path::Path::new("/dev/net/tun").exists();
+    if !ok {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must run the tap tests (root and /dev/net/tun)"
+        );
+        eprintln!("SKIPPED: creating taps needs root and /dev/net/tun");
+    }
+    ok
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

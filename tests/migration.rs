@@ -388,6 +388,7 @@ fn receiver_rejects_garbage_and_bad_handshakes_then_accepts_a_real_migration() {
                 memory_size,
                 cpuid: vec![],
                 storage: None,
+                net_ids: vec![],
             },
         )
         .unwrap();
@@ -439,6 +440,7 @@ fn receiver_refuses_frames_out_of_order() {
             memory_size: 128 << 20,
             cpuid: vec![],
             storage: None,
+            net_ids: vec![],
         },
     )
     .unwrap();
@@ -716,6 +718,7 @@ fn forged_hello(state: &serde_json::Value) -> protocol::Hello {
         // above.
         cpuid: vec![],
         storage: None,
+        net_ids: vec![],
     }
 }
 
@@ -1046,6 +1049,7 @@ fn guests_beyond_this_hosts_limits_are_refused_before_anything_is_built() {
         memory_size,
         cpuid: vec![],
         storage: None,
+        net_ids: vec![],
     };
     let refusal = |port: u16, h: &protocol::Hello| {
         let mut s = tls_client(dir.path(), port);
@@ -1109,6 +1113,7 @@ fn an_id_collision_deletes_nothing() {
                 memory_size: 128 << 20,
                 cpuid: vec![],
                 storage: Some(offer(sizes)),
+                net_ids: vec![],
             },
         )
         .unwrap();
@@ -1145,6 +1150,7 @@ fn an_id_collision_deletes_nothing() {
             memory_size: 128 << 20,
             cpuid: vec![],
             storage: Some(offer(vec![1 << 62, 1 << 62, 1])),
+            net_ids: vec![],
         },
     )
     .unwrap();
@@ -1523,6 +1529,7 @@ fn an_authenticated_peer_writes_only_the_announced_files_into_the_share() {
                 data_bytes: None,
                 mounted_share: false,
             }),
+            net_ids: vec![],
         },
     )
     .unwrap();

@@ -104,6 +104,8 @@ pub struct ReceivePolicy {
     /// `--serial`: where the received guest's console goes (the sent config
     /// names a path on the source's host, which means nothing here).
     pub serial: SerialConfig,
+    /// `--tap ID=TAP`: this host's tap for each net device, by id.
+    pub taps: Vec<(String, String)>,
 }
 
 impl ReceivePolicy {
@@ -966,6 +968,7 @@ impl IncomingMigration {
     fn place(&self, config: &mut VmConfig) -> Result<(), DestinationError> {
         config.api_socket = None;
         config.serial = self.policy.serial.clone();
+        place_taps(config, &self.policy.taps)?;
         match (&self.share_dir, &self.hello.storage) {
             (Some(dir), Some(offer)) => {
                 check_share_contents(&dir.path, &offer.files, &offer.sizes)?;
@@ -1253,7 +1256,35 @@ fn handshake(
         )));
     }
     check_cpuid(&hello.cpuid)?;
+    check_net_ids(&hello.net_ids, &policy.taps)?;
     Ok(hello)
+}
+
+/// Every announced net device must have a tap here (`--tap`).
+fn check_net_ids(ids: &[String], taps: &[(String, String)]) -> Result<(), DestinationError> {
+    if ids.len() > crate::config::MAX_DRIVES
+        || ids
+            .iter()
+            .any(|id| id.is_empty() || id.len() > crate::config::MAX_DRIVE_ID_LEN)
+    {
+        return Err(DestinationError::Refused("invalid net device ids".into()));
+    }
+    for (i, id) in ids.iter().enumerate() {
+        if !taps.iter().any(|(t, _)| t == id) {
+            return Err(DestinationError::Refused(no_tap(i, id)));
+        }
+    }
+    Ok(())
+}
+
+fn no_tap(index: usize, id: &str) -> String {
+    // The id is bounded and shown quoted, so that it cannot pass for
+    // anything else in the message.
+    format!(
+        "net[{index}] (id {id:?}) has no tap on the destination: start `ferry receive` with \
+         --tap {}=TAP",
+        id.escape_default()
+    )
 }
 
 /// The files a storage copy announces: plain names, one size each, and an
@@ -1425,6 +1456,18 @@ fn open_share(
     Ok(Some((share_dir, Some(server), offer)))
 }
 
+/// Every net device gets the tap this host chose for it; one it did not
+/// choose for is refused.
+fn place_taps(config: &mut VmConfig, taps: &[(String, String)]) -> Result<(), DestinationError> {
+    for (i, net) in config.net.iter_mut().enumerate() {
+        match taps.iter().find(|(id, _)| *id == net.id) {
+            Some((_, tap)) => net.tap = tap.clone(),
+            None => return Err(DestinationError::Untrusted(no_tap(i, &net.id))),
+        }
+    }
+    Ok(())
+}
+
 /// The state must describe the VM the handshake announced.
 fn check_state(hello: &Hello, state: &VmState) -> Result<(), DestinationError> {
     let bad = |why: String| {
@@ -1443,6 +1486,18 @@ fn check_state(hello: &Hello, state: &VmState) -> Result<(), DestinationError> {
     }
     if state.drives.len() != state.config.drives.len() {
         return Err(bad("drive states do not match the config".into()));
+    }
+    if state.nets.len() != state.config.net.len()
+        || !state
+            .config
+            .net
+            .iter()
+            .map(|n| &n.id)
+            .eq(hello.net_ids.iter())
+    {
+        return Err(bad(
+            "net devices differ from the handshake or from their states".into(),
+        ));
     }
     Ok(())
 }

@@ -115,6 +115,11 @@ pub struct Hello {
     /// Present when the VM's files come along (storage migration).
     #[serde(default)]
     pub storage: Option<StorageOffer>,
+    /// The ids of the guest's net devices, in config order: the destination
+    /// refuses at once a device it has no tap for. Left out when there are
+    /// none, so that a VM without a network migrates to older receivers.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub net_ids: Vec<String>,
 }
 
 /// The files a storage migration will write into the share.

@@ -19,6 +19,7 @@ use crate::devices::i8042::I8042State;
 use crate::devices::serial::SerialDeviceState;
 use crate::devices::virtio::block::BlockState;
 use crate::devices::virtio::mmio::MmioTransportState;
+use crate::devices::virtio::net::NetState;
 use crate::vstate::state::{VcpuState, VmArchState};
 
 /// Bumped whenever `VmState` or the layout below changes incompatibly.
@@ -45,6 +46,13 @@ pub struct DriveState {
     pub block: BlockState,
 }
 
+/// One virtio-net device: its transport and the device behind it.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct NetDeviceState {
+    pub transport: MmioTransportState,
+    pub net: NetState,
+}
+
 /// Everything about a VM except its memory and disk contents.
 #[derive(Serialize, Deserialize)]
 pub struct VmState {
@@ -57,6 +65,9 @@ pub struct VmState {
     #[serde(default)]
     pub i8042: I8042State,
     pub drives: Vec<DriveState>,
+    /// Absent from snapshots written before net devices existed.
+    #[serde(default)]
+    pub nets: Vec<NetDeviceState>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -18,13 +18,16 @@ use vmm_sys_util::eventfd::EventFd;
 use super::VmmError;
 use crate::arch::x86_64::layout::*;
 use crate::arch::x86_64::{boot, cpuid, mptable, regs};
-use crate::config::{DriveConfig, SerialConfig, VmConfig};
+use crate::config::{DriveConfig, NetConfig, SerialConfig, VmConfig};
 use crate::devices::bus::Bus;
 use crate::devices::i8042::I8042;
 use crate::devices::persist::Persist;
 use crate::devices::serial::{SerialArgs, SerialDevice};
 use crate::devices::virtio::mmio::NOTIFY_REG_OFFSET;
-use crate::devices::virtio::{Block, BlockArgs, MmioArgs, MmioTransport, VirtioDevice};
+use crate::devices::virtio::net::parse_mac;
+use crate::devices::virtio::{
+    Block, BlockArgs, MmioArgs, MmioTransport, Net, NetArgs, VirtioDevice,
+};
 use crate::snapshot::{self, SnapshotError, VmState};
 use crate::startup;
 use crate::util::lock;
@@ -37,6 +40,8 @@ pub type EventLoop = EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>;
 
 /// A virtio-blk drive: its transport on the MMIO bus and the device behind it.
 pub type Drive = (Arc<Mutex<MmioTransport>>, Arc<Mutex<Block>>);
+/// A virtio-net device: its transport on the MMIO bus and the device behind it.
+pub type NetDev = (Arc<Mutex<MmioTransport>>, Arc<Mutex<Net>>);
 
 /// How the VM comes to life.
 pub enum Boot {
@@ -69,6 +74,7 @@ pub struct BuiltVm {
     /// Signalled when the guest resets the machine through the i8042.
     pub reset_evt: EventFd,
     pub drives: Vec<Drive>,
+    pub nets: Vec<NetDev>,
     pub vcpus: Vec<Vcpu>,
     /// The CPUID vCPU 0 was given, which a migration destination checks.
     pub guest_cpuid: Vec<kvm_bindings::kvm_cpuid_entry2>,
@@ -108,6 +114,7 @@ pub fn build(config: &VmConfig, boot: Boot) -> Result<BuiltVm, VmmError> {
         serial: devices.serial,
         reset_evt: devices.reset_evt,
         drives: devices.drives,
+        nets: devices.nets,
         vcpus: devices.vcpus,
         guest_cpuid: devices.guest_cpuid,
     })
@@ -151,6 +158,7 @@ struct Devices {
     serial: Arc<Mutex<SerialDevice>>,
     reset_evt: EventFd,
     drives: Vec<Drive>,
+    nets: Vec<NetDev>,
     vcpus: Vec<Vcpu>,
     guest_cpuid: Vec<kvm_bindings::kvm_cpuid_entry2>,
 }
@@ -182,6 +190,7 @@ fn build_devices(
     let reset_evt = b.attach_i8042()?;
     let drives = b.attach_block_devices()?;
     startup::mark("drives");
+    let nets = b.attach_net_devices()?;
     let entry = b.boot_state()?;
     startup::mark("boot-state");
     let (vcpus, guest_cpuid) = b.create_vcpus(entry)?;
@@ -194,6 +203,7 @@ fn build_devices(
         serial,
         reset_evt,
         drives,
+        nets,
         vcpus,
         guest_cpuid,
     })
@@ -387,6 +397,90 @@ impl Builder<'_> {
             .add_virtio_mmio_device(MMIO_DEVICE_SIZE, GuestAddress(base), irq, None)
             .map_err(VmmError::Cmdline)?;
         Ok((transport, block))
+    }
+
+    fn attach_net_devices(&mut self) -> Result<Vec<NetDev>, VmmError> {
+        let config = self.config;
+        if let Some(st) = self.saved {
+            if st.nets.len() != config.net.len() {
+                return Err(VmmError::EventLoop(format!(
+                    "the saved state has {} net devices, its config {}",
+                    st.nets.len(),
+                    config.net.len()
+                )));
+            }
+        }
+        config
+            .net
+            .iter()
+            .enumerate()
+            .map(|(i, net)| self.attach_net_device(config.drives.len() + i, i, net))
+            .collect()
+    }
+
+    /// A virtio-net device in the `slot`th virtio-mmio window, after the
+    /// drives: ioeventfds on its two queues, irqfd on its line, announced on
+    /// the command line. The tap is always the config's: saved state never
+    /// names one.
+    fn attach_net_device(
+        &mut self,
+        slot: usize,
+        index: usize,
+        cfg: &NetConfig,
+    ) -> Result<NetDev, VmmError> {
+        let net_err = |source| VmmError::Net {
+            id: cfg.id.clone(),
+            source,
+        };
+        let args = NetArgs {
+            id: cfg.id.clone(),
+            tap: cfg.tap.clone(),
+        };
+        let saved = self.saved.map(|st| &st.nets[index]);
+        let net = match saved {
+            None => {
+                let mac = cfg.mac.as_deref().map(parse_mac).transpose();
+                let mac = mac.map_err(|why| {
+                    VmmError::EventLoop(format!("net device {}: mac: {why}", cfg.id))
+                })?;
+                let mac = match mac {
+                    Some(m) => m,
+                    None => crate::devices::virtio::net::random_mac().map_err(VmmError::EventFd)?,
+                };
+                Net::new(args.id, &args.tap, mac)
+            }
+            Some(st) => Net::restore(args, &st.net),
+        }
+        .map_err(net_err)?;
+        let base = MMIO_DEVICES_START + slot as u64 * MMIO_DEVICE_SIZE;
+        let irq = FIRST_VIRTIO_IRQ + slot as u32;
+        for (q, evt) in net.queue_events().iter().enumerate() {
+            self.vm
+                .register_mmio_ioevent(evt, base + NOTIFY_REG_OFFSET, q as u32)?;
+        }
+        self.vm.register_irqfd(net.interrupt().evt(), irq)?;
+        let net = Arc::new(Mutex::new(net));
+        let args = MmioArgs {
+            mem: self.mem.clone(),
+            device: net.clone(),
+        };
+        let transport = match saved {
+            None => MmioTransport::new(args.mem, args.device),
+            Some(st) => MmioTransport::restore(args, &st.transport).map_err(|source| {
+                VmmError::Transport {
+                    id: cfg.id.clone(),
+                    source,
+                }
+            })?,
+        };
+        let transport = Arc::new(Mutex::new(transport));
+        self.mmio
+            .insert(transport.clone(), base, MMIO_DEVICE_SIZE)?;
+        self.event_loop.add_subscriber(net.clone());
+        self.cmdline
+            .add_virtio_mmio_device(MMIO_DEVICE_SIZE, GuestAddress(base), irq, None)
+            .map_err(VmmError::Cmdline)?;
+        Ok((transport, net))
     }
 
     /// A fresh guest gets its boot tables and kernel in memory and returns

@@ -5,7 +5,7 @@ use std::fs::File;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use super::builder::Drive;
+use super::builder::{Drive, NetDev};
 use super::VmmError;
 use crate::config::VmConfig;
 use crate::devices::i8042::I8042State;
@@ -13,7 +13,7 @@ use crate::devices::persist::Persist;
 use crate::devices::serial::SerialDevice;
 use crate::devices::virtio::block::WriteMirror;
 use crate::migration::source::{MachineError, MigratableVm};
-use crate::snapshot::{DriveState, VmState};
+use crate::snapshot::{DriveState, NetDeviceState, VmState};
 use crate::util::lock;
 use crate::vstate::memory::GuestMemoryMmap;
 use crate::vstate::state;
@@ -32,6 +32,7 @@ pub struct Machine {
     pub vcpus: Vec<Arc<Mutex<kvm_ioctls::VcpuFd>>>,
     pub serial: Arc<Mutex<SerialDevice>>,
     pub drives: Vec<Drive>,
+    pub nets: Vec<NetDev>,
     /// The MSRs this host lets us read, found on first use.
     pub msrs: Option<Vec<u32>>,
 }
@@ -48,7 +49,34 @@ impl Machine {
                     source,
                 })?;
         }
+        for (i, (_, net)) in self.nets.iter().enumerate() {
+            lock(net)
+                .pause()
+                .map_err(|source| MachineError::QuiesceNet {
+                    net: self.config.net[i].id.clone(),
+                    source,
+                })?;
+        }
         Ok(())
+    }
+
+    /// Lets the net devices touch guest memory again (after [`quiesce`]).
+    pub fn unpause_devices(&self) {
+        for (_, net) in &self.nets {
+            let mut net = lock(net);
+            net.unpause();
+            // A destination that got as far as building the guest has
+            // announced it: take the address back.
+            net.announce();
+        }
+    }
+
+    /// Every net device announces the guest's address on its tap (the
+    /// guest starts here after a migration or restore).
+    pub fn announce(&self) {
+        for (_, net) in &self.nets {
+            lock(net).announce();
+        }
     }
 
     /// Takes every drive's image lock not held yet.
@@ -95,6 +123,14 @@ impl Machine {
                     block: lock(b).save(),
                 })
                 .collect(),
+            nets: self
+                .nets
+                .iter()
+                .map(|(t, n)| NetDeviceState {
+                    transport: lock(t).save(),
+                    net: lock(n).save(),
+                })
+                .collect(),
         })
     }
 }
@@ -109,6 +145,10 @@ pub struct MachineHandle {
 impl MigratableVm for MachineHandle {
     fn quiesce(&self) -> Result<(), MachineError> {
         lock(&self.machine).quiesce()
+    }
+
+    fn resume_devices(&self) {
+        lock(&self.machine).unpause_devices()
     }
 
     fn save_state(&self) -> Result<VmState, MachineError> {

@@ -39,7 +39,7 @@ pub enum VmmError {
     Snapshot(#[from] SnapshotError),
     #[error("VM state: {0}")]
     State(#[from] crate::vstate::state::StateError),
-    #[error("drive {id}: cannot restore its virtio transport: {source}")]
+    #[error("device {id}: cannot restore its virtio transport: {source}")]
     Transport {
         id: String,
         source: crate::devices::virtio::mmio::MmioError,
@@ -64,6 +64,11 @@ pub enum VmmError {
     Vcpu(#[from] crate::vstate::vcpu::VcpuError),
     #[error("drive {id}: {source}")]
     Drive { id: String, source: BlockError },
+    #[error("net device {id}: {source}")]
+    Net {
+        id: String,
+        source: crate::devices::virtio::net::NetError,
+    },
     #[error("kernel command line: {0}")]
     Cmdline(linux_loader::cmdline::Error),
     #[error("serial output {path}: {source}")]
@@ -93,6 +98,11 @@ impl VmmError {
                 | destination::DestinationError::SharedRoot { .. },
             ) => true,
             VmmError::Boot(e) => !matches!(e, boot::BootError::BootParams(_)),
+            VmmError::Net { source, .. } => matches!(
+                source,
+                crate::devices::virtio::net::NetError::Tap { .. }
+                    | crate::devices::virtio::net::NetError::TapName(_)
+            ),
             VmmError::Drive { source, .. } => matches!(
                 source,
                 BlockError::Open { .. }
@@ -170,6 +180,15 @@ pub fn receive(
         };
         let mut vmm = Vmm::build(config, boot, api_socket.as_deref(), start_paused)?;
         vmm._dir_lock = r.dir_lock;
+        // The source is paused and has sent everything: from now on frames
+        // for the guest had better queue on this host's taps, to be
+        // delivered when it runs here, than reach the paused source and be
+        // lost. Should the source resume after all, it announces itself
+        // back.
+        {
+            let c = lock(&vmm.controller);
+            lock(&c.machine).announce();
+        }
         Ok::<_, VmmError>(vmm)
     };
     let vmm = incoming.hand_over(build, Vmm::start)?;
@@ -203,6 +222,11 @@ impl Vmm {
         let started = Instant::now();
         install_kick_handler()?;
         let restored = !matches!(boot, Boot::Fresh);
+        let mut config = config;
+        if !restored {
+            // Chosen once: snapshots and migrations carry it in the config.
+            config.assign_macs().map_err(VmmError::EventFd)?;
+        }
         let mut built = builder::build(&config, boot)?;
 
         // Issue 8, signals: installed before the control socket exists, so
@@ -248,6 +272,7 @@ impl Vmm {
             vcpus: built.vcpus.iter().map(|v| v.fd.clone()).collect(),
             serial: built.serial.clone(),
             drives: built.drives,
+            nets: built.nets,
             msrs: None,
         };
         // SAFETY: isatty only inspects the descriptor.
@@ -298,6 +323,10 @@ impl Vmm {
             handles.push(vcpu.start(self.vcpu_ctx.clone())?);
         }
         let mut c = lock(&self.controller);
+        if c.restored {
+            // The guest may be on another port of the network now.
+            lock(&c.machine).announce();
+        }
         c.handles = handles;
         c.startup = crate::process_start().elapsed();
         crate::startup::mark("vcpus-started");

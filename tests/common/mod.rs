@@ -515,3 +515,374 @@ impl Drop for TwoHosts {
         let _ = Command::new(script).args(["down", &self.name]).output();
     }
 }
+
+/// A switched network on this machine (tools/two-hosts switch-up): hosts
+/// `a` and `b` each bridge their tap `tap0` to the switch, and client `c`
+/// hangs on it too; all of it removed on drop, also when the test fails.
+pub struct Switch {
+    pub name: String,
+    pub subnet: String,
+}
+
+impl Switch {
+    /// None (with a printed reason) where namespaces cannot be made because
+    /// this is not root; as root or in CI, a failure panics.
+    pub fn create(test: &str) -> Option<Switch> {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        let pid = std::process::id();
+        let name = format!("fs{}{}", pid % 100_000, n);
+        let subnet = format!("10.{}.{}", 200 + (pid % 50), (n * 7 + pid / 100) % 250);
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tools/two-hosts");
+        let out = Command::new(script)
+            .args(["switch-up", &name, &subnet])
+            .output();
+        let sw = Switch { name, subnet };
+        match out {
+            Ok(o) if o.status.success() => Some(sw),
+            other => {
+                drop(sw);
+                skip_unless_required(
+                    test,
+                    running_as_root() || in_ci(),
+                    &format!("cannot create the switched namespaces: {other:?}"),
+                );
+                None
+            }
+        }
+    }
+
+    pub fn ns(&self, host: char) -> String {
+        format!("{}-{host}", self.name)
+    }
+
+    /// Host a is .1, host b .2, the client .100.
+    pub fn ip(&self, host: char) -> String {
+        let n = match host {
+            'a' => 1,
+            'b' => 2,
+            'c' => 100,
+            _ => panic!("no host {host}"),
+        };
+        format!("{}.{n}", self.subnet)
+    }
+
+    /// The address the test guest answers on.
+    pub fn guest_ip(&self) -> String {
+        format!("{}.50", self.subnet)
+    }
+
+    /// `ferry ARGS` in host `a` or `b`.
+    pub fn ferry(&self, host: char, args: &[&str]) -> Ferry {
+        let ns = self.ns(host);
+        let mut all = vec!["netns", "exec", ns.as_str(), FERRY];
+        all.extend_from_slice(args);
+        Ferry::spawn_program("ip", &all)
+    }
+
+    /// A counter of host `host`'s tap0 (`rx_packets`: frames the VMM wrote,
+    /// i.e. the guest sent; `tx_packets`: frames for the guest).
+    pub fn tap_stat(&self, host: char, what: &str) -> u64 {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.ns(host), "cat"])
+            .arg(format!("/sys/class/net/tap0/statistics/{what}"))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+    }
+}
+
+impl Drop for Switch {
+    fn drop(&mut self) {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tools/two-hosts");
+        let _ = Command::new(script).args(["down", &self.name]).output();
+    }
+}
+
+/// Runs `f` on a thread that has entered network namespace `ns`: sockets
+/// it makes live there (setns changes only the calling thread).
+pub fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
+    let path = format!("/run/netns/{ns}");
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            enter_netns(&path);
+            f()
+        })
+        .join()
+        .unwrap()
+    })
+}
+
+fn enter_netns(path: &str) {
+    let file = std::fs::File::open(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    use std::os::fd::AsRawFd;
+    // SAFETY: a valid namespace fd; setns changes only this thread.
+    let r = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(r, 0, "setns {path}: {}", std::io::Error::last_os_error());
+}
+
+/// ICMP echo to `ip` from namespace `ns`, `count` times: the round trips
+/// of the replies that came within `timeout` each.
+pub fn ping(ns: &str, ip: &str, count: u16, timeout: Duration) -> Vec<Duration> {
+    let ip: std::net::Ipv4Addr = ip.parse().unwrap();
+    in_netns(ns, || {
+        // SAFETY: plain socket(2); the fd is checked and owned below.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_ICMP) };
+        assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
+        use std::os::fd::FromRawFd;
+        // SAFETY: fd is ours.
+        let sock = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+        let mut rtts = Vec::new();
+        for seq in 0..count {
+            let mut pkt = [0u8; 24];
+            pkt[0] = 8;
+            pkt[4..6].copy_from_slice(&0x4652u16.to_be_bytes());
+            pkt[6..8].copy_from_slice(&seq.to_be_bytes());
+            pkt[8..].copy_from_slice(b"ferry-ping-test!");
+            let c = inet_checksum(&pkt);
+            pkt[2..4].copy_from_slice(&c.to_be_bytes());
+            let t0 = Instant::now();
+            if let Some(rtt) = ping_once(&sock, ip, &pkt, seq, t0, timeout) {
+                rtts.push(rtt);
+            }
+        }
+        rtts
+    })
+}
+
+fn ping_once(
+    sock: &std::os::fd::OwnedFd,
+    ip: std::net::Ipv4Addr,
+    pkt: &[u8],
+    seq: u16,
+    t0: Instant,
+    timeout: Duration,
+) -> Option<Duration> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: sockaddr_in is plain data.
+    let mut sa: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+    sa.sin_family = libc::AF_INET as libc::sa_family_t;
+    sa.sin_addr.s_addr = u32::from_ne_bytes(ip.octets());
+    // SAFETY: buffer and address valid for the lengths given.
+    let n = unsafe {
+        libc::sendto(
+            sock.as_raw_fd(),
+            pkt.as_ptr().cast(),
+            pkt.len(),
+            0,
+            (&sa as *const libc::sockaddr_in).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(n, pkt.len() as isize, "{}", std::io::Error::last_os_error());
+    while t0.elapsed() < timeout {
+        let mut buf = [0u8; 1500];
+        // SAFETY: buffer valid for its length.
+        let n = unsafe {
+            libc::recv(
+                sock.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if n < 28 {
+            std::thread::sleep(Duration::from_micros(50));
+            continue;
+        }
+        let icmp = &buf[20..n as usize];
+        if icmp[0] == 0
+            && icmp[6..8] == seq.to_be_bytes()
+            && inet_checksum(icmp) == 0
+            && icmp[8..] == pkt[8..]
+        {
+            return Some(t0.elapsed());
+        }
+    }
+    None
+}
+
+pub fn inet_checksum(b: &[u8]) -> u16 {
+    let mut sum: u32 = b
+        .chunks(2)
+        .map(|c| u32::from(c[0]) << 8 | u32::from(*c.get(1).unwrap_or(&0)))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// A UDP echo stream from namespace `ns` to port 7 of a guest: one
+/// datagram with a sequence number every `interval`, replies counted by
+/// sequence number as they come.
+pub struct EchoStream {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    handle: Option<std::thread::JoinHandle<EchoReport>>,
+}
+
+/// What came back of an echo stream.
+#[derive(Debug, Default)]
+pub struct EchoReport {
+    pub sent: u64,
+    /// When each datagram was sent, by sequence number.
+    pub sent_at: Vec<Instant>,
+    /// When its (first) reply came, by sequence number.
+    pub replied_at: Vec<Option<Instant>>,
+    /// Replies to a sequence number already answered.
+    pub duplicates: u64,
+    /// Replies that do not carry what was sent.
+    pub garbled: u64,
+    /// Datagrams the client's own host refused to send.
+    pub send_errors: u64,
+}
+
+impl EchoStream {
+    pub fn start(ns: &str, ip: &str, interval: Duration) -> EchoStream {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let path = format!("/run/netns/{ns}");
+        let target: std::net::SocketAddr = format!("{ip}:7").parse().unwrap();
+        let flag = stop.clone();
+        let handle = std::thread::spawn(move || {
+            enter_netns(&path);
+            echo_loop(target, interval, &flag)
+        });
+        EchoStream {
+            stop,
+            handle: Some(handle),
+        }
+    }
+
+    /// Stops sending, waits a little for late replies, and reports.
+    pub fn finish(mut self) -> EchoReport {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.handle.take().unwrap().join().unwrap()
+    }
+}
+
+impl Drop for EchoStream {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+fn echo_loop(
+    target: std::net::SocketAddr,
+    interval: Duration,
+    stop: &std::sync::atomic::AtomicBool,
+) -> EchoReport {
+    let sock = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+    sock.set_nonblocking(true).unwrap();
+    let mut r = EchoReport::default();
+    let start = Instant::now();
+    let mut stopped_at = None;
+    loop {
+        let now = Instant::now();
+        if stopped_at.is_none() && stop.load(std::sync::atomic::Ordering::SeqCst) {
+            stopped_at = Some(now);
+        }
+        if stopped_at.is_some_and(|t| now.duration_since(t) > Duration::from_millis(300)) {
+            return r;
+        }
+        if stopped_at.is_none() && now >= start + interval * r.sent as u32 {
+            let mut msg = [0u8; 32];
+            msg[..8].copy_from_slice(&r.sent.to_be_bytes());
+            msg[8..].copy_from_slice(b"ferry-echo-stream-test!!");
+            // A send the host refuses (no neighbour yet) is a lost datagram.
+            if sock.send_to(&msg, target).is_err() {
+                r.send_errors += 1;
+            }
+            r.sent_at.push(now);
+            r.replied_at.push(None);
+            r.sent += 1;
+        }
+        let mut buf = [0u8; 64];
+        while let Ok((n, _)) = sock.recv_from(&mut buf) {
+            let seq = u64::from_be_bytes(buf[..8].try_into().unwrap());
+            if n != 32 || &buf[8..32] != b"ferry-echo-stream-test!!" || seq >= r.sent {
+                r.garbled += 1;
+                continue;
+            }
+            match &mut r.replied_at[seq as usize] {
+                Some(_) => r.duplicates += 1,
+                slot => *slot = Some(Instant::now()),
+            }
+        }
+        std::thread::sleep(Duration::from_micros(100));
+    }
+}
+
+impl EchoReport {
+    pub fn replies(&self) -> u64 {
+        self.replied_at.iter().filter(|r| r.is_some()).count() as u64
+    }
+
+    /// The longest time without a reply between the first and the last
+    /// reply, and when it began.
+    pub fn longest_gap(&self) -> (Duration, Option<Instant>) {
+        let mut times: Vec<Instant> = self.replied_at.iter().flatten().copied().collect();
+        times.sort();
+        let mut best = (Duration::ZERO, None);
+        for w in times.windows(2) {
+            let d = w[1] - w[0];
+            if d > best.0 {
+                best = (d, Some(w[0]));
+            }
+        }
+        best
+    }
+
+    /// Datagrams without a reply that were sent outside the longest gap
+    /// (and not in the last 100 ms, whose replies may still be on the way).
+    pub fn lost_outside_gap(&self) -> u64 {
+        let (gap, start) = self.longest_gap();
+        let last = self.sent_at.last().copied();
+        self.sent_at
+            .iter()
+            .zip(&self.replied_at)
+            .filter(|(sent, reply)| {
+                let in_gap = start
+                    .is_some_and(|s| **sent + Duration::from_millis(5) >= s && **sent <= s + gap);
+                let late =
+                    last.is_some_and(|l| l.duration_since(**sent) < Duration::from_millis(100));
+                reply.is_none() && !in_gap && !late
+            })
+            .count() as u64
+    }
+
+    /// Runs of unanswered datagrams, as "N at T ms" relative to `t`.
+    pub fn describe_losses(&self, t: Instant) -> String {
+        let mut runs: Vec<(usize, usize)> = Vec::new();
+        for (i, r) in self.replied_at.iter().enumerate() {
+            if r.is_some() {
+                continue;
+            }
+            match runs.last_mut() {
+                Some((_, end)) if *end + 1 == i => *end = i,
+                _ => runs.push((i, i)),
+            }
+        }
+        let ms = |i: usize| {
+            let s = self.sent_at[i];
+            if s >= t {
+                (s - t).as_secs_f64() * 1000.0
+            } else {
+                -((t - s).as_secs_f64() * 1000.0)
+            }
+        };
+        let runs: Vec<String> = runs
+            .iter()
+            .map(|&(a, b)| format!("{} sent at {:+.1} ms", b - a + 1, ms(a)))
+            .collect();
+        format!(
+            "unanswered (relative to the hand-over): [{}]",
+            runs.join(", ")
+        )
+    }
+
+    /// Replies that arrived after `t`.
+    pub fn replies_after(&self, t: Instant) -> u64 {
+        self.replied_at.iter().flatten().filter(|r| **r > t).count() as u64
+    }
+}

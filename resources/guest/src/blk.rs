@@ -354,6 +354,7 @@ impl Dev {
         wr16(r + 0x102, self.idx);
         wr32(self.base + QUEUE_NOTIFY, 0);
         while rd16(r + 0x202) != self.idx {
+            crate::net::poll();
             core::hint::spin_loop();
         }
         rd8(q + 16)

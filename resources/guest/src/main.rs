@@ -10,6 +10,7 @@ mod blk;
 mod blkwrite;
 mod boot;
 mod hw;
+mod net;
 mod serial;
 
 use hw::{cpuid, halt, inb, outb, peek16, peek32, peek64, peek8, rd64, rdtsc, wr64};
@@ -51,6 +52,7 @@ extern "C" fn kmain(boot_params: u64, start_info: u64) -> ! {
     puts(b"\"\n");
 
     let cfg = Config::parse(cmdline);
+    net::init(cmdline);
     match cfg.workload {
         b"blk" => blk::run(cmdline, &cfg),
         b"blkwrite" => blkwrite::run(cmdline, &cfg, map),
@@ -325,6 +327,9 @@ fn dirty_pages(start: u64, first: u64, end: u64, g: u64, check: bool) -> Option<
     let mut i = first;
     let mut i_k = first.wrapping_mul(GOLDEN); // i * GOLDEN
     while i < end {
+        if i & 31 == 0 {
+            net::poll();
+        }
         if check {
             let diff = (rd64(p) ^ i)
                 | (rd64(p + 8) ^ (g - 1))
@@ -350,6 +355,7 @@ fn idle() -> ! {
     let mut n = 1;
     loop {
         while (rdtsc().wrapping_sub(next) as i64) < 0 {
+            net::poll();
             core::hint::spin_loop();
         }
         puts(b"testkernel: tick ");

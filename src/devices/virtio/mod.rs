@@ -22,6 +22,7 @@
 
 pub mod block;
 pub mod mmio;
+pub mod net;
 
 use std::io;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -32,6 +33,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 pub use block::{Block, BlockArgs, BlockError, BlockState};
 pub use mmio::{MmioArgs, MmioError, MmioTransport, MmioTransportState, QueueSnapshot};
+pub use net::{Net, NetArgs, NetError, NetState};
 
 pub use crate::vstate::memory::GuestMemoryMmap;
 

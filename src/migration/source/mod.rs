@@ -39,6 +39,8 @@ const CANCEL_GRACE: Duration = Duration::from_secs(2);
 pub trait MigratableVm: Send + Sync {
     /// Finish all device work in flight (vCPUs are paused).
     fn quiesce(&self) -> Result<(), MachineError>;
+    /// Undoes what `quiesce` stopped: the guest goes on here.
+    fn resume_devices(&self);
     /// Everything but memory (vCPUs are paused).
     fn save_state(&self) -> Result<VmState, MachineError>;
     /// The CPUID the guest sees, for the destination's compatibility check.
@@ -62,6 +64,11 @@ pub trait MigratableVm: Send + Sync {
 pub enum MachineError {
     #[error("drive {drive}: {source}")]
     Quiesce { drive: String, source: BlockError },
+    #[error("net device {net}: {source}")]
+    QuiesceNet {
+        net: String,
+        source: crate::devices::virtio::net::NetError,
+    },
     #[error("drive {drive}: {source}")]
     Lock { drive: String, source: BlockError },
     /// The VMM's own error, boxed: migration does not reach up into it.

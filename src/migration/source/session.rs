@@ -225,6 +225,14 @@ impl MigrationContext<'_> {
             memory_size,
             cpuid: self.src.machine.guest_cpuid(),
             storage,
+            net_ids: self
+                .src
+                .machine
+                .config()
+                .net
+                .iter()
+                .map(|n| n.id.clone())
+                .collect(),
         };
         self.send(Kind::Hello, &hello)?;
         let ack: HelloAck = expect(&mut self.reader, Kind::HelloAck)
@@ -576,6 +584,7 @@ impl MigrationContext<'_> {
             if !self.committed {
                 // The guest stays here: it runs on, as before the
                 // migration, on its local images.
+                self.src.machine.resume_devices();
                 if self.tracking {
                     let _ = stop_dirty_tracking(&self.src.vm, &self.src.mem);
                 }
