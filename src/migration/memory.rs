@@ -63,23 +63,57 @@ pub fn count_pages(bitmaps: &DirtyBitmaps) -> u64 {
         .sum()
 }
 
-/// Runs of set bits as guest-physical `(start, len)` ranges.
+/// Runs of set bits as guest-physical `(start, len)` ranges. The bitmap is
+/// walked a word (64 pages) at a time: an idle 16 GiB guest's final pass
+/// looks at 64 Ki words, not 4 Mi bits, while the guest is paused.
 pub fn dirty_ranges(mem: &GuestMemoryMmap, bitmaps: &DirtyBitmaps) -> Vec<(u64, u64)> {
     let mut out = Vec::new();
     for (region, bits) in mem.iter().zip(bitmaps.iter()) {
         let base = region.start_addr().raw_value();
         let pages = region.len() / PAGE_SIZE;
+        let mut push = |start: u64, end: u64| {
+            let end = end.min(pages);
+            if end > start {
+                out.push((base + start * PAGE_SIZE, (end - start) * PAGE_SIZE));
+            }
+        };
         let mut run: Option<u64> = None;
-        for page in 0..=pages {
-            let set = page < pages && bits[(page / 64) as usize] & (1 << (page % 64)) != 0;
-            match (set, run) {
-                (true, None) => run = Some(page),
-                (false, Some(start)) => {
-                    out.push((base + start * PAGE_SIZE, (page - start) * PAGE_SIZE));
+        for (i, &word) in bits.iter().enumerate().take(pages.div_ceil(64) as usize) {
+            let first = i as u64 * 64;
+            match (word, run) {
+                (0, None) => continue,
+                (0, Some(start)) => {
+                    push(start, first);
                     run = None;
+                    continue;
+                }
+                (u64::MAX, _) => {
+                    run.get_or_insert(first);
+                    continue;
                 }
                 _ => {}
             }
+            // A mixed word: walk its runs of ones and zeros.
+            let mut bit = 0u32;
+            while bit < 64 {
+                let rest = word >> bit;
+                if rest & 1 == 1 {
+                    let ones = (!rest).trailing_zeros().min(64 - bit);
+                    run.get_or_insert(first + u64::from(bit));
+                    bit += ones;
+                } else {
+                    if let Some(start) = run.take() {
+                        push(start, first + u64::from(bit));
+                    }
+                    if rest == 0 {
+                        break;
+                    }
+                    bit += rest.trailing_zeros();
+                }
+            }
+        }
+        if let Some(start) = run {
+            push(start, pages);
         }
     }
     out
@@ -422,6 +456,53 @@ mod tests {
         assert_eq!(
             dirty_ranges(&mem, &bits),
             vec![(0, 4096), (5 * 4096, 3 * 4096), (127 * 4096, 2 * 4096)]
+        );
+    }
+
+    /// The word walk against a page-by-page reference, on patterns that
+    /// cross word boundaries, fill words and end mid-word.
+    #[test]
+    fn bitmap_runs_match_a_bit_by_bit_walk() {
+        let (_fd, mem) = create_guest_memory(1 << 20).unwrap();
+        let pages = (1u64 << 20) / PAGE_SIZE;
+        let reference = |bits: &[u64]| {
+            let mut out = Vec::new();
+            let mut run = None;
+            for page in 0..=pages {
+                let set = page < pages && bits[(page / 64) as usize] & (1 << (page % 64)) != 0;
+                match (set, run) {
+                    (true, None) => run = Some(page),
+                    (false, Some(s)) => {
+                        out.push((s * PAGE_SIZE, (page - s) * PAGE_SIZE));
+                        run = None;
+                    }
+                    _ => {}
+                }
+            }
+            out
+        };
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for round in 0..200 {
+            let bits: Vec<u64> = (0..4)
+                .map(|i| {
+                    x = x
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    match (round + i) % 5 {
+                        0 => 0,
+                        1 => u64::MAX,
+                        2 => x,
+                        3 => x >> (x % 64),
+                        _ => !(x << (x % 64)),
+                    }
+                })
+                .collect();
+            let bits = vec![bits];
+            assert_eq!(dirty_ranges(&mem, &bits), reference(&bits[0]), "{bits:x?}");
+        }
+        assert_eq!(
+            dirty_ranges(&mem, &vec![vec![u64::MAX; 4]]),
+            vec![(0, 1 << 20)]
         );
     }
 
