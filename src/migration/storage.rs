@@ -152,10 +152,14 @@ impl StorageProgress {
             .store(self.now_ns().max(1), Ordering::Relaxed);
     }
 
+    fn guest_active(&self) -> bool {
+        let last = self.last_mirror_ns.load(Ordering::Relaxed);
+        last != 0 && self.now_ns().saturating_sub(last) < GUEST_ACTIVE_WINDOW.as_nanos() as u64
+    }
+
     /// Waits a little if the guest is writing, so its writes go first.
     fn make_room_for_guest(&self) {
-        let last = self.last_mirror_ns.load(Ordering::Relaxed);
-        if last != 0 && self.now_ns().saturating_sub(last) < GUEST_ACTIVE_WINDOW.as_nanos() as u64 {
+        if self.guest_active() {
             std::thread::sleep(GUEST_ROOM);
         }
     }
@@ -504,7 +508,8 @@ fn copy_all(
             std::thread::Builder::new()
                 .name(format!("storage-copy{n}"))
                 .spawn_scoped(scope, move || {
-                    if let Err(why) = copy_worker(targets, sources, jobs, stop, progress, pacer) {
+                    if let Err(why) = copy_worker(n, targets, sources, jobs, stop, progress, pacer)
+                    {
                         stop.store(true, Ordering::SeqCst);
                         lock(first_error).get_or_insert(why);
                     }
@@ -521,6 +526,7 @@ fn copy_all(
 
 /// Copies chunks until there are none left or another worker failed.
 fn copy_worker(
+    index: usize,
     targets: &[Arc<Target>],
     sources: &[File],
     jobs: &Mutex<Jobs>,
@@ -538,6 +544,13 @@ fn copy_worker(
         }
         if stop.load(Ordering::SeqCst) {
             return Ok(());
+        }
+        // While the guest writes, one chunk at a time is in flight, not a
+        // window of them: its mirrored writes do not queue behind the
+        // copy's at the destination. (Between chunks, not holding a lock.)
+        if index > 0 && progress.guest_active() {
+            std::thread::sleep(GUEST_ROOM);
+            continue;
         }
         let Some(job) = lock(jobs).next() else {
             return Ok(());
