@@ -613,6 +613,40 @@ mod tests {
         }
     }
 
+    /// The workers' chunks cover every extent exactly, each within one
+    /// chunk (so one lock covers it), files in order.
+    #[test]
+    fn jobs_cut_extents_into_whole_chunk_pieces() {
+        let mut jobs = Jobs {
+            targets: vec![
+                (0, vec![(0, 10)].into_iter()),
+                (1, vec![].into_iter()),
+                (
+                    2,
+                    vec![(CHUNK - 5, 3 * CHUNK + 7), (5 * CHUNK, 6 * CHUNK)].into_iter(),
+                ),
+            ],
+            current: None,
+        };
+        let mut got = Vec::new();
+        while let Some(j) = jobs.next() {
+            assert_eq!(j.from / CHUNK, j.chunk);
+            assert_eq!((j.to - 1) / CHUNK, j.chunk);
+            got.push((j.target, j.from, j.to));
+        }
+        assert_eq!(
+            got,
+            vec![
+                (0, 0, 10),
+                (2, CHUNK - 5, CHUNK),
+                (2, CHUNK, 2 * CHUNK),
+                (2, 2 * CHUNK, 3 * CHUNK),
+                (2, 3 * CHUNK, 3 * CHUNK + 7),
+                (2, 5 * CHUNK, 6 * CHUNK),
+            ]
+        );
+    }
+
     #[test]
     fn copy_with_concurrent_mirrored_writes_converges_and_stays_sparse() {
         let dir = tempfile::tempdir().unwrap();
