@@ -1327,7 +1327,13 @@ impl NfsFileSystem for DirFs {
         // On this worker, without copying the payload for the blocking
         // pool: the runtime moves the worker's other tasks elsewhere meanwhile.
         let id = id.as_u64();
-        tokio::task::block_in_place(|| self.inner.write(id, offset, data, stable))
+        let write = || self.inner.write(id, offset, data, stable);
+        match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+            Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(write),
+            // block_in_place would panic on any other runtime (the server's
+            // own is multi-threaded; this is only a guard).
+            _ => write(),
+        }
     }
 
     async fn create(
