@@ -660,6 +660,7 @@ fn receive(
     policy: ferry::migration::destination::ReceivePolicy,
     sec: ReceiveSecurity,
 ) -> ExitCode {
+    ferry::migration::share::server::keep_large_buffers();
     if let Some(sock) = &api_sock {
         if let Err(code) = check_socket_path("--api-sock", sock) {
             return code;

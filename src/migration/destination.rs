@@ -19,7 +19,7 @@ use rustls::pki_types::ServerName;
 
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 
-use super::memory::{read_zero_range, receive_pages_at, zero_range};
+use super::memory::{read_zero_range, receive_pages_at, zero_range, Prefaulter};
 use super::protocol::{
     expect, expect_small, parse_json, read_header, read_payload, send_json, Hello, HelloAck, Kind,
     PassEnd, ProtocolError, Reason, Seal, ShareOffer, StreamDigest, PAGE_SIZE, PROTOCOL_VERSION,
@@ -790,6 +790,9 @@ pub struct IncomingMigration {
     /// A `Seal` matching the digest arrived; only `State` may follow.
     sealed: bool,
     pages: PageMap,
+    /// Faults memory in ahead of pass 1 (dropped at its end: later passes
+    /// send scattered pages, already present).
+    prefault: Option<Prefaulter>,
 }
 
 impl IncomingMigration {
@@ -840,6 +843,8 @@ impl IncomingMigration {
             hello,
             guest: Some((vm, memfd)),
             pages: PageMap::new(&mem),
+            // Without the helper, pages are faulted in as they arrive.
+            prefault: Prefaulter::start(&mem).ok(),
             mem,
             share_dir,
             share_server,
@@ -911,6 +916,9 @@ impl IncomingMigration {
             Step::Pages => {
                 let (gpa, pages) = receive_pages_at(reader, &h, &self.mem)?;
                 self.pages.got_data(gpa, pages * PAGE_SIZE);
+                if let Some(p) = &mut self.prefault {
+                    p.received_up_to(gpa + pages * PAGE_SIZE);
+                }
             }
             Step::ZeroPages => {
                 let (gpa, count) = read_zero_range(reader, &h, &self.mem)?;
@@ -920,6 +928,7 @@ impl IncomingMigration {
             }
             Step::PassEnd => {
                 let _: PassEnd = parse_json(Kind::PassEnd, &read_payload(reader, &h)?)?;
+                self.prefault = None;
             }
             Step::Seal => {
                 let got: Seal = parse_json(Kind::Seal, &read_payload(reader, &h)?)?;

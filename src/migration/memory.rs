@@ -63,23 +63,57 @@ pub fn count_pages(bitmaps: &DirtyBitmaps) -> u64 {
         .sum()
 }
 
-/// Runs of set bits as guest-physical `(start, len)` ranges.
+/// Runs of set bits as guest-physical `(start, len)` ranges. The bitmap is
+/// walked a word (64 pages) at a time: an idle 16 GiB guest's final pass
+/// looks at 64 Ki words, not 4 Mi bits, while the guest is paused.
 pub fn dirty_ranges(mem: &GuestMemoryMmap, bitmaps: &DirtyBitmaps) -> Vec<(u64, u64)> {
     let mut out = Vec::new();
     for (region, bits) in mem.iter().zip(bitmaps.iter()) {
         let base = region.start_addr().raw_value();
         let pages = region.len() / PAGE_SIZE;
+        let mut push = |start: u64, end: u64| {
+            let end = end.min(pages);
+            if end > start {
+                out.push((base + start * PAGE_SIZE, (end - start) * PAGE_SIZE));
+            }
+        };
         let mut run: Option<u64> = None;
-        for page in 0..=pages {
-            let set = page < pages && bits[(page / 64) as usize] & (1 << (page % 64)) != 0;
-            match (set, run) {
-                (true, None) => run = Some(page),
-                (false, Some(start)) => {
-                    out.push((base + start * PAGE_SIZE, (page - start) * PAGE_SIZE));
+        for (i, &word) in bits.iter().enumerate().take(pages.div_ceil(64) as usize) {
+            let first = i as u64 * 64;
+            match (word, run) {
+                (0, None) => continue,
+                (0, Some(start)) => {
+                    push(start, first);
                     run = None;
+                    continue;
+                }
+                (u64::MAX, _) => {
+                    run.get_or_insert(first);
+                    continue;
                 }
                 _ => {}
             }
+            // A mixed word: walk its runs of ones and zeros.
+            let mut bit = 0u32;
+            while bit < 64 {
+                let rest = word >> bit;
+                if rest & 1 == 1 {
+                    let ones = (!rest).trailing_zeros().min(64 - bit);
+                    run.get_or_insert(first + u64::from(bit));
+                    bit += ones;
+                } else {
+                    if let Some(start) = run.take() {
+                        push(start, first + u64::from(bit));
+                    }
+                    if rest == 0 {
+                        break;
+                    }
+                    bit += rest.trailing_zeros();
+                }
+            }
+        }
+        if let Some(start) = run {
+            push(start, pages);
         }
     }
     out
@@ -229,6 +263,96 @@ impl<'a, W: Write> PageSender<'a, W> {
         }
         Ok(())
     }
+}
+
+/// How far past the last data frame the destination prefaults: pass 1
+/// sends each populated range in address order, so the pages right after a
+/// frame are most likely the next to arrive.
+pub const PREFAULT_AHEAD: u64 = 8 << 20;
+/// Requests the helper may have queued; more are dropped (it is behind, and
+/// the receive thread faults the pages in itself meanwhile).
+const PREFAULT_QUEUE: usize = 8;
+
+/// Faults in, on a helper thread, the destination's guest memory just ahead
+/// of the stream (`MADV_POPULATE_WRITE`), so that the receiving thread
+/// copies into pages that exist instead of taking a first-touch fault per
+/// page. It only ever touches guest memory within [`PREFAULT_AHEAD`] past a
+/// received data frame: a sparse guest stays mostly unallocated (at most
+/// that much per populated range, within the guest's size that the
+/// destination checked before creating it).
+pub struct Prefaulter {
+    requests: Option<std::sync::mpsc::SyncSender<(u64, u64)>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    mem: GuestMemoryMmap,
+    /// Everything below this (in the current region) was asked for.
+    asked_to: u64,
+}
+
+impl Prefaulter {
+    pub fn start(mem: &GuestMemoryMmap) -> std::io::Result<Prefaulter> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<(u64, u64)>(PREFAULT_QUEUE);
+        let helper_mem = mem.clone();
+        let thread = std::thread::Builder::new()
+            .name("prefault".into())
+            .spawn(move || {
+                while let Ok((gpa, len)) = rx.recv() {
+                    if !populate(&helper_mem, gpa, len) {
+                        // No MADV_POPULATE_WRITE here (Linux < 5.14): the
+                        // receive thread faults pages in as before.
+                        return;
+                    }
+                }
+            })?;
+        Ok(Prefaulter {
+            requests: Some(tx),
+            thread: Some(thread),
+            mem: mem.clone(),
+            asked_to: 0,
+        })
+    }
+
+    /// A data frame ended at `end`: have the next pages faulted in.
+    pub fn received_up_to(&mut self, end: u64) {
+        let Some(region) = self.mem.find_region(GuestAddress(end)) else {
+            return;
+        };
+        let region_end = region.start_addr().raw_value() + region.len();
+        // Ask in steps of half the distance, not for every frame.
+        if self.asked_to > end && self.asked_to - end > PREFAULT_AHEAD / 2 {
+            return;
+        }
+        let from = self.asked_to.max(end);
+        let to = (end + PREFAULT_AHEAD).min(region_end);
+        if to > from {
+            if let Some(tx) = &self.requests {
+                if tx.try_send((from, to - from)).is_ok() {
+                    self.asked_to = to;
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Prefaulter {
+    fn drop(&mut self) {
+        self.requests.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// `MADV_POPULATE_WRITE` over `[gpa, gpa + len)` (within one region).
+/// False when the kernel does not know the advice.
+fn populate(mem: &GuestMemoryMmap, gpa: u64, len: u64) -> bool {
+    let Ok(host) = host_range(mem, Kind::MemoryPages, gpa, len) else {
+        return true;
+    };
+    // SAFETY: the range lies in a live mapping of `mem` (host_range checked
+    // it; the clone keeps the mapping alive). Populating writes no data:
+    // pages already present are left as they are, missing ones come zeroed.
+    let r = unsafe { libc::madvise(host.cast(), len as usize, libc::MADV_POPULATE_WRITE) };
+    r == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::EINVAL)
 }
 
 /// Host memory for `[gpa, gpa + len)` on the destination, checked to lie in
@@ -423,6 +547,82 @@ mod tests {
             dirty_ranges(&mem, &bits),
             vec![(0, 4096), (5 * 4096, 3 * 4096), (127 * 4096, 2 * 4096)]
         );
+    }
+
+    /// The word walk against a page-by-page reference, on patterns that
+    /// cross word boundaries, fill words and end mid-word.
+    #[test]
+    fn bitmap_runs_match_a_bit_by_bit_walk() {
+        let (_fd, mem) = create_guest_memory(1 << 20).unwrap();
+        let pages = (1u64 << 20) / PAGE_SIZE;
+        let reference = |bits: &[u64]| {
+            let mut out = Vec::new();
+            let mut run = None;
+            for page in 0..=pages {
+                let set = page < pages && bits[(page / 64) as usize] & (1 << (page % 64)) != 0;
+                match (set, run) {
+                    (true, None) => run = Some(page),
+                    (false, Some(s)) => {
+                        out.push((s * PAGE_SIZE, (page - s) * PAGE_SIZE));
+                        run = None;
+                    }
+                    _ => {}
+                }
+            }
+            out
+        };
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for round in 0..200 {
+            let bits: Vec<u64> = (0..4)
+                .map(|i| {
+                    x = x
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    match (round + i) % 5 {
+                        0 => 0,
+                        1 => u64::MAX,
+                        2 => x,
+                        3 => x >> (x % 64),
+                        _ => !(x << (x % 64)),
+                    }
+                })
+                .collect();
+            let bits = vec![bits];
+            assert_eq!(dirty_ranges(&mem, &bits), reference(&bits[0]), "{bits:x?}");
+        }
+        assert_eq!(
+            dirty_ranges(&mem, &vec![vec![u64::MAX; 4]]),
+            vec![(0, 1 << 20)]
+        );
+    }
+
+    /// Pages resident in the mapping of `[gpa, gpa + len)`.
+    fn resident(mem: &GuestMemoryMmap, gpa: u64, len: u64) -> usize {
+        let host = host_range(mem, Kind::MemoryPages, gpa, len).unwrap();
+        let mut vec = vec![0u8; (len / PAGE_SIZE) as usize];
+        // SAFETY: a live, page-aligned mapping; `vec` has a byte per page.
+        let r = unsafe { libc::mincore(host.cast(), len as usize, vec.as_mut_ptr()) };
+        assert_eq!(r, 0);
+        vec.iter().filter(|b| *b & 1 == 1).count()
+    }
+
+    #[test]
+    fn prefault_populates_just_ahead_of_the_stream() {
+        let (_fd, mem) = create_guest_memory(64 << 20).unwrap();
+        let mut p = Prefaulter::start(&mem).unwrap();
+        p.received_up_to(1 << 20);
+        drop(p); // handles what was queued, then ends
+        let ahead = (PREFAULT_AHEAD / PAGE_SIZE) as usize;
+        let got = resident(&mem, 1 << 20, PREFAULT_AHEAD);
+        // A kernel without MADV_POPULATE_WRITE leaves it all to the stream.
+        assert!(got == ahead || got == 0, "{got} of {ahead}");
+        let beyond = (1 << 20) + PREFAULT_AHEAD;
+        assert_eq!(resident(&mem, beyond, (64 << 20) - beyond), 0);
+        assert_eq!(resident(&mem, 0, 1 << 20), 0);
+        // A frame ending at the memory's end asks for nothing.
+        let mut p = Prefaulter::start(&mem).unwrap();
+        p.received_up_to(64 << 20);
+        p.received_up_to(u64::MAX - 4095);
     }
 
     #[test]

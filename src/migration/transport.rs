@@ -331,15 +331,29 @@ impl Read for Sock<'_> {
     }
 }
 
+/// The socket blocks, with a send timeout: EAGAIN from a write means the
+/// timeout elapsed with the peer taking nothing. rustls takes WouldBlock
+/// for "try reading instead" and would then wait for the peer's bytes,
+/// unbounded on a link that is down; a hard TimedOut ends the write.
+fn write_timed_out(r: io::Result<usize>) -> io::Result<usize> {
+    r.map_err(|e| match e.kind() {
+        io::ErrorKind::WouldBlock => io::Error::new(
+            io::ErrorKind::TimedOut,
+            "the peer took no data within the send timeout",
+        ),
+        _ => e,
+    })
+}
+
 impl Write for Sock<'_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         self.arm(true)?;
-        (&*self.tcp).write(buf)
+        write_timed_out((&*self.tcp).write(buf))
     }
 
     fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
         self.arm(true)?;
-        (&*self.tcp).write_vectored(bufs)
+        write_timed_out((&*self.tcp).write_vectored(bufs))
     }
 
     fn flush(&mut self) -> io::Result<()> {
