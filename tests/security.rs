@@ -176,6 +176,18 @@ fn a_syscall_outside_a_filter_kills_the_process_naming_it() {
 }
 
 #[test]
+fn seccomp_log_filters_every_thread_and_the_guest_runs() {
+    if !kvm_available("seccomp_log_filters_every_thread_and_the_guest_runs") {
+        return;
+    }
+    let dir = tempdir();
+    let cfg = write_config(dir.path(), &config(1, 64, "testkernel.workload=idle"));
+    let vm = Ferry::spawn(&["run", "--config", cfg.to_str().unwrap(), "--seccomp", "log"]);
+    vm.wait_line(WAIT, |l| l == "testkernel: tick 1");
+    assert_all_filtered(vm.pid());
+}
+
+#[test]
 fn seccomp_none_runs_unfiltered_and_says_so() {
     if !kvm_available("seccomp_none_runs_unfiltered_and_says_so") {
         return;
