@@ -43,7 +43,9 @@ static KVM: OnceLock<File> = OnceLock::new();
 /// Records the command line's choice; the first call wins. Without it
 /// (library use, unit tests) nothing is confined.
 pub fn configure(settings: Settings) {
-    let _ = SETTINGS.set(settings);
+    if SETTINGS.set(settings).is_ok() {
+        seccomp::precompile(settings.seccomp);
+    }
 }
 
 /// The configured seccomp mode (`None` when nothing was configured).

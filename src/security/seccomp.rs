@@ -298,6 +298,40 @@ fn no_clone3() -> Result<BpfProgram, SecurityError> {
     )
 }
 
+/// The programs of one mode.
+struct Compiled {
+    vcpu: BpfProgram,
+    process: BpfProgram,
+    clone3: BpfProgram,
+}
+
+fn compile_all(mode: SeccompMode) -> Result<Compiled, SecurityError> {
+    Ok(Compiled {
+        vcpu: program(mode, "vcpu")?,
+        process: program(mode, "process")?,
+        clone3: no_clone3()?,
+    })
+}
+
+type Compiling = std::thread::JoinHandle<Result<Compiled, SecurityError>>;
+
+/// Compiling the BPF (~0.5 ms) overlaps with building the VM.
+static PRECOMPILED: std::sync::Mutex<Option<Compiling>> = std::sync::Mutex::new(None);
+
+/// Starts compiling `mode`'s programs on a helper thread (which ends
+/// before the filters go in), for `install_process_filter` to pick up.
+pub fn precompile(mode: SeccompMode) {
+    if mode == SeccompMode::None {
+        return;
+    }
+    let spawned = std::thread::Builder::new()
+        .name("ferry-seccomp".into())
+        .spawn(move || compile_all(mode));
+    if let Ok(handle) = spawned {
+        *crate::util::lock(&PRECOMPILED) = Some(handle);
+    }
+}
+
 /// Compiled once, when the process filter goes in, so that a vCPU thread
 /// only installs it.
 static VCPU_PROGRAM: OnceLock<BpfProgram> = OnceLock::new();
@@ -308,10 +342,18 @@ pub fn install_process_filter(mode: SeccompMode) -> Result<(), SecurityError> {
     if mode == SeccompMode::None {
         return Ok(());
     }
-    let vcpu = program(mode, "vcpu")?;
+    let precompiled = crate::util::lock(&PRECOMPILED).take();
+    let compiled = match precompiled.map(|h| h.join()) {
+        Some(Ok(compiled)) => compiled,
+        // Not started (library use), or it panicked: compile here.
+        _ => compile_all(mode),
+    };
+    let Compiled {
+        vcpu,
+        process,
+        clone3,
+    } = compiled?;
     let _ = VCPU_PROGRAM.set(vcpu);
-    let process = program(mode, "process")?;
-    let clone3 = no_clone3()?;
     install_sigsys_handler()?;
     let apply = |p: &BpfProgram| {
         seccompiler::apply_filter_all_threads(p).map_err(|e| SecurityError::Filter {
