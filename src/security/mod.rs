@@ -44,7 +44,7 @@ static KVM: OnceLock<File> = OnceLock::new();
 /// (library use, unit tests) nothing is confined.
 pub fn configure(settings: Settings) {
     if SETTINGS.set(settings).is_ok() {
-        seccomp::precompile(settings.seccomp);
+        seccomp::precompile(settings.seccomp, settings.jail.is_none());
     }
 }
 
@@ -106,8 +106,10 @@ pub fn confine_process() -> Result<(), SecurityError> {
     }
     if let Some(jail) = settings.jail {
         jail.enter(&crate::util::lock(&HAND_OVER))?;
+        crate::startup::mark("privileges-dropped");
     }
     seccomp::install_process_filter(settings.seccomp)?;
+    crate::startup::mark("seccomp-installed");
     *confined = true;
     Ok(())
 }
