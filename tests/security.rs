@@ -147,6 +147,16 @@ fn execve() {
     unsafe { libc::execve(path.as_ptr(), argv.as_ptr(), [std::ptr::null()].as_ptr()) };
 }
 
+/// Exits 42 when clone3 is refused with ENOSYS (glibc then uses clone).
+fn clone3_enosys() {
+    // SAFETY: a NULL clone_args with size 0 creates nothing either way.
+    let r = unsafe { libc::syscall(libc::SYS_clone3, std::ptr::null::<u8>(), 0usize) };
+    // SAFETY: reading errno.
+    if r == -1 && unsafe { *libc::__errno_location() } == libc::ENOSYS {
+        unsafe { libc::_exit(42) };
+    }
+}
+
 fn open_file() {
     // SAFETY: a valid path; the result does not matter.
     unsafe { libc::open(c"/etc/hostname".as_ptr(), libc::O_RDONLY) };
@@ -162,6 +172,7 @@ fn a_syscall_outside_a_filter_kills_the_process_naming_it() {
         ("process", execve, "execve (59)"),
     ] {
         let (code, err) = run_filtered(filter, forbidden);
+        assert!(code != 42);
         assert_eq!(
             code,
             ferry::security::seccomp::EXIT_SECCOMP,
@@ -173,6 +184,12 @@ fn a_syscall_outside_a_filter_kills_the_process_naming_it() {
             "{filter} / {name}: {err}"
         );
     }
+}
+
+#[test]
+fn threads_are_made_with_clone_not_clone3() {
+    let (code, err) = run_filtered("process", clone3_enosys);
+    assert_eq!(code, 42, "{err}");
 }
 
 #[test]

@@ -141,8 +141,8 @@ const PROCESS_SYSCALLS: &[i64] = &[
     libc::SYS_unlinkat,
     libc::SYS_write,
     libc::SYS_writev,
-    // Threads: clone3 is answered ENOSYS by the second filter (glibc then
-    // uses clone, whose flags a filter can see); see `process_rules`.
+    // Threads: clone3 is answered ENOSYS ahead of the list (glibc then uses
+    // clone, whose flags a filter can see); see `with_clone3_refused`.
     libc::SYS_clone3,
 ];
 
@@ -270,7 +270,7 @@ fn mismatch_action(mode: SeccompMode) -> SeccompAction {
 /// installed): for tests and for installing.
 pub fn program(mode: SeccompMode, filter: &str) -> Result<BpfProgram, SecurityError> {
     let rules = match filter {
-        "process" => process_rules()?,
+        "process" => return with_clone3_refused(mode),
         "vcpu" => vcpu_rules()?,
         _ => {
             return Err(SecurityError::Filter {
@@ -287,29 +287,61 @@ pub fn program(mode: SeccompMode, filter: &str) -> Result<BpfProgram, SecurityEr
     compile(name, rules, mismatch_action(mode), SeccompAction::Allow)
 }
 
-/// clone3 answered ENOSYS (everything else allowed by this filter; the
-/// process list decides), so that glibc creates threads with clone.
-fn no_clone3() -> Result<BpfProgram, SecurityError> {
-    compile(
-        "no-clone3",
-        plain(&[libc::SYS_clone3]),
+/// The process program with `clone3` answered `ENOSYS` in front of its
+/// list, so that glibc creates threads with `clone`, whose flags the list
+/// checks. seccompiler gives one action to all of a filter's rules, so the
+/// three instructions go in by hand, right after its architecture check
+/// (whose length an empty filter shows); the list's own jumps are relative
+/// and stay within it. One filter, not two: the kernel JITs each one.
+fn with_clone3_refused(mode: SeccompMode) -> Result<BpfProgram, SecurityError> {
+    use seccompiler::sock_filter;
+    let list = compile(
+        "process",
+        process_rules()?,
+        mismatch_action(mode),
         SeccompAction::Allow,
-        SeccompAction::Errno(libc::ENOSYS as u32),
-    )
+    )?;
+    let empty = compile(
+        "arch check",
+        Rules::new(),
+        SeccompAction::Allow,
+        SeccompAction::Trap,
+    )?;
+    let arch_check = empty.len() - 1;
+    let op = |code: u16, jt: u8, jf: u8, k: u32| sock_filter { code, jt, jf, k };
+    let refuse = [
+        // A = seccomp_data.nr
+        op((libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16, 0, 0, 0),
+        op(
+            (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
+            0,
+            1,
+            libc::SYS_clone3 as u32,
+        ),
+        op(
+            (libc::BPF_RET | libc::BPF_K) as u16,
+            0,
+            0,
+            libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32,
+        ),
+    ];
+    let mut merged = Vec::with_capacity(list.len() + refuse.len());
+    merged.extend_from_slice(&list[..arch_check]);
+    merged.extend_from_slice(&refuse);
+    merged.extend_from_slice(&list[arch_check..]);
+    Ok(merged)
 }
 
 /// The programs of one mode.
 struct Compiled {
     vcpu: BpfProgram,
     process: BpfProgram,
-    clone3: BpfProgram,
 }
 
 fn compile_all(mode: SeccompMode) -> Result<Compiled, SecurityError> {
     Ok(Compiled {
         vcpu: program(mode, "vcpu")?,
-        process: program(mode, "process")?,
-        clone3: no_clone3()?,
+        process: with_clone3_refused(mode)?,
     })
 }
 
@@ -370,11 +402,7 @@ pub fn install_process_filter(mode: SeccompMode) -> Result<(), SecurityError> {
 }
 
 fn install(compiled: Compiled) -> Result<(), SecurityError> {
-    let Compiled {
-        vcpu,
-        process,
-        clone3,
-    } = compiled;
+    let Compiled { vcpu, process } = compiled;
     crate::startup::mark("seccomp-compiled");
     let _ = VCPU_PROGRAM.set(vcpu);
     install_sigsys_handler()?;
@@ -384,8 +412,7 @@ fn install(compiled: Compiled) -> Result<(), SecurityError> {
             why: e.to_string(),
         })
     };
-    apply(&process)?;
-    apply(&clone3)
+    apply(&process)
 }
 
 /// Adds `filter` to the calling thread.
@@ -506,7 +533,8 @@ mod tests {
             assert!(!program(mode, "process").unwrap().is_empty());
             assert!(!program(mode, "vcpu").unwrap().is_empty());
         }
-        assert!(!no_clone3().unwrap().is_empty());
+        let merged = with_clone3_refused(SeccompMode::Kill).unwrap();
+        assert_eq!(merged, program(SeccompMode::Kill, "process").unwrap());
         assert!(program(SeccompMode::Kill, "other").is_err());
     }
 
