@@ -7,6 +7,7 @@ pub mod arch;
 pub mod config;
 pub mod devices;
 pub mod migration;
+pub mod security;
 pub mod signals;
 pub mod snapshot;
 pub mod sparse;

@@ -40,6 +40,8 @@ enum Command {
         /// Serve the control API on this Unix socket (overrides the config).
         #[arg(long)]
         api_sock: Option<PathBuf>,
+        #[command(flatten)]
+        confinement: Confinement,
     },
     /// Wait for one incoming migration, then run the guest it brings.
     Receive {
@@ -84,6 +86,8 @@ enum Command {
         /// migrate a guest here. Only for isolated test networks.
         #[arg(long, conflicts_with_all = ["tls_dir", "allow_client"])]
         insecure: bool,
+        #[command(flatten)]
+        confinement: Confinement,
     },
     /// Make a CA and one certificate per host, for migrating without a PKI:
     /// OUT/ca.pem, OUT/ca-key.pem and OUT/<host>/{ca.pem,cert.pem,key.pem},
@@ -104,6 +108,48 @@ enum Command {
         #[command(subcommand)]
         action: CtlAction,
     },
+}
+
+/// How `run` and `receive` confine themselves once set up (docs/security.md).
+#[derive(clap::Args)]
+struct Confinement {
+    /// What a syscall outside the seccomp filters does: kill the process
+    /// (naming the syscall), log it and go on, or no filters at all
+    /// (debugging only).
+    #[arg(long, value_enum, default_value_t = ferry::security::SeccompMode::Kill)]
+    seccomp: ferry::security::SeccompMode,
+    /// Started as root: become this user once /dev/kvm, images, sockets,
+    /// the share directory and TLS files are open (needs --gid).
+    #[arg(long, requires = "gid")]
+    uid: Option<u32>,
+    /// The group to become with --uid (supplementary groups are dropped).
+    #[arg(long, requires = "uid")]
+    gid: Option<u32>,
+}
+
+impl Confinement {
+    /// Records the choice for the library; a bad --uid/--gid is a usage
+    /// error, before anything is opened.
+    fn configure(&self) -> Result<(), ExitCode> {
+        let jail = match (self.uid, self.gid) {
+            (Some(uid), Some(gid)) => match ferry::security::Jail::check(uid, gid) {
+                Ok(j) => Some(j),
+                Err(e) => {
+                    say(format_args!("ferry: {e}"));
+                    return Err(ExitCode::from(EXIT_BAD_INPUT));
+                }
+            },
+            _ => None,
+        };
+        if self.seccomp == ferry::security::SeccompMode::None {
+            eprintln!("ferry: --seccomp none: no syscall filters; for debugging only");
+        }
+        ferry::security::configure(ferry::security::Settings {
+            seccomp: self.seccomp,
+            jail,
+        });
+        Ok(())
+    }
 }
 
 #[derive(Subcommand, Clone)]
@@ -764,7 +810,11 @@ fn main() -> ExitCode {
             config,
             restore,
             api_sock,
-        } => run(config, restore, api_sock),
+            confinement,
+        } => match confinement.configure() {
+            Ok(()) => run(config, restore, api_sock),
+            Err(code) => code,
+        },
         Command::Ctl { sock, action } => ctl(sock, action),
         Command::Receive {
             listen,
@@ -777,7 +827,11 @@ fn main() -> ExitCode {
             tls_dir,
             allow_client,
             insecure,
+            confinement,
         } => {
+            if let Err(code) = confinement.configure() {
+                return code;
+            }
             let serial = match serial.as_deref() {
                 None | Some("stdout") => ferry::config::SerialConfig::Stdout,
                 Some("") => {

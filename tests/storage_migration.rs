@@ -625,3 +625,55 @@ fn tls_storage_migration_only_from_an_allowed_client() {
     dst.api("PUT", "/vm/shutdown");
     assert!(dst.wait_exit(WAIT).success());
 }
+
+/// Issue 10: the receiver started as root with `--uid/--gid` drops to an
+/// unprivileged user before it accepts; the share it serves, the copies it
+/// writes into `--dir` (owned by that user) and the guest it then runs
+/// all work so, over TLS.
+#[test]
+fn storage_migration_to_an_unprivileged_receiver() {
+    let test = "storage_migration_to_an_unprivileged_receiver";
+    let Some(s) = Setup::new(test) else {
+        return;
+    };
+    use std::os::unix::fs::PermissionsExt;
+    // The user passes through the test's dir, owns --dir, and may bind the
+    // control socket where the receiver puts it.
+    let pass = std::fs::Permissions::from_mode(0o711);
+    std::fs::set_permissions(s.dir.path(), pass).unwrap();
+    for d in [s.dir.path(), s.dst_dir.as_path()] {
+        std::os::unix::fs::chown(d, Some(65534), Some(65534)).unwrap();
+    }
+    s.make_image(64, 8);
+    let mut dst = s.receiver(&["--paused", "--uid", "65534", "--gid", "65534"]);
+    let mut src = s.source(8);
+    s.migrate(&src, None);
+    assert!(
+        src.wait_exit(WAIT).success(),
+        "{}\n{}",
+        src.stderr(),
+        dst.stderr()
+    );
+    no_fail(&src);
+    let entries = s.dst_entries();
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    let copy = s.dst_dir.join(&entries[0]).join("drive0-d0.img");
+    assert_eq!(sha256(&copy), sha256(&s.image));
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(&copy).unwrap();
+    assert_eq!((meta.uid(), meta.mode() & 0o777), (65534, 0o600));
+    dst.wait_api(WAIT);
+    let status = std::fs::read_to_string(format!("/proc/{}/status", dst.pid())).unwrap();
+    assert!(
+        status.contains("Uid:\t65534\t65534\t65534\t65534"),
+        "{status}"
+    );
+    assert!(status.contains("CapEff:\t0000000000000000"), "{status}");
+    let last_round = src.lines().iter().rev().find_map(|l| round_of(l)).unwrap();
+    dst.api("PUT", "/vm/resume");
+    dst.wait_line(WAIT, |l| round_of(l).is_some_and(|r| r >= last_round + 2));
+    no_fail(&dst);
+    dst.api("PUT", "/vm/shutdown");
+    assert!(dst.wait_exit(WAIT).success());
+    verify_blkwrite_image(&copy, BLOCKS, SEED).unwrap();
+}

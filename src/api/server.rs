@@ -349,6 +349,14 @@ pub fn start_api_server_with_timeout(
         .spawn(move || gate_accept(&listener, &private_sock, &context, &stopping))
         .map_err(ApiServerError::Thread)?;
     api.gate = Some(gate);
+    // After a --uid drop the sockets must still be removable at exit.
+    for p in [
+        &api.path,
+        &api.private_dir,
+        &api.private_dir.join("http.sock"),
+    ] {
+        crate::security::own_after_drop(p);
+    }
     Ok(api)
 }
 

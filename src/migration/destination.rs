@@ -1355,7 +1355,7 @@ const FEATURE_REGS: &[(u32, u32, usize, u32)] = &[
 ];
 
 fn check_cpuid(guest: &[kvm_bindings::kvm_cpuid_entry2]) -> Result<(), DestinationError> {
-    let kvm = kvm_ioctls::Kvm::new().map_err(DestinationError::Cpuid)?;
+    let kvm = crate::security::kvm().map_err(DestinationError::Cpuid)?;
     let host = kvm
         .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
         .map_err(DestinationError::Cpuid)?;

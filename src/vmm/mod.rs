@@ -33,6 +33,8 @@ use machine::Machine;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmmError {
+    #[error("confining the process: {0}")]
+    Security(#[from] crate::security::SecurityError),
     #[error("migration: {0}")]
     Receive(#[from] destination::DestinationError),
     #[error("snapshot: {0}")]
@@ -92,6 +94,7 @@ impl VmmError {
     pub fn is_bad_input(&self) -> bool {
         match self {
             VmmError::Config(_) | VmmError::Cmdline(_) => true,
+            VmmError::Security(crate::security::SecurityError::Jail(_)) => true,
             VmmError::Snapshot(e) => e.is_bad_input(),
             VmmError::Receive(
                 destination::DestinationError::NotADirectory(_)
@@ -159,7 +162,22 @@ pub fn receive(
     security: crate::migration::transport::Security,
     allow_clients: Vec<rustls::pki_types::ServerName<'static>>,
 ) -> Result<VmExit, VmmError> {
+    // A received guest's VM is created after the privilege drop.
+    crate::security::preopen_kvm()?;
     let receiver = Receiver::bind(listen, dir, security, allow_clients)?.with_policy(policy)?;
+    crate::security::confine_process()?;
+    // What a receive creates later, as the user it may have become.
+    if let Some(dir) = dir {
+        crate::security::privileges::check_writable("--dir", dir)?;
+    }
+    if let Some(parent) = api_socket.as_deref().and_then(Path::parent) {
+        let parent = if parent.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            parent
+        };
+        crate::security::privileges::check_writable("--api-sock's directory", parent)?;
+    }
     eprintln!(
         "ferry: waiting for a migration on {}",
         receiver
@@ -318,6 +336,9 @@ impl Vmm {
             let c = lock(&self.controller);
             lock(&c.machine).lock_images()?;
         }
+        // Set-up is done: drop privileges and filter every thread before
+        // the guest runs (a receive has done so before accepting).
+        crate::security::confine_process()?;
         let mut handles = Vec::with_capacity(self.vcpus.len());
         for vcpu in self.vcpus.drain(..) {
             handles.push(vcpu.start(self.vcpu_ctx.clone())?);

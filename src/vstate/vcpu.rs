@@ -15,6 +15,7 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
 use crate::devices::bus::Bus;
+use crate::security::ThreadFilter;
 
 /// How the VM ended, as seen by whoever noticed first.
 #[derive(Debug, Clone, PartialEq)]
@@ -332,6 +333,11 @@ impl Vcpu {
             .spawn(move || {
                 let run: *mut kvm_run = lock(&self.fd).get_kvm_run();
                 KVM_RUN.with(|p| p.set(run));
+                if let Err(e) = crate::security::confine_thread(ThreadFilter::Vcpu) {
+                    // Never run a guest unconfined when confinement was asked for.
+                    ctx.exit.exit(VmExit::Error(format!("vcpu{index}: {e}")));
+                    return;
+                }
                 self.run_loop(&ctx);
                 KVM_RUN.with(|p| p.set(std::ptr::null_mut()));
             })

@@ -62,7 +62,7 @@ impl Vm {
     /// after `KVM_CREATE_IRQCHIP`, and 0.04-0.1 ms before it, so the memory
     /// slots are registered first (as Cloud Hypervisor does).
     pub fn new(mem: &GuestMemoryMmap) -> Result<Self, VmError> {
-        let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+        let kvm = crate::security::kvm().map_err(VmError::OpenKvm)?;
         let version = kvm.get_api_version();
         if version != 12 {
             return Err(VmError::ApiVersion(version));
@@ -166,7 +166,7 @@ impl Vm {
 /// What CPUID KVM supports on this host. It needs only `/dev/kvm`, not a VM,
 /// so a fresh boot asks for it (~0.7 ms here) while the VM is created.
 pub fn host_cpuid() -> Result<kvm_bindings::CpuId, VmError> {
-    Kvm::new()
+    crate::security::kvm()
         .map_err(VmError::OpenKvm)?
         .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
         .map_err(VmError::SupportedCpuid)

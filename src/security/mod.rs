@@ -1,0 +1,121 @@
+//! The VMM confines itself after set-up (issue 10): seccomp filters per
+//! thread (`seccomp`), and, started as root with `--uid`/`--gid`, an
+//! unprivileged uid with no capabilities (`privileges`). docs/security.md
+//! says what each filter allows and how the lists were derived.
+
+pub mod names;
+pub mod privileges;
+pub mod seccomp;
+
+use std::fs::File;
+use std::sync::{Mutex, OnceLock};
+
+pub use privileges::Jail;
+pub use seccomp::{SeccompMode, ThreadFilter};
+
+/// Errors while confining the process.
+#[derive(Debug, thiserror::Error)]
+pub enum SecurityError {
+    #[error("seccomp filter {filter}: {why}")]
+    Filter { filter: &'static str, why: String },
+    #[error("--uid/--gid: {0}")]
+    Jail(String),
+    #[error("cannot open /dev/kvm before dropping privileges: {0}")]
+    Kvm(String),
+}
+
+/// How this process confines itself, chosen once on the command line.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    pub seccomp: SeccompMode,
+    pub jail: Option<Jail>,
+}
+
+static SETTINGS: OnceLock<Settings> = OnceLock::new();
+/// Set once the process is confined (a receive confines itself before it
+/// accepts, and its Vmm::start must not try again).
+static CONFINED: Mutex<bool> = Mutex::new(false);
+/// Files ferry made that the dropped user must be able to remove.
+static HAND_OVER: Mutex<Vec<std::path::PathBuf>> = Mutex::new(Vec::new());
+/// /dev/kvm opened before the privilege drop (it is root's, 0600).
+static KVM: OnceLock<File> = OnceLock::new();
+
+/// Records the command line's choice; the first call wins. Without it
+/// (library use, unit tests) nothing is confined.
+pub fn configure(settings: Settings) {
+    if SETTINGS.set(settings).is_ok() {
+        seccomp::precompile(settings.seccomp, settings.jail.is_none());
+    }
+}
+
+/// The configured seccomp mode (`None` when nothing was configured).
+pub fn mode() -> SeccompMode {
+    SETTINGS.get().map_or(SeccompMode::None, |s| s.seccomp)
+}
+
+/// Records a file or directory ferry created (as root) that it removes
+/// itself at exit: a privilege drop makes it the dropped user's first.
+pub fn own_after_drop(path: &std::path::Path) {
+    if SETTINGS.get().is_some_and(|s| s.jail.is_some()) {
+        crate::util::lock(&HAND_OVER).push(path.to_path_buf());
+    }
+}
+
+/// Opens /dev/kvm now, while the process may still, for a VM created after
+/// the privilege drop (a received guest).
+pub fn preopen_kvm() -> Result<(), SecurityError> {
+    if KVM.get().is_none() {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .map_err(|e| SecurityError::Kvm(crate::util::io_msg(&e)))?;
+        let _ = KVM.set(file);
+    }
+    Ok(())
+}
+
+/// A handle on KVM: the pre-opened /dev/kvm if there is one, else a fresh
+/// open.
+pub fn kvm() -> Result<kvm_ioctls::Kvm, kvm_ioctls::Error> {
+    use std::os::fd::{FromRawFd, IntoRawFd};
+    match KVM.get() {
+        Some(file) => {
+            let dup = file
+                .try_clone()
+                .map_err(|e| kvm_ioctls::Error::new(e.raw_os_error().unwrap_or(libc::EBADF)))?;
+            // SAFETY: `dup` is a fresh descriptor of /dev/kvm that nothing
+            // else owns; Kvm takes ownership of it.
+            Ok(unsafe { kvm_ioctls::Kvm::from_raw_fd(dup.into_raw_fd()) })
+        }
+        None => kvm_ioctls::Kvm::new(),
+    }
+}
+
+/// Drops privileges (if configured) and installs the process-wide filter on
+/// every thread that exists; threads started afterwards inherit it. Called
+/// once set-up is done: before the vCPUs start (`ferry run`), before the
+/// first connection is accepted (`ferry receive`). Later calls do nothing.
+pub fn confine_process() -> Result<(), SecurityError> {
+    let Some(settings) = SETTINGS.get() else {
+        return Ok(());
+    };
+    let mut confined = crate::util::lock(&CONFINED);
+    if *confined {
+        return Ok(());
+    }
+    if let Some(jail) = settings.jail {
+        jail.enter(&crate::util::lock(&HAND_OVER))?;
+        crate::startup::mark("privileges-dropped");
+    }
+    seccomp::install_process_filter(settings.seccomp)?;
+    crate::startup::mark("seccomp-installed");
+    *confined = true;
+    Ok(())
+}
+
+/// Narrows the calling thread's filter to `filter`'s list (on top of the
+/// process-wide one). Called by Ferry's own threads once set up.
+pub fn confine_thread(filter: ThreadFilter) -> Result<(), SecurityError> {
+    seccomp::install_thread_filter(mode(), filter)
+}

@@ -1,0 +1,452 @@
+//! The confined process (issue 10, items 1 and 2): seccomp filters on every
+//! thread, a forbidden syscall really kills with its name, `--uid/--gid`
+//! runs unprivileged (a VM, and a receiver taking a live migration), bad
+//! values are refused, `--seccomp none` says what it does.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+
+const WAIT: Duration = Duration::from_secs(60);
+const NOBODY: &str = "65534";
+
+/// (thread name, its /proc status) for every thread of `pid`.
+fn threads(pid: u32) -> Vec<(String, String)> {
+    let mut v = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let t = t.unwrap().path();
+        let (Ok(comm), Ok(status)) = (
+            std::fs::read_to_string(t.join("comm")),
+            std::fs::read_to_string(t.join("status")),
+        ) else {
+            continue; // the thread ended meanwhile
+        };
+        v.push((comm.trim().to_string(), status));
+    }
+    v
+}
+
+fn field<'a>(status: &'a str, name: &str) -> &'a str {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+        .unwrap_or_else(|| panic!("no {name} in {status}"))
+        .trim()
+}
+
+fn assert_all_filtered(pid: u32) {
+    let threads = threads(pid);
+    assert!(threads.iter().any(|(n, _)| n == "vcpu0"), "{threads:?}");
+    for (name, status) in &threads {
+        assert_eq!(field(status, "Seccomp"), "2", "thread {name}");
+        assert_eq!(field(status, "NoNewPrivs"), "1", "thread {name}");
+    }
+}
+
+#[test]
+fn every_thread_of_a_running_vm_is_filtered_and_it_still_snapshots_and_restores() {
+    if !kvm_available("every_thread_of_a_running_vm_is_filtered") {
+        return;
+    }
+    let dir = tempdir();
+    let mut vm = Ferry::run(dir.path(), &config(2, 64, "testkernel.workload=idle"));
+    vm.wait_line(WAIT, |l| l == "testkernel: tick 1");
+    vm.wait_api(WAIT);
+    assert_all_filtered(vm.pid());
+    // The control socket, a snapshot and a restore all work filtered.
+    let snap = dir.path().join("snap");
+    let (code, body) = ferry::api::client::request(
+        vm.api_sock.as_ref().unwrap(),
+        "PUT",
+        "/snapshot/create",
+        Some(&serde_json::json!({ "dir": snap })),
+    )
+    .unwrap();
+    assert_eq!(code, 200, "{body}");
+    vm.api("PUT", "/vm/shutdown");
+    assert!(vm.wait_exit(WAIT).success(), "{}", vm.stderr());
+    let sock = dir.path().join("restored.sock");
+    let mut restored = Ferry::spawn(&[
+        "run",
+        "--restore",
+        snap.to_str().unwrap(),
+        "--api-sock",
+        sock.to_str().unwrap(),
+    ]);
+    restored.api_sock = Some(sock);
+    restored.wait_api(WAIT);
+    assert_all_filtered(restored.pid());
+    restored.api("PUT", "/vm/resume");
+    restored.wait_line(WAIT, |l| l.starts_with("testkernel: tick "));
+    restored.api("PUT", "/vm/shutdown");
+    assert!(restored.wait_exit(WAIT).success(), "{}", restored.stderr());
+}
+
+/// Forks a child that installs Ferry's real filter `filter` (and the
+/// SIGSYS handler), then runs `forbidden`; returns its exit code and
+/// stderr. The BPF is compiled before the fork: the child only makes
+/// syscalls.
+fn run_filtered(filter: &str, forbidden: fn()) -> (i32, String) {
+    use ferry::security::seccomp::{self, SeccompMode};
+    let program = seccomp::program(SeccompMode::Kill, filter).unwrap();
+    let mut fds = [0; 2];
+    // SAFETY: pipe writes two descriptors into `fds`.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    // SAFETY: the child makes only async-signal-safe calls, then _exits.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0);
+    if pid == 0 {
+        // SAFETY: in the child: descriptor juggling, the filter, _exit.
+        unsafe {
+            libc::dup2(fds[1], 2);
+            seccomp::install_sigsys_handler().unwrap();
+            if seccompiler::apply_filter(&program).is_err() {
+                libc::_exit(3);
+            }
+            forbidden();
+            libc::_exit(0);
+        }
+    }
+    // SAFETY: closing our copy of the write end.
+    unsafe { libc::close(fds[1]) };
+    let mut status = 0;
+    // SAFETY: waiting for our own child.
+    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+    use std::io::Read;
+    use std::os::fd::FromRawFd;
+    let mut err = String::new();
+    // SAFETY: the read end is ours alone.
+    unsafe { std::fs::File::from_raw_fd(fds[0]) }
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(libc::WIFEXITED(status), "status {status:#x}: {err}");
+    (libc::WEXITSTATUS(status), err)
+}
+
+fn getppid() {
+    // SAFETY: getppid takes nothing.
+    unsafe { libc::getppid() };
+}
+
+fn fork() {
+    // SAFETY: the child (if the filter let it be) exits at once.
+    if unsafe { libc::fork() } == 0 {
+        unsafe { libc::_exit(0) };
+    }
+}
+
+fn execve() {
+    let path = c"/bin/true";
+    let argv = [path.as_ptr(), std::ptr::null()];
+    // SAFETY: valid NUL-terminated path and argv; envp empty.
+    unsafe { libc::execve(path.as_ptr(), argv.as_ptr(), [std::ptr::null()].as_ptr()) };
+}
+
+/// Exits 42 when clone3 is refused with ENOSYS (glibc then uses clone).
+fn clone3_enosys() {
+    // SAFETY: a NULL clone_args with size 0 creates nothing either way.
+    let r = unsafe { libc::syscall(libc::SYS_clone3, std::ptr::null::<u8>(), 0usize) };
+    // SAFETY: reading errno.
+    if r == -1 && unsafe { *libc::__errno_location() } == libc::ENOSYS {
+        unsafe { libc::_exit(42) };
+    }
+}
+
+fn open_file() {
+    // SAFETY: a valid path; the result does not matter.
+    unsafe { libc::open(c"/etc/hostname".as_ptr(), libc::O_RDONLY) };
+}
+
+#[test]
+fn a_syscall_outside_a_filter_kills_the_process_naming_it() {
+    for (filter, forbidden, name) in [
+        ("vcpu", getppid as fn(), "getppid (110)"),
+        ("vcpu", open_file, "openat (257)"),
+        ("process", getppid, "getppid (110)"),
+        ("process", fork, "clone (56)"),
+        ("process", execve, "execve (59)"),
+    ] {
+        let (code, err) = run_filtered(filter, forbidden);
+        assert!(code != 42);
+        assert_eq!(
+            code,
+            ferry::security::seccomp::EXIT_SECCOMP,
+            "{filter}: {err}"
+        );
+        assert!(
+            err.starts_with("ferry: seccomp: thread '")
+                && err.contains(&format!(" made syscall {name}")),
+            "{filter} / {name}: {err}"
+        );
+    }
+}
+
+#[test]
+fn threads_are_made_with_clone_not_clone3() {
+    let (code, err) = run_filtered("process", clone3_enosys);
+    assert_eq!(code, 42, "{err}");
+}
+
+#[test]
+fn seccomp_log_filters_every_thread_and_the_guest_runs() {
+    if !kvm_available("seccomp_log_filters_every_thread_and_the_guest_runs") {
+        return;
+    }
+    let dir = tempdir();
+    let cfg = write_config(dir.path(), &config(1, 64, "testkernel.workload=idle"));
+    let vm = Ferry::spawn(&["run", "--config", cfg.to_str().unwrap(), "--seccomp", "log"]);
+    vm.wait_line(WAIT, |l| l == "testkernel: tick 1");
+    assert_all_filtered(vm.pid());
+}
+
+#[test]
+fn seccomp_none_runs_unfiltered_and_says_so() {
+    if !kvm_available("seccomp_none_runs_unfiltered_and_says_so") {
+        return;
+    }
+    let dir = tempdir();
+    let cfg = write_config(dir.path(), &config(1, 64, "testkernel.workload=idle"));
+    let vm = Ferry::spawn(&[
+        "run",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--seccomp",
+        "none",
+    ]);
+    vm.wait_line(WAIT, |l| l == "testkernel: tick 1");
+    assert!(vm
+        .stderr()
+        .contains("--seccomp none: no syscall filters; for debugging only"));
+    for (name, status) in threads(vm.pid()) {
+        assert_eq!(field(&status, "Seccomp"), "0", "thread {name}");
+    }
+}
+
+fn refused(args: &[&str]) -> String {
+    let o = Command::new(FERRY).args(args).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+    err
+}
+
+#[test]
+fn bad_uid_gid_and_seccomp_values_are_refused_before_anything_starts() {
+    let dir = tempdir();
+    let cfg = write_config(dir.path(), &config(1, 64, "testkernel.workload=idle"));
+    let cfg = cfg.to_str().unwrap();
+    let err = refused(&["run", "--config", cfg, "--uid", "0", "--gid", "65534"]);
+    assert!(err.contains("--uid 0 is root's"), "{err}");
+    let err = refused(&["run", "--config", cfg, "--uid", "65534", "--gid", "0"]);
+    assert!(err.contains("--gid 0 is root's"), "{err}");
+    let err = refused(&["run", "--config", cfg, "--uid", "65534"]);
+    assert!(err.contains("--gid"), "{err}");
+    let err = refused(&["run", "--config", cfg, "--uid=-1", "--gid", "1"]);
+    assert!(err.contains("--uid"), "{err}");
+    let err = refused(&["run", "--config", cfg, "--seccomp", "off"]);
+    assert!(
+        err.contains("kill") && err.contains("log") && err.contains("none"),
+        "{err}"
+    );
+    let err = refused(&[
+        "receive",
+        "--listen",
+        "127.0.0.1:0",
+        "--insecure",
+        "--uid",
+        "nobody",
+        "--gid",
+        "1",
+    ]);
+    assert!(err.contains("--uid"), "{err}");
+}
+
+/// Root-only tests: true when they can run here (else skipped, or failed
+/// in CI, which runs as root).
+fn as_root(test: &str) -> bool {
+    if !kvm_available(test) {
+        return false;
+    }
+    if !running_as_root() {
+        skip_unless_required(test, in_ci(), "--uid needs ferry started as root");
+        return false;
+    }
+    true
+}
+
+/// A temp dir the unprivileged user can pass through (tempdir is 0700).
+fn passable(dir: &Path) {
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711)).unwrap();
+}
+
+fn chown_nobody(path: &Path) {
+    std::os::unix::fs::chown(path, Some(65534), Some(65534)).unwrap();
+}
+
+#[test]
+fn a_vm_started_with_uid_runs_unprivileged() {
+    let test = "a_vm_started_with_uid_runs_unprivileged";
+    if !as_root(test) {
+        return;
+    }
+    let dir = tempdir();
+    passable(dir.path());
+    let cfg = write_config(dir.path(), &config(2, 64, "testkernel.workload=idle"));
+    let sock = dir.path().join("api.sock");
+    let args = [
+        "run",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--api-sock",
+        sock.to_str().unwrap(),
+    ];
+    let mut vm = Ferry::spawn(&[&args[..], &["--uid", NOBODY, "--gid", NOBODY]].concat());
+    vm.api_sock = Some(sock);
+    vm.wait_line(WAIT, |l| l == "testkernel: tick 1");
+    vm.wait_api(WAIT);
+    assert_all_filtered(vm.pid());
+    for (name, status) in threads(vm.pid()) {
+        assert!(
+            field(&status, "Uid")
+                .split_whitespace()
+                .all(|u| u == NOBODY),
+            "{name}"
+        );
+        assert!(
+            field(&status, "Gid")
+                .split_whitespace()
+                .all(|g| g == NOBODY),
+            "{name}"
+        );
+        assert_eq!(field(&status, "Groups"), "", "{name}");
+        assert_eq!(field(&status, "CapEff"), "0000000000000000", "{name}");
+        assert_eq!(field(&status, "CapPrm"), "0000000000000000", "{name}");
+    }
+    // A snapshot goes where the user may write, and is refused clearly
+    // where it may not.
+    let mine = dir.path().join("mine");
+    std::fs::create_dir(&mine).unwrap();
+    chown_nobody(&mine);
+    let snapshot = |d: &Path| {
+        ferry::api::client::request(
+            vm.api_sock.as_ref().unwrap(),
+            "PUT",
+            "/snapshot/create",
+            Some(&serde_json::json!({ "dir": d })),
+        )
+        .unwrap()
+    };
+    let roots = dir.path().join("roots");
+    std::fs::create_dir(&roots).unwrap();
+    let (code, body) = snapshot(&roots.join("snap"));
+    assert!((400..600).contains(&code), "{body}");
+    assert!(body.to_string().contains("ermission"), "{body}");
+    let (code, body) = snapshot(&mine.join("snap"));
+    assert_eq!(code, 200, "{body}");
+    vm.api("PUT", "/vm/shutdown");
+    assert!(vm.wait_exit(WAIT).success(), "{}", vm.stderr());
+}
+
+#[test]
+fn a_receiver_started_with_uid_takes_a_live_migration() {
+    let test = "a_receiver_started_with_uid_takes_a_live_migration";
+    if !as_root(test) {
+        return;
+    }
+    let dir = tempdir();
+    // The receiver binds its control socket here once the guest arrives.
+    chown_nobody(dir.path());
+    let nobody = ["--uid", NOBODY, "--gid", NOBODY];
+    let (mut dst, port) = receiver_with(
+        dir.path(),
+        &[&nobody[..], &["--shared-storage-root", "/"]].concat(),
+    );
+    let mut src = Ferry::run(dir.path(), &config(1, 64, "testkernel.workload=idle"));
+    src.wait_line(WAIT, |l| l == "testkernel: tick 1");
+    let (code, body) = ferry::api::client::request(
+        src.api_sock.as_ref().unwrap(),
+        "PUT",
+        "/migration/send",
+        Some(&serde_json::json!({
+            "destination": format!("127.0.0.1:{port}"),
+            "tls_dir": tls_dir(dir.path()),
+        })),
+    )
+    .unwrap();
+    assert_eq!(code, 200, "{body}");
+    let deadline = std::time::Instant::now() + WAIT;
+    while src.running() {
+        assert!(
+            std::time::Instant::now() < deadline && dst.running(),
+            "source: {}\ndestination: {}",
+            src.stderr(),
+            dst.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    dst.wait_line_from(0, WAIT, |l| l.starts_with("testkernel: tick "));
+    for (name, status) in threads(dst.pid()) {
+        assert!(
+            field(&status, "Uid")
+                .split_whitespace()
+                .all(|u| u == NOBODY),
+            "{name}"
+        );
+        assert_eq!(field(&status, "CapEff"), "0000000000000000", "{name}");
+        assert_eq!(field(&status, "Seccomp"), "2", "{name}");
+    }
+    dst.api("PUT", "/vm/shutdown");
+    assert!(dst.wait_exit(WAIT).success(), "{}", dst.stderr());
+}
+
+#[test]
+fn a_receiver_whose_dir_the_user_cannot_write_is_refused_up_front() {
+    let test = "a_receiver_whose_dir_the_user_cannot_write_is_refused_up_front";
+    if !as_root(test) {
+        return;
+    }
+    let dir = tempdir();
+    passable(dir.path());
+    let incoming = dir.path().join("incoming");
+    std::fs::create_dir(&incoming).unwrap();
+    let err = refused(&[
+        "receive",
+        "--listen",
+        "127.0.0.1:0",
+        "--insecure",
+        "--dir",
+        incoming.to_str().unwrap(),
+        "--uid",
+        NOBODY,
+        "--gid",
+        NOBODY,
+    ]);
+    assert!(
+        err.contains("--dir") && err.contains("not writable by uid 65534"),
+        "{err}"
+    );
+    chown_nobody(&incoming);
+    let sock = dir.path().join("dst.sock");
+    let err = refused(&[
+        "receive",
+        "--listen",
+        "127.0.0.1:0",
+        "--insecure",
+        "--dir",
+        incoming.to_str().unwrap(),
+        "--api-sock",
+        sock.to_str().unwrap(),
+        "--uid",
+        NOBODY,
+        "--gid",
+        NOBODY,
+    ]);
+    assert!(
+        err.contains("--api-sock's directory") && err.contains("not writable by uid 65534"),
+        "{err}"
+    );
+}
