@@ -13,6 +13,7 @@
 use std::collections::BTreeMap;
 use std::sync::OnceLock;
 
+use crate::devices::virtio::net::{TUNSETIFF, TUNSETOFFLOAD, TUNSETVNETHDRSZ};
 use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
     SeccompRule, TargetArch,
@@ -71,6 +72,11 @@ const PROCESS_SYSCALLS: &[i64] = &[
     libc::SYS_fchmodat,
     libc::SYS_fcntl,
     libc::SYS_fdatasync,
+    // The share server starts writeback of each UNSTABLE WRITE.
+    libc::SYS_sync_file_range,
+    // virtio-net's announcement timer.
+    libc::SYS_timerfd_create,
+    libc::SYS_timerfd_settime,
     libc::SYS_flock,
     libc::SYS_fstat,
     libc::SYS_fsync,
@@ -171,6 +177,9 @@ const VCPU_SYSCALLS: &[i64] = &[
     libc::SYS_sigaltstack,
     libc::SYS_write,
     libc::SYS_writev,
+    // A guest driver setting DRIVER_OK on a net device arms its
+    // announcement timer from the vCPU's MMIO exit.
+    libc::SYS_timerfd_settime,
 ];
 
 fn cond(arg: u8, op: SeccompCmpOp, value: u64) -> Result<SeccompCondition, SecurityError> {
@@ -214,7 +223,16 @@ fn process_rules() -> Result<Rules, SecurityError> {
     )?])?];
     ioctl.extend(any_of(
         1,
-        &[libc::FIONBIO, libc::FIOCLEX, libc::TCGETS, libc::TIOCGWINSZ],
+        &[
+            libc::FIONBIO,
+            libc::FIOCLEX,
+            libc::TCGETS,
+            libc::TIOCGWINSZ,
+            // A receive builds its VM (and opens its taps) under the filter.
+            TUNSETIFF,
+            TUNSETVNETHDRSZ,
+            TUNSETOFFLOAD,
+        ],
     )?);
     rules.insert(libc::SYS_ioctl, ioctl);
     let domains = [libc::AF_UNIX, libc::AF_INET, libc::AF_INET6].map(|d| d as u64);

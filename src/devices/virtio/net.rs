@@ -61,9 +61,9 @@ const BURST: usize = 256;
 /// the first, the others cover a lost one.
 const ANNOUNCE_AT_MS: [u64; 5] = [0, 10, 30, 60, 100];
 /// Tap ioctls (linux/if_tun.h).
-const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
-const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
-const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
+pub(crate) const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+pub(crate) const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
+pub(crate) const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
 const IFF_TAP: libc::c_short = 0x0002;
 const IFF_NO_PI: libc::c_short = 0x1000;
 const IFF_VNET_HDR: libc::c_short = 0x4000;
