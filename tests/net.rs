@@ -423,3 +423,56 @@ fn a_net_device_without_a_destination_tap_is_refused_and_the_guest_stays() {
     answers(&h.sw, "after the refused migration");
     assert_eq!(h.sw.tap_stat('b', "rx_packets"), 0);
 }
+
+/// Namespaces whose owner died without cleaning up (a test killed by
+/// SIGKILL runs no drop) are removed by the next `up`; a live owner's stay.
+#[test]
+fn namespaces_of_a_dead_owner_go_with_the_next_run() {
+    let Some(probe) = TwoHosts::create("namespaces_of_a_dead_owner_go_with_the_next_run") else {
+        return;
+    };
+    drop(probe);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tools/two-hosts");
+    // The owner lives while its namespaces are made, then dies outright.
+    let mut owner = std::process::Command::new("sleep")
+        .arg("60")
+        .spawn()
+        .unwrap();
+    let name = format!("fz{}", std::process::id() % 100_000);
+    let up = std::process::Command::new(script)
+        .args(["up", &name, "10.97.3"])
+        .env("TWO_HOSTS_OWNER", owner.id().to_string())
+        .output()
+        .unwrap();
+    owner.kill().unwrap();
+    owner.wait().unwrap();
+    assert!(up.status.success(), "{up:?}");
+    let listed = || {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "list"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .any(|l| l.starts_with(&format!("{name}-a")))
+    };
+    assert!(listed(), "{name}-a was not made");
+    // Any later run sweeps: this one, which itself lives on.
+    let live = TwoHosts::create("namespaces_of_a_dead_owner_go_with_the_next_run").unwrap();
+    let still_there = listed();
+    let _ = std::process::Command::new(script)
+        .args(["down", &name])
+        .output();
+    assert!(
+        !still_there,
+        "{name}, owned by a dead process, survived a sweep"
+    );
+    let out = std::process::Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&live.ns('a')),
+        "a live owner's namespaces were swept"
+    );
+}

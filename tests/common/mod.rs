@@ -445,7 +445,8 @@ pub fn verify_blkwrite_image(image: &Path, blocks: u64, seed: u64) -> Result<(u6
 
 /// Two hosts on this machine: network namespaces `<name>-a` and `<name>-b`
 /// joined by a veth pair (tools/two-hosts), removed on drop — also when the
-/// test fails.
+/// test fails; a test process killed outright (SIGKILL) runs no drop, and
+/// the next `up` of any test removes what it left (TWO_HOSTS_OWNER).
 pub struct TwoHosts {
     pub name: String,
     pub ip_a: String,
@@ -463,7 +464,10 @@ impl TwoHosts {
         let name = format!("fy{}{}", pid % 100_000, n);
         let subnet = format!("10.{}.{}", 100 + (pid % 100), (n * 7 + pid / 100) % 250);
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tools/two-hosts");
-        let out = Command::new(script).args(["up", &name, &subnet]).output();
+        let out = Command::new(script)
+            .args(["up", &name, &subnet])
+            .env("TWO_HOSTS_OWNER", pid.to_string())
+            .output();
         match out {
             Ok(o) if o.status.success() => Some(TwoHosts {
                 name,
@@ -537,6 +541,7 @@ impl Switch {
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tools/two-hosts");
         let out = Command::new(script)
             .args(["switch-up", &name, &subnet])
+            .env("TWO_HOSTS_OWNER", pid.to_string())
             .output();
         let sw = Switch { name, subnet };
         match out {
