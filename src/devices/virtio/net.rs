@@ -433,7 +433,13 @@ impl Net {
             return Ok(0);
         };
         let mut done = 0;
-        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+        // At most a ring's worth per call: a guest that re-posts buffers as
+        // fast as they complete must not keep the event loop (and with it
+        // the control socket and the other devices) to itself.
+        while done < BURST {
+            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                break;
+            };
             let head = chain.head_index();
             let mut len = 0usize;
             let mut bad = None;
@@ -482,6 +488,10 @@ impl Net {
             queue.add_used(mem, head, 0).map_err(NetError::UsedRing)?;
             done += 1;
         }
+        if done == BURST {
+            // There may be more: come back after the other events.
+            let _ = self.queue_evts[TX].write(1);
+        }
         if done > 0 {
             self.raise(TX)?;
         }
@@ -505,7 +515,11 @@ impl Net {
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) => {
-                        eprintln!("ferry: net {}: tap read: {e}", self.id);
+                        // Say so, and stop watching: a tap in error stays
+                        // readable to epoll, and the loop must not spin on it.
+                        self.log
+                            .log(format_args!("{}: tap read: {e}; tap unwatched", self.id));
+                        result = Ok(false);
                         break;
                     }
                 }
@@ -1000,6 +1014,28 @@ mod tests {
             assert!(c.dropped >= 4, "{c:?}");
             // Nothing more is taken than was offered.
             assert_eq!(net.process_tx().unwrap(), 0);
+        }
+
+        #[test]
+        fn a_guest_flooding_tx_gets_a_burst_per_event_and_a_second_turn() {
+            if !crate::util::tests_can_create_taps() {
+                return;
+            }
+            let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]).unwrap();
+            let rx = MockSplitQueue::new(&mem, 16);
+            let tx = MockSplitQueue::create(&mem, GuestAddress(0x20_0000), 512);
+            let mut net = device(&mem, &rx, &tx);
+            let _ = net.queue_evts[TX].read();
+            for i in 0..300u16 {
+                chain(&tx, i, &[(0x1000, 60, 0)]);
+            }
+            // One event takes a burst and asks for another turn on the loop.
+            assert_eq!(net.process_tx().unwrap(), BURST);
+            assert_eq!(net.queue_evts[TX].read().unwrap(), 1);
+            // The rest on the next turn, with no further turn asked for.
+            assert_eq!(net.process_tx().unwrap(), 300 - BURST);
+            assert!(net.queue_evts[TX].read().is_err());
+            assert_eq!(tx.used().idx().load(), 300);
         }
 
         #[test]
