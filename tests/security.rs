@@ -326,6 +326,32 @@ fn a_vm_started_with_uid_runs_unprivileged() {
         assert_eq!(field(&status, "CapEff"), "0000000000000000", "{name}");
         assert_eq!(field(&status, "CapPrm"), "0000000000000000", "{name}");
     }
+    // The socket is the dropped user's now, but another process running as
+    // that user is not served: only root and whoever started ferry are.
+    let other = std::process::Command::new("setpriv")
+        .args([
+            "--reuid",
+            NOBODY,
+            "--regid",
+            NOBODY,
+            "--clear-groups",
+            "curl",
+            "-sS",
+        ])
+        .args(["--max-time", "10", "--unix-socket"])
+        .arg(vm.api_sock.as_ref().unwrap())
+        .arg("http://localhost/vm")
+        .output()
+        .expect("setpriv and curl");
+    assert!(
+        !other.status.success() && other.stdout.is_empty(),
+        "a uid {NOBODY} client was answered: {other:?}"
+    );
+    assert!(vm
+        .stderr()
+        .contains("refused a client running as uid 65534"));
+    let (code, _) = vm.api("GET", "/vm");
+    assert_eq!(code, 200);
     // A snapshot goes where the user may write, and is refused clearly
     // where it may not.
     let mine = dir.path().join("mine");

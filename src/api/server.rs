@@ -314,6 +314,7 @@ pub fn start_api_server_with_timeout(
         to_vmm,
         wake,
         reply_timeout,
+        owner_uid: crate::security::invoking_uid(),
         in_flight: Mutex::new(0),
         done: Condvar::new(),
     });
@@ -393,6 +394,23 @@ fn gate_accept(
         if stopping.load(Ordering::SeqCst) {
             return;
         }
+        // The socket is 0600, but after a --uid drop it belongs to that
+        // user: another process running as the same uid must still not
+        // drive the VM. Only root and whoever started ferry may.
+        match peer_uid(&client) {
+            Ok(uid) if uid == 0 || uid == context.owner_uid => {}
+            Ok(uid) => {
+                eprintln!("ferry: control socket: refused a client running as uid {uid}");
+                continue;
+            }
+            Err(e) => {
+                eprintln!(
+                    "ferry: control socket: cannot tell the client's uid: {}",
+                    io_msg(&e)
+                );
+                continue;
+            }
+        }
         let inner = inner.to_path_buf();
         let context = Arc::clone(context);
         // If the thread cannot start, the connection closes with the closure.
@@ -400,6 +418,31 @@ fn gate_accept(
             .name("ferry-api-conn".into())
             .spawn(move || gate_connection(client, &inner, &context));
     }
+}
+
+/// The uid of the process at the other end of `client` (SO_PEERCRED).
+fn peer_uid(client: &UnixStream) -> io::Result<u32> {
+    use std::os::fd::AsRawFd;
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cred`.
+    let r = unsafe {
+        libc::getsockopt(
+            client.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cred.uid)
 }
 
 /// What follows a request head.
@@ -646,6 +689,9 @@ struct Context {
     to_vmm: Sender<ApiRequest>,
     wake: EventFd,
     reply_timeout: Duration,
+    /// Besides root, the only uid whose clients are served: whoever started
+    /// ferry (before any `--uid` drop).
+    owner_uid: u32,
     /// Requests being answered: the server waits for them when it stops, so
     /// that an answer given (say, to `PUT /vm/shutdown`) reaches its client
     /// before the process ends.

@@ -43,9 +43,18 @@ static KVM: OnceLock<File> = OnceLock::new();
 /// Records the command line's choice; the first call wins. Without it
 /// (library use, unit tests) nothing is confined.
 pub fn configure(settings: Settings) {
+    invoking_uid();
     if SETTINGS.set(settings).is_ok() {
         seccomp::precompile(settings.seccomp, settings.jail.is_none());
     }
+}
+
+/// The uid that started ferry, as it was before any `--uid` drop (recorded
+/// by [`configure`], or at the first call).
+pub fn invoking_uid() -> u32 {
+    static INVOKER: OnceLock<u32> = OnceLock::new();
+    // SAFETY: getuid cannot fail.
+    *INVOKER.get_or_init(|| unsafe { libc::getuid() })
 }
 
 /// The configured seccomp mode (`None` when nothing was configured).
