@@ -411,13 +411,17 @@ fn a_net_device_without_a_destination_tap_is_refused_and_the_guest_stays() {
     );
     assert_eq!(status["bytes_sent"], 0, "memory moved before the refusal");
     // Refused at the handshake, before any memory moved; the receiver
-    // waits on for a migration it can take.
-    assert!(
+    // waits on for a migration it can take. (It may say so a moment after
+    // the source has seen the refusal.)
+    let said = |dst: &Ferry| {
         dst.stderr()
-            .contains("refused: net[0] (id \"n0\") has no tap on the destination"),
-        "{}",
-        dst.stderr()
-    );
+            .contains("refused: net[0] (id \"n0\") has no tap on the destination")
+    };
+    let until = Instant::now() + WAIT;
+    while !said(&dst) && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(said(&dst), "{}", dst.stderr());
     assert!(dst.running());
     // The guest goes on answering where it was.
     answers(&h.sw, "after the refused migration");
