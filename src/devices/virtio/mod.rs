@@ -200,6 +200,20 @@ impl GuestErrorLog {
     }
 }
 
+/// A guest's read of `data.len()` bytes at `offset` of a device's config
+/// space `config`: what lies inside it, zeros beyond (any offset and length
+/// the guest gives, without panicking).
+pub(crate) fn read_config_space(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Ok(start) = usize::try_from(offset) else {
+        return;
+    };
+    if start < config.len() {
+        let n = data.len().min(config.len() - start);
+        data[..n].copy_from_slice(&config[start..start + n]);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
