@@ -476,3 +476,29 @@ fn a_receiver_whose_dir_the_user_cannot_write_is_refused_up_front() {
         "{err}"
     );
 }
+
+/// A config named by a relative path whose net device is refused: the
+/// error is the clear one, under the default filters (resolving the path
+/// for the message once killed the process with `getcwd`).
+#[test]
+fn a_bad_config_by_a_relative_path_is_refused_clearly_under_the_filters() {
+    let test = "a_bad_config_by_a_relative_path_is_refused_clearly_under_the_filters";
+    if !kvm_available(test) {
+        return;
+    }
+    let dir = tempdir();
+    let mut cfg = config(1, 64, "testkernel.workload=idle");
+    cfg["net"] = serde_json::json!([{ "id": "n0", "tap": "fyrel0", "mac": "ff:ff:ff:ff:ff:ff" }]);
+    let path = write_config(dir.path(), &cfg);
+    let name = path.file_name().unwrap();
+    let out = Command::new(FERRY)
+        .args(["run", "--config"])
+        .arg(name)
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("is a multicast address"), "{err}");
+    assert!(!err.contains("seccomp"), "{err}");
+}

@@ -83,6 +83,9 @@ const PROCESS_SYSCALLS: &[i64] = &[
     libc::SYS_ftruncate,
     libc::SYS_futex,
     libc::SYS_getdents64,
+    // std::path::absolute of a relative path the user gave (a config
+    // error names the file that way, perhaps after the filter is in).
+    libc::SYS_getcwd,
     libc::SYS_getegid,
     libc::SYS_geteuid,
     libc::SYS_getgid,
