@@ -1,6 +1,6 @@
 //! The control socket: HTTP/1.1 + JSON over a Unix socket.
 //!
-//! The server (`server.rs`, on tiny_http) turns each request into an
+//! The server (`server.rs`, HTTP/1.1 parsed with httparse) turns each request into an
 //! [`ApiAction`], hands it to the VMM's event loop as an [`ApiRequest`] over an
 //! mpsc channel, wakes the loop through an eventfd, and answers with whatever
 //! the VMM replies. The VMM never sees HTTP; the server never sees VMM state.

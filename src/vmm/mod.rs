@@ -245,14 +245,17 @@ impl Vmm {
             // Chosen once: snapshots and migrations carry it in the config.
             config.assign_macs().map_err(VmmError::EventFd)?;
         }
-        let mut built = builder::build(&config, boot)?;
-
         // Issue 8, signals: installed before the control socket exists, so
         // that from here on SIGTERM/SIGINT take the normal exit path, which
         // removes it.
         let shutdown_signals = crate::signals::ShutdownSignals::install()
             .map_err(|e| VmmError::EventLoop(e.to_string()))?;
 
+        // Issue 13: the control socket is bound before the VM is built, so a
+        // client polling for it (a restore's caller, say) connects at once
+        // and its request waits in the channel for the event loop's first
+        // turn, instead of retrying until the socket appears. Should the
+        // build fail, dropping the server removes the socket again.
         let (api_tx, api_rx) = mpsc::channel();
         let api_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
         let api_server = match api_socket {
@@ -263,8 +266,9 @@ impl Vmm {
             )?),
             None => None,
         };
-
         crate::startup::mark("api-socket");
+
+        let mut built = builder::build(&config, boot)?;
         // The last step that touches the host: nothing fails after it.
         if let Some(log) = built.serial_log.take() {
             log.open()?;
