@@ -298,6 +298,7 @@ fn incompatible_destinations_are_refused_and_the_source_is_unharmed() {
                     memory_size: h.memory_size * 2,
                     share: None,
                     nonce: "0123abcd".into(),
+                    lanes: None,
                 };
                 protocol::send_json(s, Kind::HelloAck, &ack).unwrap();
             }),
@@ -312,6 +313,7 @@ fn incompatible_destinations_are_refused_and_the_source_is_unharmed() {
                     memory_size: h.memory_size,
                     share: None,
                     nonce: "0123abcd".into(),
+                    lanes: None,
                 };
                 protocol::send_json(s, Kind::HelloAck, &ack).unwrap();
             }),
@@ -389,6 +391,7 @@ fn receiver_rejects_garbage_and_bad_handshakes_then_accepts_a_real_migration() {
                 cpuid: vec![],
                 storage: None,
                 net_ids: vec![],
+                connections: 1,
             },
         )
         .unwrap();
@@ -441,6 +444,7 @@ fn receiver_refuses_frames_out_of_order() {
             cpuid: vec![],
             storage: None,
             net_ids: vec![],
+            connections: 1,
         },
     )
     .unwrap();
@@ -719,6 +723,7 @@ fn forged_hello(state: &serde_json::Value) -> protocol::Hello {
         cpuid: vec![],
         storage: None,
         net_ids: vec![],
+        connections: 1,
     }
 }
 
@@ -1050,6 +1055,7 @@ fn guests_beyond_this_hosts_limits_are_refused_before_anything_is_built() {
         cpuid: vec![],
         storage: None,
         net_ids: vec![],
+        connections: 1,
     };
     let refusal = |port: u16, h: &protocol::Hello| {
         let mut s = tls_client(dir.path(), port);
@@ -1114,6 +1120,7 @@ fn an_id_collision_deletes_nothing() {
                 cpuid: vec![],
                 storage: Some(offer(sizes)),
                 net_ids: vec![],
+                connections: 1,
             },
         )
         .unwrap();
@@ -1151,6 +1158,7 @@ fn an_id_collision_deletes_nothing() {
             cpuid: vec![],
             storage: Some(offer(vec![1 << 62, 1 << 62, 1])),
             net_ids: vec![],
+            connections: 1,
         },
     )
     .unwrap();
@@ -1530,6 +1538,7 @@ fn an_authenticated_peer_writes_only_the_announced_files_into_the_share() {
                 mounted_share: false,
             }),
             net_ids: vec![],
+            connections: 1,
         },
     )
     .unwrap();
