@@ -208,6 +208,7 @@ impl Migration {
             destination: req.destination.clone(),
             max_downtime_ms: req.max_downtime_ms,
             storage: Some(req.storage_mode()),
+            connections: req.connections(),
             memory_bytes: vm_memory::GuestMemoryBackend::iter(&ctx.mem)
                 .map(vm_memory::GuestMemoryRegion::len)
                 .sum(),

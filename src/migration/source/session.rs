@@ -58,7 +58,6 @@ pub(super) fn run(
 ) -> Result<Duration, SourceError> {
     let security = req.security()?;
     let connections = req.connections();
-    lock(status).connections = connections;
     let (stream, addr) = connect(&req.destination, &security)?;
     *lock(slot) = stream.tcp().try_clone().ok();
     let reader = stream.try_clone().map_err(ProtocolError::from)?;
