@@ -111,7 +111,10 @@ pub(super) struct LaneHub {
     connections: u32,
     state: Mutex<HubState>,
     changed: Condvar,
-    /// Set by any lane failure, for the channel's loop to check cheaply.
+    /// Set by a lane that broke the protocol, for the channel's loop to
+    /// check cheaply before each frame. A lane that merely lost its
+    /// connection does not set it: the source then says why on the channel
+    /// (or the channel fails too), and the seal wait reports it otherwise.
     failed: AtomicBool,
     stop: AtomicBool,
 }
@@ -206,16 +209,18 @@ impl LaneHub {
         ))
     }
 
-    fn fail(&self, why: String) {
+    fn fail(&self, why: String, broke_protocol: bool) {
         let mut st = lock(&self.state);
         if st.failure.is_none() {
             st.failure = Some(why);
         }
-        self.failed.store(true, Ordering::SeqCst);
+        if broke_protocol {
+            self.failed.store(true, Ordering::SeqCst);
+        }
         self.changed.notify_all();
     }
 
-    /// The first lane failure, if any.
+    /// The first lane failure, if a lane broke the protocol.
     pub fn failure(&self) -> Option<DestinationError> {
         if !self.failed.load(Ordering::SeqCst) {
             return None;
@@ -310,11 +315,14 @@ fn accept_lanes(
         }
         if Instant::now() >= deadline {
             let joined = lock(&hub.state).joined.iter().filter(|&&j| j).count();
-            hub.fail(format!(
-                "{joined} of the {} extra memory connections joined within {} s",
-                hub.connections - 1,
-                HANDSHAKE_DEADLINE.as_secs()
-            ));
+            hub.fail(
+                format!(
+                    "{joined} of the {} extra memory connections joined within {} s",
+                    hub.connections - 1,
+                    HANDSHAKE_DEADLINE.as_secs()
+                ),
+                true,
+            );
             return;
         }
         let (tcp, from) = match listener.accept() {
@@ -426,7 +434,7 @@ fn vet_lane(tcp: TcpStream, hub: &LaneHub, c: &JoinCheck) -> Result<(Channel, u3
     ch.clear_deadline(None);
     if let Err(e) = joined {
         // Lane taken, then lost: the migration cannot complete.
-        hub.fail(format!("memory connection {}: {e}", join.index));
+        hub.fail(format!("memory connection {}: {e}", join.index), false);
         return Err(e.to_string());
     }
     Ok((ch, join.index))
@@ -486,7 +494,8 @@ fn run_lane(hub: &LaneHub, sink: &MemorySink, ch: Channel, index: u32, nonce: &s
         }
         Err(e) => {
             if !hub.stop.load(Ordering::SeqCst) {
-                hub.fail(format!("memory connection {index}: {e}"));
+                let lost = matches!(e, DestinationError::Protocol(ProtocolError::Io(_)));
+                hub.fail(format!("memory connection {index}: {e}"), !lost);
             }
             let _ = ch.shutdown(std::net::Shutdown::Both);
         }

@@ -676,7 +676,6 @@ impl MigrationContext<'_> {
     /// tells the destination why, and closes the connection.
     fn finish(&mut self, error: Option<&SourceError>) {
         self.throttle = None;
-        self.lanes.shutdown();
         if error.is_some() {
             self.src.machine.set_mirrors(None);
             if !self.committed {
@@ -720,6 +719,9 @@ impl MigrationContext<'_> {
             let _ = send_json(&mut self.w, Kind::Error, &Reason { reason });
             let _ = self.w.flush();
         }
+        // After the reason went out on the channel: the destination may
+        // notice the lanes closing first, and should hear why.
+        self.lanes.shutdown();
         // Other handles on this socket (cancel's) must not keep it open.
         let _ = self
             .w
