@@ -180,6 +180,10 @@ enum CtlAction {
         /// Plaintext and unauthenticated, to an --insecure ferry receive.
         #[arg(long, conflicts_with = "tls_dir")]
         insecure: bool,
+        /// TCP connections guest memory travels over (1 to 8); the
+        /// default is one per CPU of the source host, at most 4.
+        #[arg(long)]
+        connections: Option<u32>,
     },
     /// Show the progress of the current (or last) migration.
     MigrationStatus,
@@ -303,6 +307,7 @@ fn ctl(sock: PathBuf, action: CtlAction) -> ExitCode {
         bandwidth_mib_s,
         tls_dir,
         insecure,
+        connections,
     } = &action
     {
         if tls_dir.is_none() && !insecure {
@@ -323,6 +328,7 @@ fn ctl(sock: PathBuf, action: CtlAction) -> ExitCode {
             *bandwidth_mib_s,
             tls_dir.as_deref(),
             *insecure,
+            *connections,
         );
     }
     let (method, path, body) = match &action {
@@ -586,11 +592,13 @@ fn migrate(
     bandwidth: Option<u64>,
     tls_dir: Option<&Path>,
     insecure: bool,
+    connections: Option<u32>,
 ) -> ExitCode {
     let mut req = serde_json::json!({
         "destination": to,
         "max_downtime_ms": max_downtime_ms,
         "bandwidth_mib_s": bandwidth,
+        "connections": connections,
     });
     match tls_dir {
         Some(d) => req["tls_dir"] = serde_json::json!(d),

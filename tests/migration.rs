@@ -298,6 +298,7 @@ fn incompatible_destinations_are_refused_and_the_source_is_unharmed() {
                     memory_size: h.memory_size * 2,
                     share: None,
                     nonce: "0123abcd".into(),
+                    lanes: None,
                 };
                 protocol::send_json(s, Kind::HelloAck, &ack).unwrap();
             }),
@@ -312,6 +313,7 @@ fn incompatible_destinations_are_refused_and_the_source_is_unharmed() {
                     memory_size: h.memory_size,
                     share: None,
                     nonce: "0123abcd".into(),
+                    lanes: None,
                 };
                 protocol::send_json(s, Kind::HelloAck, &ack).unwrap();
             }),
@@ -389,6 +391,7 @@ fn receiver_rejects_garbage_and_bad_handshakes_then_accepts_a_real_migration() {
                 cpuid: vec![],
                 storage: None,
                 net_ids: vec![],
+                connections: 1,
             },
         )
         .unwrap();
@@ -441,6 +444,7 @@ fn receiver_refuses_frames_out_of_order() {
             cpuid: vec![],
             storage: None,
             net_ids: vec![],
+            connections: 1,
         },
     )
     .unwrap();
@@ -719,6 +723,7 @@ fn forged_hello(state: &serde_json::Value) -> protocol::Hello {
         cpuid: vec![],
         storage: None,
         net_ids: vec![],
+        connections: 1,
     }
 }
 
@@ -1050,6 +1055,7 @@ fn guests_beyond_this_hosts_limits_are_refused_before_anything_is_built() {
         cpuid: vec![],
         storage: None,
         net_ids: vec![],
+        connections: 1,
     };
     let refusal = |port: u16, h: &protocol::Hello| {
         let mut s = tls_client(dir.path(), port);
@@ -1114,6 +1120,7 @@ fn an_id_collision_deletes_nothing() {
                 cpuid: vec![],
                 storage: Some(offer(sizes)),
                 net_ids: vec![],
+                connections: 1,
             },
         )
         .unwrap();
@@ -1151,6 +1158,7 @@ fn an_id_collision_deletes_nothing() {
             cpuid: vec![],
             storage: Some(offer(vec![1 << 62, 1 << 62, 1])),
             net_ids: vec![],
+            connections: 1,
         },
     )
     .unwrap();
@@ -1530,6 +1538,7 @@ fn an_authenticated_peer_writes_only_the_announced_files_into_the_share() {
                 mounted_share: false,
             }),
             net_ids: vec![],
+            connections: 1,
         },
     )
     .unwrap();
@@ -1661,4 +1670,374 @@ fn shared_image_lock_moves_with_the_guest() {
     assert!(err.contains(image.to_str().unwrap()), "{err}");
     dst.api("PUT", "/vm/shutdown");
     assert!(dst.wait_exit(WAIT).success());
+}
+
+// ---- memory over several connections (issue 11: connections=N) ----
+
+/// A real source with `connections: 4` over TLS: three extra connections
+/// join the destination's listener for this migration, and the guest
+/// carries on verifying its memory there.
+#[test]
+fn a_dirty_guest_migrates_over_four_connections_over_tls() {
+    if !kvm_available("a_dirty_guest_migrates_over_four_connections_over_tls") {
+        return;
+    }
+    let dir = tempdir();
+    let (mut dst, port) = receiver(dir.path());
+    let mut src = Ferry::run(
+        dir.path(),
+        &config(2, 512, "testkernel.workload=dirty testkernel.dirty_mib=128"),
+    );
+    src.wait_line(WAIT, |l| l == "testkernel: dirty pass=2 ok");
+    let (status, body) = send(
+        &src,
+        serde_json::json!({
+            "destination": format!("127.0.0.1:{port}"),
+            "connections": 4,
+        }),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["connections"], 4, "{body}");
+    let exit = src.wait_exit(WAIT);
+    assert!(exit.success(), "{exit:?} {}", src.stderr());
+    let before = last_pass(&src);
+    no_fail(&src);
+    assert!(
+        dst.stderr().contains("taking 3 extra memory connections"),
+        "{}",
+        dst.stderr()
+    );
+    assert!(
+        !dst.stderr().contains("refused a memory connection"),
+        "{}",
+        dst.stderr()
+    );
+    dst.wait_line(WAIT, |l| pass_of(l).is_some_and(|p| p >= before + 3));
+    no_fail(&dst);
+    assert!(!dst
+        .lines()
+        .iter()
+        .any(|l| l.starts_with("testkernel: booted")));
+    dst.wait_api(WAIT);
+    dst.api("PUT", "/vm/shutdown");
+    assert!(dst.wait_exit(WAIT).success(), "{}", dst.stderr());
+}
+
+/// `connections` out of range is refused by the API, and by a receiver
+/// that is sent such a Hello.
+#[test]
+fn connections_out_of_range_are_refused() {
+    if !kvm_available("connections_out_of_range_are_refused") {
+        return;
+    }
+    let dir = tempdir();
+    let src = Ferry::run(dir.path(), &config(1, 128, "testkernel.workload=idle"));
+    src.wait_api(WAIT);
+    for n in [0, 9, 1000] {
+        let (status, body) = send(
+            &src,
+            serde_json::json!({"destination": "127.0.0.1:1", "connections": n}),
+        );
+        assert_eq!(status, 400, "{n}: {body}");
+        assert!(
+            body["error"].as_str().unwrap().contains("\"connections\""),
+            "{body}"
+        );
+    }
+    let (mut dst, port) = receiver(dir.path());
+    let mut hello = forged_hello(&serde_json::json!({"vcpus": [0], "memory_size": 128u64 << 20}));
+    hello.connections = 9;
+    let mut s = tls_client(dir.path(), port);
+    protocol::send_json(&mut s, Kind::Hello, &hello).unwrap();
+    match protocol::expect(&mut s, Kind::HelloAck) {
+        Err(protocol::ProtocolError::Peer(reason)) => {
+            assert!(reason.contains("memory connections"), "{reason}")
+        }
+        other => panic!("expected a refusal, got {:?}", other.map(|_| ())),
+    }
+    assert!(dst.running(), "{}", dst.stderr());
+}
+
+/// What a forged source does wrong on its memory connection 1.
+#[derive(Clone, Copy, PartialEq)]
+enum LaneFault {
+    None,
+    /// Leaves out its `k`th data frame, and seals honestly what it sent.
+    Skip(usize),
+    /// Its `k`th data frame is lost on the way: the seal counts it.
+    Lose(usize),
+    /// Its first data frame goes over the channel instead.
+    Misplace,
+}
+
+/// The memory of a forged source with `n` connections: one stream per
+/// connection, the stripes of each on its own, lane 0 (the channel) ending
+/// with PassEnd and its Seal, the others with their Seal.
+fn forged_lanes(
+    memory: &std::fs::File,
+    size: u64,
+    nonce: &str,
+    n: u32,
+    fault: LaneFault,
+) -> Vec<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    const CHUNK: usize = protocol::STRIPE as usize;
+    let zero = [0u8; 4096];
+    let mut w: Vec<_> = (0..n)
+        .map(|i| {
+            let mut w = protocol::DigestWriter::new(Vec::new());
+            w.start_digest(&protocol::lane_nonce(nonce, i));
+            w
+        })
+        .collect();
+    let mut buf = vec![0u8; CHUNK];
+    let mut lane1_data = 0;
+    let mut lost = None;
+    let mut misplaced = None;
+    for off in (0..size).step_by(CHUNK) {
+        memory.read_exact_at(&mut buf, off).unwrap();
+        let lane = protocol::stripe_owner(off, n) as usize;
+        let is_zero = |p: usize| buf[p * 4096..(p + 1) * 4096] == zero[..];
+        let pages = CHUNK / 4096;
+        let mut i = 0;
+        while i < pages {
+            let z = is_zero(i);
+            let mut j = i + 1;
+            while j < pages && is_zero(j) == z {
+                j += 1;
+            }
+            let gpa = off + (i * 4096) as u64;
+            if z {
+                let count = (j - i) as u64;
+                protocol::send_frame(
+                    &mut w[lane],
+                    Kind::ZeroPages,
+                    &[&gpa.to_le_bytes(), &count.to_le_bytes()],
+                )
+                .unwrap();
+            } else {
+                let mut frame = Vec::new();
+                protocol::send_frame(
+                    &mut frame,
+                    Kind::MemoryPages,
+                    &[&gpa.to_le_bytes(), &buf[i * 4096..j * 4096]],
+                )
+                .unwrap();
+                let k = if lane == 1 { Some(lane1_data) } else { None };
+                match (fault, k) {
+                    (LaneFault::Skip(s), Some(k)) if s == k => {}
+                    (LaneFault::Lose(s), Some(k)) if s == k => {
+                        let at = w[1].get_ref().len();
+                        w[1].write_all(&frame).unwrap();
+                        lost = Some(at..at + frame.len());
+                    }
+                    (LaneFault::Misplace, Some(0)) => misplaced = Some(frame),
+                    _ => w[lane].write_all(&frame).unwrap(),
+                }
+                if lane == 1 {
+                    lane1_data += 1;
+                }
+            }
+            i = j;
+        }
+    }
+    assert!(lane1_data > 0, "the guest has no data in lane 1's stripes");
+    if let Some(frame) = misplaced {
+        w[0].write_all(&frame).unwrap();
+    }
+    protocol::send_json(&mut w[0], Kind::PassEnd, &protocol::PassEnd { pass: 1 }).unwrap();
+    let mut out: Vec<Vec<u8>> = Vec::new();
+    for mut lane in w {
+        let seal = lane.seal().unwrap();
+        protocol::send_json(&mut lane, Kind::Seal, &seal).unwrap();
+        out.push(std::mem::take(lane.get_mut()));
+    }
+    if let Some(r) = lost {
+        out[1].drain(r);
+    }
+    out
+}
+
+/// Joins the destination's memory listener as connection `index` with
+/// `secret`; returns the connection, or the destination's reason.
+fn join_lane(
+    dir: &Path,
+    offer: &protocol::LaneOffer,
+    id: &str,
+    index: u32,
+    secret: &str,
+) -> Result<Channel, String> {
+    let mut s = tls_client(dir, offer.port);
+    protocol::send_json(
+        &mut s,
+        Kind::Join,
+        &protocol::Join {
+            migration_id: id.into(),
+            index,
+            secret: secret.into(),
+        },
+    )
+    .unwrap();
+    match protocol::expect(&mut s, Kind::Joined) {
+        Ok(_) => Ok(s),
+        Err(protocol::ProtocolError::Peer(reason)) => Err(reason),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// A forged source with two connections: Hello, then `strangers` (given
+/// the lane offer) before the real join, the memory of `fault`, the state,
+/// Go. Returns the destination's reason if it refused.
+fn forge_two_lanes(
+    dir: &Path,
+    port: u16,
+    memory: &std::fs::File,
+    state: &serde_json::Value,
+    fault: LaneFault,
+    strangers: impl FnOnce(&protocol::LaneOffer, &str),
+) -> Result<(), String> {
+    let mut hello = forged_hello(state);
+    hello.connections = 2;
+    let mut s = tls_client(dir, port);
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    protocol::send_json(&mut s, Kind::Hello, &hello).unwrap();
+    let ack: HelloAck = protocol::expect(&mut s, Kind::HelloAck)
+        .and_then(|p| protocol::parse_json(Kind::HelloAck, &p))
+        .map_err(|e| e.to_string())?;
+    let offer = ack.lanes.clone().expect("a lane offer for two connections");
+    strangers(&offer, &ack.migration_id);
+    let mut lane = join_lane(dir, &offer, &ack.migration_id, 1, &offer.secret)?;
+    let size = state["memory_size"].as_u64().unwrap();
+    let streams = forged_lanes(memory, size, &ack.nonce, 2, fault);
+    // The channel first: its Seal then waits for the lane's, so that a
+    // refusal comes after the channel's bytes are all written and the
+    // reason can be read.
+    s.write_all(&streams[0]).unwrap();
+    s.flush().unwrap();
+    let _ = lane.write_all(&streams[1]);
+    let _ = lane.flush();
+    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    match protocol::expect(&mut s, Kind::Ready) {
+        Err(protocol::ProtocolError::Peer(reason)) => return Err(reason),
+        Err(protocol::ProtocolError::Io(e))
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) => {}
+        Err(e) => return Err(e.to_string()),
+        Ok(_) => panic!("Ready before the state"),
+    }
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    protocol::send_json(&mut s, Kind::State, state).unwrap();
+    match protocol::expect(&mut s, Kind::Ready) {
+        Ok(_) => {}
+        Err(protocol::ProtocolError::Peer(reason)) => return Err(reason),
+        Err(e) => panic!("no Ready: {e}"),
+    }
+    protocol::send_json(&mut s, Kind::Go, &serde_json::json!({})).unwrap();
+    protocol::expect(&mut s, Kind::Resumed).map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// Strangers at the memory listener: a wrong secret, a lane number that
+/// does not exist, a connection that opens and says nothing, another CA's
+/// certificate. Each is refused (the talking ones are told why) and the
+/// migration completes over its real two connections.
+#[test]
+fn a_bogus_extra_connection_is_refused_and_the_migration_completes() {
+    if !kvm_available("a_bogus_extra_connection_is_refused_and_the_migration_completes") {
+        return;
+    }
+    let dir = tempdir();
+    let (state, memory) = forgery(dir.path(), &dir.path().join("disk.img"));
+    let (mut dst, port) = receiver(dir.path());
+    let other_ca = dir.path().join("other-ca");
+    ferry::migration::transport::tls_init(&other_ca, &["127.0.0.1".into()]).unwrap();
+    let mut silent = None;
+    forge_two_lanes(
+        dir.path(),
+        port,
+        &memory,
+        &state,
+        LaneFault::None,
+        |offer, id| {
+            silent = Some(TcpStream::connect(("127.0.0.1", offer.port)).unwrap());
+            let wrong = "ab".repeat(32);
+            let why = join_lane(dir.path(), offer, id, 1, &wrong)
+                .err()
+                .expect("refused");
+            assert!(why.contains("wrong secret"), "{why}");
+            let why = join_lane(dir.path(), offer, id, 5, &offer.secret)
+                .err()
+                .expect("refused");
+            assert!(why.contains("does not exist"), "{why}");
+            let why = join_lane(dir.path(), offer, "f0f0ab", 1, &offer.secret)
+                .err()
+                .expect("refused");
+            assert!(why.contains("joins migration"), "{why}");
+            let id2 = TlsIdentity::load(&other_ca.join("127.0.0.1")).unwrap();
+            let tcp = TcpStream::connect(("127.0.0.1", offer.port)).unwrap();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let refused = Channel::connect(tcp, &id2, peer_name("127.0.0.1").unwrap(), deadline)
+                .and_then(|mut c| {
+                    protocol::send_json(
+                        &mut c,
+                        Kind::Join,
+                        &protocol::Join {
+                            migration_id: id.into(),
+                            index: 1,
+                            secret: offer.secret.clone(),
+                        },
+                    )
+                    .map_err(|e| std::io::Error::other(e.to_string()))?;
+                    c.flush()?;
+                    protocol::expect(&mut c, Kind::Joined)
+                        .map_err(|e| std::io::Error::other(e.to_string()))
+                });
+            assert!(refused.is_err(), "another CA's client joined");
+        },
+    )
+    .unwrap();
+    let stderr = dst.stderr();
+    assert!(stderr.contains("wrong secret"), "{stderr}");
+    assert!(stderr.contains("does not exist"), "{stderr}");
+    dst.wait_line(WAIT, |l| pass_of(l).is_some_and(|p| p >= 4));
+    no_fail(&dst);
+    drop(silent);
+    dst.wait_api(WAIT);
+    dst.api("PUT", "/vm/shutdown");
+    assert!(dst.wait_exit(WAIT).success(), "{}", dst.stderr());
+}
+
+/// One connection of two misses a frame (sealed honestly, or lost on the
+/// way so that its seal does not match), or carries a stripe that is not
+/// its own: each stream is refused before the state is taken.
+#[test]
+fn a_stream_missing_a_frame_on_one_connection_is_refused() {
+    if !kvm_available("a_stream_missing_a_frame_on_one_connection_is_refused") {
+        return;
+    }
+    let dir = tempdir();
+    let (state, memory) = forgery(dir.path(), &dir.path().join("disk.img"));
+    for (fault, want) in [
+        (LaneFault::Skip(0), "never sent nor declared zero"),
+        (LaneFault::Lose(0), "memory connection 1"),
+        (
+            LaneFault::Misplace,
+            "not within one stripe of memory connection 0",
+        ),
+    ] {
+        let (mut dst, port) = receiver(dir.path());
+        let reason =
+            forge_two_lanes(dir.path(), port, &memory, &state, fault, |_, _| {}).expect_err(want);
+        assert!(reason.contains(want), "wanted {want:?}: {reason}");
+        let status = dst.wait_exit(Duration::from_secs(10));
+        assert_eq!(status.code(), Some(1), "{}", dst.stderr());
+        assert!(dst.stderr().contains(want), "{}", dst.stderr());
+        assert!(
+            !dst.stderr().contains("the guest runs here"),
+            "{}",
+            dst.stderr()
+        );
+    }
 }

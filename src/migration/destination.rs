@@ -19,15 +19,20 @@ use rustls::pki_types::ServerName;
 
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 
-use super::memory::{read_zero_range, receive_pages_at, zero_range, Prefaulter};
+mod lanes;
+
+use lanes::{LaneHub, MemorySink};
+
 use super::protocol::{
     expect, expect_small, parse_json, read_header, read_payload, send_json, Hello, HelloAck, Kind,
-    PassEnd, ProtocolError, Reason, Seal, ShareOffer, StreamDigest, PAGE_SIZE, PROTOCOL_VERSION,
+    PassEnd, ProtocolError, Reason, Seal, ShareOffer, StreamDigest, MAX_CONNECTIONS, PAGE_SIZE,
+    PROTOCOL_VERSION,
 };
 use super::share::{NfsShareServer, ShareGuard};
 use super::transport::{cert_names_any, explain_handshake_error, Channel, Security};
 use crate::config::{SerialConfig, VmConfig};
 use crate::snapshot::VmState;
+use crate::util::lock;
 use crate::vstate::memory::{create_guest_memory, GuestMemoryMmap};
 use crate::vstate::vm::Vm;
 
@@ -789,10 +794,20 @@ pub struct IncomingMigration {
     digest: StreamDigest,
     /// A `Seal` matching the digest arrived; only `State` may follow.
     sealed: bool,
-    pages: PageMap,
-    /// Faults memory in ahead of pass 1 (dropped at its end: later passes
-    /// send scattered pages, already present).
-    prefault: Option<Prefaulter>,
+    /// Where pages go and which were covered, for the channel and the
+    /// lanes alike.
+    sink: Arc<MemorySink>,
+    /// The extra memory connections, with `Hello.connections` > 1.
+    lanes: Option<Arc<LaneHub>>,
+}
+
+impl Drop for IncomingMigration {
+    fn drop(&mut self) {
+        // Lanes still open end with the migration, whichever way it ends.
+        if let Some(l) = &self.lanes {
+            l.stop();
+        }
+    }
 }
 
 impl IncomingMigration {
@@ -810,9 +825,17 @@ impl IncomingMigration {
             let share = open_share(&stream, peer, &hello, dir, security)?;
             let (memfd, mem) = create_guest_memory(hello.memory_size)?;
             let vm = Vm::new(&mem)?;
-            Ok::<_, DestinationError>((vm, memfd, mem, share, nonce))
+            let sink = Arc::new(MemorySink::new(&mem, hello.connections));
+            let lanes = if hello.connections > 1 {
+                Some(LaneHub::start(
+                    &stream, peer, &hello, security, &nonce, &sink,
+                )?)
+            } else {
+                None
+            };
+            Ok::<_, DestinationError>((vm, memfd, mem, share, nonce, sink, lanes))
         })();
-        let (vm, memfd, mem, share, nonce) = match setup {
+        let (vm, memfd, mem, share, nonce, sink, lanes) = match setup {
             Ok(s) => s,
             Err(e) => {
                 tell_source(&mut stream, &e);
@@ -833,6 +856,7 @@ impl IncomingMigration {
                 memory_size: hello.memory_size,
                 share: offer,
                 nonce: nonce.clone(),
+                lanes: lanes.as_ref().map(|l| l.1.clone()),
             },
         )?;
         stream.flush().map_err(ProtocolError::from)?;
@@ -842,9 +866,8 @@ impl IncomingMigration {
             peer,
             hello,
             guest: Some((vm, memfd)),
-            pages: PageMap::new(&mem),
-            // Without the helper, pages are faulted in as they arrive.
-            prefault: Prefaulter::start(&mem).ok(),
+            sink,
+            lanes: lanes.map(|l| l.0),
             mem,
             share_dir,
             share_server,
@@ -869,6 +892,9 @@ impl IncomingMigration {
             // Closing at once lets the source see the end even when our
             // reason could not be written.
             let _ = self.stream.shutdown(std::net::Shutdown::Both);
+            if let Some(l) = &self.lanes {
+                l.stop();
+            }
             self.state = ReceiveState::Aborted;
             self.share_server = None;
         }
@@ -894,6 +920,9 @@ impl IncomingMigration {
 
     /// One frame, and the transition it makes.
     fn next_frame(&mut self, reader: &mut impl Read) -> Result<(), DestinationError> {
+        if let Some(e) = self.lanes.as_ref().and_then(|l| l.failure()) {
+            return Err(e);
+        }
         let h = read_header(reader)?;
         let step = frame_step(self.state, h.kind)?;
         if self.sealed && !matches!(step, Step::State | Step::PeerError) {
@@ -913,22 +942,13 @@ impl IncomingMigration {
             Step::Heartbeat => {
                 read_payload(reader, &h)?;
             }
-            Step::Pages => {
-                let (gpa, pages) = receive_pages_at(reader, &h, &self.mem)?;
-                self.pages.got_data(gpa, pages * PAGE_SIZE);
-                if let Some(p) = &mut self.prefault {
-                    p.received_up_to(gpa + pages * PAGE_SIZE);
-                }
-            }
-            Step::ZeroPages => {
-                let (gpa, count) = read_zero_range(reader, &h, &self.mem)?;
-                for (at, len) in self.pages.got_zero(gpa, count * PAGE_SIZE) {
-                    zero_range(&self.mem, Kind::ZeroPages, at, len)?;
-                }
-            }
+            Step::Pages | Step::ZeroPages => self.sink.frame(0, reader, &h)?,
             Step::PassEnd => {
                 let _: PassEnd = parse_json(Kind::PassEnd, &read_payload(reader, &h)?)?;
-                self.prefault = None;
+                // Later passes send scattered pages, already present. Its
+                // thread is joined outside the lock.
+                let prefault = lock(&self.sink.prefault).take();
+                drop(prefault);
             }
             Step::Seal => {
                 let got: Seal = parse_json(Kind::Seal, &read_payload(reader, &h)?)?;
@@ -941,8 +961,13 @@ impl IncomingMigration {
                         got.frames, got.digest, want.frames, want.digest
                     )));
                 }
+                // Every lane's frames are in once it sealed them.
+                if let Some(l) = &self.lanes {
+                    l.wait_sealed(IDLE_TIMEOUT)?;
+                }
                 // The seal ends the memory: all of it must be here.
-                if let Some((count, gpa)) = self.pages.missing() {
+                let missing = lock(&self.sink.pages).missing();
+                if let Some((count, gpa)) = missing {
                     return Err(DestinationError::Stream(format!(
                         "{count} pages of guest memory were never sent nor declared zero \
                          (the first at {gpa:#x})"
@@ -1216,6 +1241,12 @@ fn handshake(
         return Err(DestinationError::Refused(format!(
             "migration protocol version {}, this ferry speaks version {PROTOCOL_VERSION}",
             hello.protocol
+        )));
+    }
+    if hello.connections == 0 || hello.connections > MAX_CONNECTIONS {
+        return Err(DestinationError::Refused(format!(
+            "{} memory connections asked for; this ferry receive takes 1 to {MAX_CONNECTIONS}",
+            hello.connections
         )));
     }
     if hello.migration_id.is_empty()

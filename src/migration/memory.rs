@@ -10,7 +10,9 @@ use vm_memory::{
     Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress,
 };
 
-use super::protocol::{send_frame, FrameHeader, Kind, ProtocolError, MAX_MEMORY_CHUNK, PAGE_SIZE};
+use super::protocol::{
+    send_frame, stripe_owner, FrameHeader, Kind, ProtocolError, MAX_MEMORY_CHUNK, PAGE_SIZE, STRIPE,
+};
 use crate::sparse::{data_extents, is_zero};
 use crate::vstate::memory::GuestMemoryMmap;
 use crate::vstate::vm::{Vm, VmError};
@@ -145,6 +147,30 @@ pub fn populated_ranges(
         file_offset += len;
     }
     Ok(out)
+}
+
+/// `ranges` dealt out to `connections` connections by stripe
+/// ([`stripe_owner`]): each range is cut at stripe boundaries and every
+/// piece goes to the list of the connection that owns it, in address order.
+/// With one connection the ranges stay as they are.
+pub fn split_by_stripe(ranges: &[(u64, u64)], connections: u32) -> Vec<Vec<(u64, u64)>> {
+    let n = connections.max(1);
+    if n == 1 {
+        return vec![ranges.to_vec()];
+    }
+    let mut out = vec![Vec::new(); n as usize];
+    for &(gpa, len) in ranges {
+        let end = gpa + len;
+        let mut at = gpa;
+        while at < end {
+            let stripe_end = (at / STRIPE + 1) * STRIPE;
+            let to = stripe_end.min(end);
+            let lane: &mut Vec<(u64, u64)> = &mut out[stripe_owner(at, n) as usize];
+            lane.push((at, to - at));
+            at = to;
+        }
+    }
+    out
 }
 
 /// Sends guest memory, counting what goes on the wire.
@@ -397,6 +423,17 @@ pub fn receive_pages_at<R: Read>(
     h: &FrameHeader,
     mem: &GuestMemoryMmap,
 ) -> Result<(u64, u64), ProtocolError> {
+    receive_pages_checked(r, h, mem, &|_, _| Ok(()))
+}
+
+/// As [`receive_pages_at`], with `allowed(gpa, len)` asked before a byte
+/// of page data is written: a connection may write only its own stripes.
+pub fn receive_pages_checked<R: Read>(
+    r: &mut R,
+    h: &FrameHeader,
+    mem: &GuestMemoryMmap,
+    allowed: &dyn Fn(u64, u64) -> Result<(), ProtocolError>,
+) -> Result<(u64, u64), ProtocolError> {
     if h.len < 8 + PAGE_SIZE || h.len - 8 > MAX_MEMORY_CHUNK as u64 {
         return Err(ProtocolError::Malformed {
             kind: Kind::MemoryPages,
@@ -408,8 +445,10 @@ pub fn receive_pages_at<R: Read>(
     let gpa = u64::from_le_bytes(addr);
     let len = h.len - 8;
     let host = host_range(mem, Kind::MemoryPages, gpa, len)?;
+    allowed(gpa, len)?;
     // SAFETY: host_range checked that the range lies inside one live region;
-    // no vCPU runs on the destination yet and nothing else writes it.
+    // no vCPU runs on the destination yet, and with several connections
+    // `allowed` keeps each to its own stripes, so nothing else writes it.
     let data = unsafe { std::slice::from_raw_parts_mut(host, len as usize) };
     r.read_exact(data)?;
     let mut crc = crc32fast::Hasher::new();
@@ -661,6 +700,30 @@ mod tests {
         assert!(receive_zero(&mut r, &h, &dst).is_err());
     }
     const HEADER: usize = crate::migration::protocol::HEADER_LEN;
+
+    #[test]
+    fn ranges_are_dealt_out_by_stripe() {
+        let s = STRIPE;
+        let ranges = [(0, 4096), (s - 4096, 3 * 4096), (3 * s, 2 * s + 8192)];
+        assert_eq!(split_by_stripe(&ranges, 1), vec![ranges.to_vec()]);
+        let lanes = split_by_stripe(&ranges, 3);
+        assert_eq!(
+            lanes,
+            vec![
+                vec![(0, 4096), (s - 4096, 4096), (3 * s, s)],
+                vec![(s, 8192), (4 * s, s)],
+                vec![(5 * s, 8192)],
+            ]
+        );
+        for (i, lane) in lanes.iter().enumerate() {
+            for &(gpa, len) in lane {
+                assert_eq!(stripe_owner(gpa, 3), i as u32);
+                assert!(crate::migration::protocol::within_stripe(gpa, len));
+            }
+        }
+        let total: u64 = lanes.iter().flatten().map(|r| r.1).sum();
+        assert_eq!(total, ranges.iter().map(|r| r.1).sum::<u64>());
+    }
 
     #[test]
     fn unpopulated_ranges_are_the_rest_of_each_region() {

@@ -41,6 +41,12 @@ pub struct SendRequest {
     /// Plaintext, unauthenticated: only when asked for by name.
     #[serde(default)]
     pub insecure: bool,
+    /// How many TCP connections guest memory travels over (the migration
+    /// channel and `connections - 1` extra ones), 1 ..=
+    /// `protocol::MAX_CONNECTIONS`. Absent or null: chosen from this host
+    /// (`source::default_connections`).
+    #[serde(default)]
+    pub connections: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -77,6 +83,11 @@ pub enum RequestError {
     BothSecurity,
     #[error("\"tls_dir\": {0}")]
     Tls(String),
+    #[error(
+        "\"connections\" must be between 1 and {}, or null for this host's default",
+        protocol::MAX_CONNECTIONS
+    )]
+    Connections,
 }
 
 /// No hand-over is shorter: it pauses every vCPU, sends the device state
@@ -107,6 +118,12 @@ impl SendRequest {
         {
             return Err(RequestError::Bandwidth);
         }
+        if self
+            .connections
+            .is_some_and(|n| n == 0 || n > protocol::MAX_CONNECTIONS)
+        {
+            return Err(RequestError::Connections);
+        }
         match (&self.tls_dir, self.insecure) {
             (None, false) => return Err(RequestError::NoSecurity),
             (Some(_), true) => return Err(RequestError::BothSecurity),
@@ -129,6 +146,13 @@ impl SendRequest {
             ))),
             None => Ok(transport::Security::Insecure),
         }
+    }
+
+    /// The connections in effect: as asked, else this host's default.
+    pub fn connections(&self) -> u32 {
+        self.connections
+            .unwrap_or_else(source::default_connections)
+            .clamp(1, protocol::MAX_CONNECTIONS)
     }
 
     /// The bandwidth limit in bytes/s, if any.
@@ -222,6 +246,9 @@ pub struct MigrationStatus {
     pub mirrored_writes: u64,
     /// Where the files go (the share's address), for storage copy.
     pub share: Option<String>,
+    /// TCP connections guest memory travels over (0 until it starts).
+    #[serde(default)]
+    pub connections: u32,
 }
 
 impl MigrationStatus {

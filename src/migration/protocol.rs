@@ -15,7 +15,9 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 /// 2: storage migration (`Hello.storage`, `HelloAck.share`, `Heartbeat`).
 /// 3: a destination that trusts nothing it is sent (`StorageOffer.sizes`,
 /// `HelloAck.nonce`, the `Seal` frame, every page declared in pass 1).
-pub const PROTOCOL_VERSION: u32 = 3;
+/// 4: memory over several connections (`Hello.connections`,
+/// `HelloAck.lanes`, the `Join`/`Joined` frames, a `Seal` per connection).
+pub const PROTOCOL_VERSION: u32 = 4;
 pub const MAGIC: [u8; 4] = *b"FMIG";
 pub const HEADER_LEN: usize = 24;
 /// Most guest memory one MemoryPages frame carries.
@@ -23,6 +25,42 @@ pub const MAX_MEMORY_CHUNK: usize = 4 << 20;
 /// Largest payload of any frame (the state is the largest).
 pub const MAX_PAYLOAD: u64 = 64 << 20;
 pub const PAGE_SIZE: u64 = 4096;
+/// Most connections one migration's memory may use (the migration channel
+/// and up to seven extra ones).
+pub const MAX_CONNECTIONS: u32 = 8;
+/// With several connections, guest memory is dealt out in stripes of this
+/// size, aligned: stripe `k` travels only on connection `k % connections`.
+/// A page thus always takes the same connection, so a later pass's copy of
+/// it can never be overtaken by an earlier one on another connection, and
+/// no two connections write the same memory on the destination.
+pub const STRIPE: u64 = MAX_MEMORY_CHUNK as u64;
+/// A `Join` is a few hundred bytes.
+pub const MAX_JOIN: u64 = 4 << 10;
+
+/// The connection (0: the migration channel) that carries the stripe of
+/// `gpa`.
+pub fn stripe_owner(gpa: u64, connections: u32) -> u32 {
+    ((gpa / STRIPE) % u64::from(connections.max(1))) as u32
+}
+
+/// Whether `[gpa, gpa + len)` lies within one stripe.
+pub fn within_stripe(gpa: u64, len: u64) -> bool {
+    len > 0
+        && gpa
+            .checked_add(len - 1)
+            .is_some_and(|last| last / STRIPE == gpa / STRIPE)
+}
+
+/// What seeds connection `index`'s stream digest: the destination's nonce,
+/// and for an extra connection its index too, so that a frame moved to
+/// another connection does not pass.
+pub fn lane_nonce(nonce: &str, index: u32) -> String {
+    if index == 0 {
+        nonce.to_string()
+    } else {
+        format!("{nonce}/{index}")
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u32)]
@@ -57,6 +95,12 @@ pub enum Kind {
     /// since `HelloAck` and their digest (JSON `Seal`), so that a stream
     /// with a frame lost, repeated or recorded elsewhere is refused.
     Seal = 12,
+    /// Source -> destination, first on an extra memory connection: which
+    /// migration and which connection it is, and the one-time secret
+    /// (JSON `Join`).
+    Join = 13,
+    /// Destination -> source: the extra connection is taken (JSON `{}`).
+    Joined = 14,
 }
 
 impl Kind {
@@ -75,6 +119,8 @@ impl Kind {
             10 => Resumed,
             11 => Heartbeat,
             12 => Seal,
+            13 => Join,
+            14 => Joined,
             _ => return None,
         })
     }
@@ -120,6 +166,14 @@ pub struct Hello {
     /// none, so that a VM without a network migrates to older receivers.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub net_ids: Vec<String>,
+    /// How many connections memory travels over: this one and
+    /// `connections - 1` extra ones (1 ..= [`MAX_CONNECTIONS`]).
+    #[serde(default = "one")]
+    pub connections: u32,
+}
+
+fn one() -> u32 {
+    1
 }
 
 /// The files a storage migration will write into the share.
@@ -175,6 +229,29 @@ pub struct HelloAck {
     /// earlier migration does not pass at a later one.
     #[serde(default)]
     pub nonce: String,
+    /// Where the extra connections go, when `Hello.connections` > 1.
+    #[serde(default)]
+    pub lanes: Option<LaneOffer>,
+}
+
+/// The destination's listener for this migration's extra connections.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LaneOffer {
+    /// On the address the migration channel reached.
+    pub port: u16,
+    /// 64 hex digits every extra connection must present in its `Join`.
+    pub secret: String,
+}
+
+/// The first frame on an extra connection.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Join {
+    pub migration_id: String,
+    /// 1 ..= connections - 1: which stripes it carries.
+    pub index: u32,
+    pub secret: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -480,6 +557,8 @@ fn kind_name(k: Kind) -> &'static str {
         Kind::Resumed => "Resumed",
         Kind::Heartbeat => "Heartbeat",
         Kind::Seal => "Seal",
+        Kind::Join => "Join",
+        Kind::Joined => "Joined",
     }
 }
 

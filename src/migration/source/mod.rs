@@ -5,8 +5,11 @@
 //! running here.
 
 mod converge;
+mod lanes;
 mod session;
 mod throttle;
+
+pub use lanes::default_connections;
 
 pub use converge::{
     decide, Decision, GiveUp, PassMetrics, PassSample, Policy, Tracker, FIXED_DOWNTIME_MS,
@@ -177,6 +180,8 @@ pub enum SourceError {
     },
     #[error("storage: {0}")]
     Storage(#[from] StorageError),
+    #[error(transparent)]
+    Lane(#[from] lanes::LaneError),
     #[error("cancelled")]
     Cancelled,
     #[error("the destination was told to run the guest but did not confirm ({0}); the guest stays paused here so that it never runs twice")]
@@ -203,6 +208,7 @@ impl Migration {
             destination: req.destination.clone(),
             max_downtime_ms: req.max_downtime_ms,
             storage: Some(req.storage_mode()),
+            connections: req.connections(),
             memory_bytes: vm_memory::GuestMemoryBackend::iter(&ctx.mem)
                 .map(vm_memory::GuestMemoryRegion::len)
                 .sum(),

@@ -11,12 +11,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::converge::{decide, Decision, GiveUp, PassSample, Policy, Tracker};
+use super::lanes::{LaneError, LaneJob, LaneSetup, Lanes};
 use super::throttle::Throttle;
 use super::{ms, share_plan, SharePlan, SourceContext, SourceError, CONFIG_NAME};
 use crate::devices::virtio::block::WriteMirror;
 use crate::migration::memory::{
-    collect_dirty, count_pages, dirty_ranges, merge_into, populated_ranges, start_dirty_tracking,
-    stop_dirty_tracking, unpopulated_ranges, DirtyBitmaps, PageSender,
+    collect_dirty, count_pages, dirty_ranges, merge_into, populated_ranges, split_by_stripe,
+    start_dirty_tracking, stop_dirty_tracking, unpopulated_ranges, DirtyBitmaps, PageSender,
 };
 use crate::migration::protocol::{
     expect, parse_json, send_json, DigestWriter, Hello, HelloAck, Kind, PassEnd, ProtocolError,
@@ -27,6 +28,9 @@ use crate::migration::storage::{Pacer, StorageCopy, StorageError};
 use crate::migration::transport::{self, Channel, Security};
 use crate::migration::{MigrationStatus, Phase, SendRequest, ShareSpec, StorageMode};
 use crate::util::lock;
+
+/// Guest-physical (start, length) ranges.
+type Ranges = Vec<(u64, u64)>;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// The destination gives a handshake and Hello this long in all; ours must
@@ -48,11 +52,12 @@ pub(super) fn run(
     src: &SourceContext,
     req: &SendRequest,
     status: &Mutex<MigrationStatus>,
-    cancel: &AtomicBool,
+    cancel: &Arc<AtomicBool>,
     slot: &Mutex<Option<TcpStream>>,
     started: Instant,
 ) -> Result<Duration, SourceError> {
     let security = req.security()?;
+    let connections = req.connections();
     let (stream, addr) = connect(&req.destination, &security)?;
     *lock(slot) = stream.tcp().try_clone().ok();
     let reader = stream.try_clone().map_err(ProtocolError::from)?;
@@ -68,6 +73,8 @@ pub(super) fn run(
         w: DigestWriter::new(BufWriter::with_capacity(256 << 10, stream)),
         reader,
         pacer,
+        connections,
+        lanes: Lanes::none(),
         storage: None,
         plan: None,
         throttle: None,
@@ -126,7 +133,7 @@ struct MigrationContext<'a> {
     src: &'a SourceContext,
     req: &'a SendRequest,
     status: &'a Mutex<MigrationStatus>,
-    cancel: &'a AtomicBool,
+    cancel: &'a Arc<AtomicBool>,
     started: Instant,
     dest_ip: IpAddr,
     security: Security,
@@ -134,6 +141,9 @@ struct MigrationContext<'a> {
     w: DigestWriter<BufWriter<Channel>>,
     reader: Channel,
     pacer: Arc<Pacer>,
+    /// Memory goes over the channel and `connections - 1` lanes.
+    connections: u32,
+    lanes: Lanes,
     storage: Option<StorageCopy>,
     plan: Option<SharePlan>,
     throttle: Option<Throttle>,
@@ -155,6 +165,7 @@ struct MigrationContext<'a> {
 impl MigrationContext<'_> {
     fn drive(&mut self) -> Result<Duration, SourceError> {
         let ack = self.handshake()?;
+        self.open_lanes(&ack)?;
         self.start_storage(&ack)?;
         start_dirty_tracking(&self.src.vm, &self.src.mem)?;
         self.tracking = true;
@@ -233,6 +244,7 @@ impl MigrationContext<'_> {
                 .iter()
                 .map(|n| n.id.clone())
                 .collect(),
+            connections: self.connections,
         };
         self.send(Kind::Hello, &hello)?;
         let ack: HelloAck = expect(&mut self.reader, Kind::HelloAck)
@@ -268,8 +280,75 @@ impl MigrationContext<'_> {
                 ack.nonce
             )));
         }
+        if self.connections > 1 && ack.lanes.is_none() {
+            return Err(SourceError::Mismatch(format!(
+                "we asked for {} connections and it offered no place for the extra ones",
+                self.connections
+            )));
+        }
         self.w.start_digest(&ack.nonce);
         Ok(ack)
+    }
+
+    /// The extra memory connections, each authenticated like the channel
+    /// and joined with the destination's one-time secret.
+    fn open_lanes(&mut self, ack: &HelloAck) -> Result<(), SourceError> {
+        let Some(offer) = ack.lanes.as_ref().filter(|_| self.connections > 1) else {
+            return Ok(());
+        };
+        let setup = LaneSetup {
+            security: &self.security,
+            destination: &self.req.destination,
+            addr: SocketAddr::new(self.dest_ip, 0),
+            migration_id: &ack.migration_id,
+            nonce: &ack.nonce,
+            connections: self.connections,
+            connect_timeout: CONNECT_TIMEOUT,
+            handshake_timeout: TLS_HANDSHAKE_TIMEOUT,
+            reply_timeout: REPLY_TIMEOUT,
+            write_timeout: WRITE_TIMEOUT,
+        };
+        self.lanes = Lanes::open(&setup, offer, &self.src.mem, &self.pacer, self.cancel)
+            .map_err(|e| self.lane_failed(e))?;
+        Ok(())
+    }
+
+    /// A lane failed; a cancel shows there too.
+    fn lane_failed(&self, e: LaneError) -> SourceError {
+        if self.cancel.load(Ordering::SeqCst) {
+            SourceError::Cancelled
+        } else {
+            SourceError::Lane(e)
+        }
+    }
+
+    /// Hands each lane its stripes of `ranges` and `holes` (lane 0's come
+    /// back, for the channel to send).
+    fn deal(
+        &self,
+        ranges: &[(u64, u64)],
+        holes: &[(u64, u64)],
+        paused: bool,
+        seal: bool,
+    ) -> Result<(Ranges, Ranges), SourceError> {
+        let n = self.lanes.count() as u32 + 1;
+        if n == 1 {
+            return Ok((ranges.to_vec(), holes.to_vec()));
+        }
+        let mut r = split_by_stripe(ranges, n).into_iter();
+        let mut h = split_by_stripe(holes, n).into_iter();
+        let own = (r.next().unwrap_or_default(), h.next().unwrap_or_default());
+        let jobs = r
+            .zip(h)
+            .map(|(ranges, holes)| LaneJob {
+                ranges,
+                holes,
+                paused,
+                seal,
+            })
+            .collect();
+        self.lanes.send(jobs).map_err(|e| self.lane_failed(e))?;
+        Ok(own)
     }
 
     /// Storage copy: reach the share, create the files, mirror, copy.
@@ -429,8 +508,11 @@ impl MigrationContext<'_> {
         holes: &[(u64, u64)],
     ) -> Result<(u64, f64), SourceError> {
         let start = Instant::now();
+        let (ranges, holes) = &self.deal(ranges, holes, false, false)?;
         let (status, cancel, started, pacer) =
-            (self.status, self.cancel, self.started, &self.pacer);
+            (self.status, &**self.cancel, self.started, &self.pacer);
+        let lane_wire = self.lanes.wire.clone();
+        let lane_base = lane_wire.load(Ordering::Relaxed);
         let disk = self.storage.as_ref().map(|c| c.progress.clone());
         let base = self.wire_total;
         let cancelled = Cell::new(false);
@@ -447,7 +529,7 @@ impl MigrationContext<'_> {
                 return Err(ProtocolError::Io(std::io::Error::other("cancelled")));
             }
             let mut s = lock(status);
-            s.bytes_sent = base + wire;
+            s.bytes_sent = base + wire + lane_wire.load(Ordering::Relaxed) - lane_base;
             // Ranges done, plus this one's wire bytes (fewer than its guest
             // bytes where pages are zero).
             let (done, range_wire, range_len) = range_progress.get();
@@ -473,14 +555,25 @@ impl MigrationContext<'_> {
                     .iter()
                     .try_for_each(|&(gpa, len)| sender.send_zero(gpa, len))
             })
-            .and_then(|()| send_json(sender.w, Kind::PassEnd, &PassEnd { pass }))
-            .map(|end| sender.wire_bytes + end);
-        let wire = match sent {
+            .map(|()| sender.wire_bytes);
+        let own = match sent {
             Ok(n) => n,
             // Stopped between two chunks: the stream is whole.
             Err(_) if cancelled.get() => return Err(SourceError::Cancelled),
             Err(e) => return Err(self.write_failed(e)),
         };
+        // The pass ends once every lane has sent its part.
+        let lanes = self.lanes.wait(&mut || {
+            let mut s = lock(status);
+            s.bytes_sent = base + own + lane_wire.load(Ordering::Relaxed) - lane_base;
+            s.elapsed_ms = ms(started.elapsed());
+        });
+        let lanes = lanes.map_err(|e| self.lane_failed(e))?;
+        let end = match send_json(&mut self.w, Kind::PassEnd, &PassEnd { pass }) {
+            Ok(n) => n,
+            Err(e) => return Err(self.write_failed(e)),
+        };
+        let wire = own + lanes + end;
         self.wire_total += wire;
         if let Err(e) = self.w.flush() {
             return Err(self.write_failed(e.into()));
@@ -527,8 +620,10 @@ impl MigrationContext<'_> {
         self.update_storage()?;
         let mut dirty = collect_dirty(&self.src.vm, &self.src.mem)?;
         merge_into(&mut dirty, pending);
+        // Each lane sends its stripes of the rest and seals itself.
+        let (own, _) = self.deal(&dirty_ranges(&self.src.mem, &dirty), &[], true, true)?;
         let mut sender = PageSender::new(&mut self.w, &self.src.mem);
-        let sent = dirty_ranges(&self.src.mem, &dirty)
+        let sent = own
             .into_iter()
             .try_for_each(|(gpa, len)| sender.send_range(gpa, len, true, &mut |_| Ok(())))
             .map(|()| sender.wire_bytes);
@@ -536,6 +631,8 @@ impl MigrationContext<'_> {
             Ok(n) => self.wire_total += n,
             Err(e) => return Err(self.write_failed(e)),
         }
+        let lanes = self.lanes.wait(&mut || {});
+        self.wire_total += lanes.map_err(|e| self.lane_failed(e))?;
         let mut state = self.src.machine.save_state()?;
         if let Some(plan) = &self.plan {
             // The destination runs the guest on the copies.
@@ -622,6 +719,9 @@ impl MigrationContext<'_> {
             let _ = send_json(&mut self.w, Kind::Error, &Reason { reason });
             let _ = self.w.flush();
         }
+        // After the reason went out on the channel: the destination may
+        // notice the lanes closing first, and should hear why.
+        self.lanes.shutdown();
         // Other handles on this socket (cancel's) must not keep it open.
         let _ = self
             .w
