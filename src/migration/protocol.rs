@@ -15,7 +15,9 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 /// 2: storage migration (`Hello.storage`, `HelloAck.share`, `Heartbeat`).
 /// 3: a destination that trusts nothing it is sent (`StorageOffer.sizes`,
 /// `HelloAck.nonce`, the `Seal` frame, every page declared in pass 1).
-pub const PROTOCOL_VERSION: u32 = 3;
+/// 4: the `Paused` and `Announced` frames (the destination announces the
+/// guest's network addresses the moment the source pauses).
+pub const PROTOCOL_VERSION: u32 = 4;
 pub const MAGIC: [u8; 4] = *b"FMIG";
 pub const HEADER_LEN: usize = 24;
 /// Most guest memory one MemoryPages frame carries.
@@ -57,6 +59,16 @@ pub enum Kind {
     /// since `HelloAck` and their digest (JSON `Seal`), so that a stream
     /// with a frame lost, repeated or recorded elsewhere is refused.
     Seal = 12,
+    /// Source -> destination, the moment the guest pauses for the last
+    /// phase (JSON `Paused`): the destination announces the guest's MAC
+    /// addresses on its taps at once, so that frames for the guest queue
+    /// there (to be delivered when it runs) instead of reaching the paused
+    /// source.
+    Paused = 13,
+    /// Destination -> source, in answer to `Paused`: the guest is announced
+    /// here. The source saves the device state only then, so that what
+    /// reached its taps before the switch learned the new port is in it.
+    Announced = 14,
 }
 
 impl Kind {
@@ -75,6 +87,8 @@ impl Kind {
             10 => Resumed,
             11 => Heartbeat,
             12 => Seal,
+            13 => Paused,
+            14 => Announced,
             _ => return None,
         })
     }
@@ -187,6 +201,15 @@ pub struct Reason {
 #[serde(deny_unknown_fields)]
 pub struct PassEnd {
     pub pass: u32,
+}
+
+/// The guest paused on the source (JSON payload of `Paused`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Paused {
+    /// Each net device's address, in the order of `Hello.net_ids`
+    /// (`xx:xx:xx:xx:xx:xx`).
+    pub macs: Vec<String>,
 }
 
 /// Closes the memory stream (JSON payload of `Seal`).
@@ -480,6 +503,8 @@ fn kind_name(k: Kind) -> &'static str {
         Kind::Resumed => "Resumed",
         Kind::Heartbeat => "Heartbeat",
         Kind::Seal => "Seal",
+        Kind::Paused => "Paused",
+        Kind::Announced => "Announced",
     }
 }
 

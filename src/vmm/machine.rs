@@ -126,9 +126,27 @@ impl Machine {
             nets: self
                 .nets
                 .iter()
-                .map(|(t, n)| NetDeviceState {
-                    transport: lock(t).save(),
-                    net: lock(n).save(),
+                .map(|(t, n)| {
+                    // Frames that reached this host after the pause go
+                    // with the state instead of being lost here. (The
+                    // transport's save locks the device itself.)
+                    let net = {
+                        let mut n = lock(n);
+                        let held = n.hold_queued();
+                        if n.held_frames() > 0 {
+                            eprintln!(
+                                "ferry: net {}: {} frames carried in the state ({held} from \
+                                 the tap)",
+                                n.id(),
+                                n.held_frames()
+                            );
+                        }
+                        n.save()
+                    };
+                    NetDeviceState {
+                        transport: lock(t).save(),
+                        net,
+                    }
                 })
                 .collect(),
         })

@@ -195,6 +195,7 @@ pub fn receive(
             vm: r.vm,
             memfd: r.memfd,
             mem: r.mem,
+            taps: r.taps,
         };
         let mut vmm = Vmm::build(config, boot, api_socket.as_deref(), start_paused)?;
         vmm._dir_lock = r.dir_lock;
