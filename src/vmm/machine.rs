@@ -79,6 +79,23 @@ impl Machine {
         }
     }
 
+    /// Raises again every interrupt a restored device has pending (see
+    /// [`crate::devices::virtio::MmioTransport::reraise_pending`]); the
+    /// interrupt controllers must
+    /// hold their restored state already.
+    pub fn reraise_pending_interrupts(&self) {
+        let transports = self
+            .drives
+            .iter()
+            .map(|(t, _)| t)
+            .chain(self.nets.iter().map(|(t, _)| t));
+        for t in transports {
+            if let Err(e) = lock(t).reraise_pending() {
+                eprintln!("ferry: cannot raise a restored device's pending interrupt: {e}");
+            }
+        }
+    }
+
     /// Takes every drive's image lock not held yet.
     pub fn lock_images(&self) -> Result<(), VmmError> {
         for (i, (_, block)) in self.drives.iter().enumerate() {

@@ -340,6 +340,12 @@ impl Vmm {
         // Set-up is done: drop privileges and filter every thread before
         // the guest runs (a receive has done so before accepting).
         crate::security::confine_process()?;
+        {
+            let c = lock(&self.controller);
+            if c.restored {
+                lock(&c.machine).reraise_pending_interrupts();
+            }
+        }
         let mut handles = Vec::with_capacity(self.vcpus.len());
         for vcpu in self.vcpus.drain(..) {
             handles.push(vcpu.start(self.vcpu_ctx.clone())?);

@@ -67,8 +67,8 @@ const ANNOUNCE_AT_MS: [u64; 5] = [0, 10, 30, 60, 100];
 /// for a migration), and their bytes: what came in the milliseconds between
 /// the pause and the switch learning the destination's port. Beyond either
 /// bound frames are dropped, as a full queue drops them.
-pub const MAX_CARRIED_FRAMES: usize = 64;
-pub const MAX_CARRIED_BYTES: usize = 256 << 10;
+pub const MAX_CARRIED_FRAMES: usize = 256;
+pub const MAX_CARRIED_BYTES: usize = 512 << 10;
 /// Tap ioctls (linux/if_tun.h).
 pub(crate) const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 pub(crate) const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
@@ -1167,6 +1167,123 @@ mod tests {
             assert_eq!(net.process_tx().unwrap(), 300 - BURST);
             assert!(net.queue_evts[TX].read().is_err());
             assert_eq!(tx.used().idx().load(), 300);
+        }
+
+        /// Sends Ethernet frames out of interface `name` (brought up
+        /// first): the tap's reader gets them, behind a virtio-net header.
+        fn inject(name: &str, frames: &[Vec<u8>]) {
+            // Nothing but these frames: no IPv6 solicitations once it is up.
+            let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "1");
+            let up = std::process::Command::new("ip")
+                .args(["link", "set", name, "up"])
+                .status()
+                .unwrap();
+            assert!(up.success());
+            let cname = std::ffi::CString::new(name).unwrap();
+            // SAFETY: a NUL-terminated name.
+            let ifindex = unsafe { libc::if_nametoindex(cname.as_ptr()) };
+            assert!(ifindex > 0, "{name}: {}", io::Error::last_os_error());
+            // SAFETY: plain socket(2); the fd is checked and owned below.
+            let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
+            assert!(fd >= 0, "{}", io::Error::last_os_error());
+            // SAFETY: fd is ours.
+            let sock = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+            // SAFETY: all-zero is a valid sockaddr_ll.
+            let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+            addr.sll_family = libc::AF_PACKET as u16;
+            addr.sll_ifindex = ifindex as i32;
+            addr.sll_halen = 6;
+            for f in frames {
+                // SAFETY: `f` and `addr` outlive the call, lengths are theirs.
+                let n = unsafe {
+                    libc::sendto(
+                        sock.as_raw_fd(),
+                        f.as_ptr().cast(),
+                        f.len(),
+                        0,
+                        (&addr as *const libc::sockaddr_ll).cast(),
+                        std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                    )
+                };
+                assert_eq!(n, f.len() as isize, "{}", io::Error::last_os_error());
+            }
+        }
+
+        fn eth_frame(tag: u8) -> Vec<u8> {
+            let mut f = vec![0u8; 60];
+            f[0..6].copy_from_slice(&[2, 0, 0, 0, 0, 1]);
+            f[6..12].copy_from_slice(&[2, 0, 0, 0, 0, 2]);
+            f[12..14].copy_from_slice(&0x88b5u16.to_be_bytes());
+            f[14..].fill(tag);
+            f
+        }
+
+        /// A migration's cutover: frames the paused guest could not take,
+        /// and those that reached the tap after the pause, go with the
+        /// state and come first, in order and once, on the next host.
+        #[test]
+        fn frames_waiting_at_the_pause_go_with_the_state_and_come_first() {
+            if !crate::util::tests_can_create_taps() {
+                return;
+            }
+            let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]).unwrap();
+            let rx = MockSplitQueue::new(&mem, 16);
+            let tx = MockSplitQueue::create(&mem, GuestAddress(0x20_0000), 16);
+            let mut net = device(&mem, &rx, &tx);
+            let name = net.tap_name().to_string();
+            // One rx buffer for three frames: one delivered, one waiting in
+            // the device, one on the tap.
+            chain(&rx, 0, &[(0x3000, 2048, W)]);
+            inject(&name, &[eth_frame(1), eth_frame(2), eth_frame(3)]);
+            assert!(!net.process_rx().unwrap());
+            assert_eq!(rx.used().idx().load(), 1);
+            net.pause().unwrap();
+            // After the pause, before the state is saved.
+            inject(&name, &[eth_frame(4)]);
+            assert_eq!(net.hold_queued(), 2);
+            let st = net.save();
+            assert_eq!(st.pending.len(), 3);
+            assert_eq!(net.counters().dropped, 0);
+            drop(net);
+
+            let mem2 = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]).unwrap();
+            let rx2 = MockSplitQueue::new(&mem2, 16);
+            let tx2 = MockSplitQueue::create(&mem2, GuestAddress(0x20_0000), 16);
+            let tap = Tap::open(&unique_tap()).unwrap();
+            let mut there = Net::restore_on(tap, "n0".into(), &st).unwrap();
+            for i in 0..4u16 {
+                chain(&rx2, i, &[(0x4000 + u64::from(i) * 0x1000, 2048, W)]);
+            }
+            let queues = vec![
+                rx2.create_queue::<Queue>().unwrap(),
+                tx2.create_queue().unwrap(),
+            ];
+            there.activate(mem2.clone(), queues).unwrap();
+            there.process_rx().unwrap();
+            assert_eq!(rx2.used().idx().load(), 3);
+            for (i, tag) in [2u8, 3, 4].into_iter().enumerate() {
+                let at = GuestAddress(0x4000 + i as u64 * 0x1000 + (VNET_HDR_LEN + 14) as u64);
+                assert_eq!(mem2.read_obj::<u8>(at).unwrap(), tag, "buffer {i}");
+                let used = rx2.used().ring().ref_at(i).unwrap().load();
+                assert_eq!(used.len() as usize, VNET_HDR_LEN + 60);
+            }
+            assert_eq!(there.save().pending.len(), 0, "delivered once");
+
+            // What a state may carry is bounded and checked.
+            let restore =
+                |st: &NetState| Net::restore_on(Tap::open(&unique_tap()).unwrap(), "n0".into(), st);
+            let mut bad = st.clone();
+            bad.pending = vec![vec![0u8; 80]; MAX_CARRIED_FRAMES + 1];
+            assert!(matches!(restore(&bad), Err(NetError::StateFrames { .. })));
+            let mut bad = st.clone();
+            bad.pending = vec![vec![0u8; 10]];
+            assert!(matches!(restore(&bad), Err(NetError::StateFrames { .. })));
+            let mut bad = st.clone();
+            bad.pending = vec![vec![0u8; MAX_FRAME + 1]];
+            assert!(matches!(restore(&bad), Err(NetError::StateFrames { .. })));
+            let mut bad = st;
+            bad.pending = vec![vec![0u8; 60_000]; 10];
+            assert!(matches!(restore(&bad), Err(NetError::StateFrames { .. })));
         }
 
         #[test]
