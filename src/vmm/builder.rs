@@ -412,7 +412,8 @@ impl Builder<'_> {
         let transport = Arc::new(Mutex::new(transport));
         self.mmio
             .insert(transport.clone(), base, MMIO_DEVICE_SIZE)?;
-        self.event_loop.add_subscriber(block.clone());
+        // Its requests are served on its own thread once the guest starts
+        // (`Machine::start_block_workers`), not on the event loop.
         self.cmdline
             .add_virtio_mmio_device(MMIO_DEVICE_SIZE, GuestAddress(base), irq, None)
             .map_err(VmmError::Cmdline)?;

@@ -292,6 +292,7 @@ impl Vmm {
             serial: built.serial.clone(),
             drives: built.drives,
             nets: built.nets,
+            block_workers: Vec::new(),
             msrs: None,
         };
         // SAFETY: isatty only inspects the descriptor.
@@ -342,8 +343,10 @@ impl Vmm {
         crate::security::confine_process()?;
         {
             let c = lock(&self.controller);
+            let mut machine = lock(&c.machine);
+            machine.start_block_workers()?;
             if c.restored {
-                lock(&c.machine).reraise_pending_interrupts();
+                machine.reraise_pending_interrupts();
             }
         }
         let mut handles = Vec::with_capacity(self.vcpus.len());
