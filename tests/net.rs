@@ -324,7 +324,20 @@ fn migrate_with_stream(test: &str, cfg: impl Fn(&Hosts) -> serde_json::Value, re
         r.describe_losses(handed_over),
         r.send_errors
     );
+    let carried = err
+        .lines()
+        .filter(|l| l.contains("carried in the state"))
+        .collect::<Vec<_>>();
+    eprintln!("{test}: source: {carried:?}");
     assert_eq!((r.duplicates, r.garbled), (0, 0), "an echo answered twice");
+    // The destination announced the guest the moment the source paused
+    // (before the state came), not only once it had built it.
+    assert!(
+        dst.stderr()
+            .contains("the source paused: net n0 announced on tap0"),
+        "{}",
+        dst.stderr()
+    );
     assert_eq!(
         b_before, 0,
         "the destination's tap carried guest frames early"

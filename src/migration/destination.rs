@@ -25,12 +25,13 @@ use lanes::{LaneHub, MemorySink};
 
 use super::protocol::{
     expect, expect_small, parse_json, read_header, read_payload, send_json, Hello, HelloAck, Kind,
-    PassEnd, ProtocolError, Reason, Seal, ShareOffer, StreamDigest, MAX_CONNECTIONS, PAGE_SIZE,
-    PROTOCOL_VERSION,
+    PassEnd, Paused, ProtocolError, Reason, Seal, ShareOffer, StreamDigest, MAX_CONNECTIONS,
+    PAGE_SIZE, PROTOCOL_VERSION,
 };
 use super::share::{NfsShareServer, ShareGuard};
 use super::transport::{cert_names_any, explain_handshake_error, Channel, Security};
 use crate::config::{SerialConfig, VmConfig};
+use crate::devices::virtio::net::{parse_mac, NetError, Tap};
 use crate::snapshot::VmState;
 use crate::util::lock;
 use crate::vstate::memory::{create_guest_memory, GuestMemoryMmap};
@@ -48,6 +49,9 @@ pub const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
 /// Connections being vetted at once; more are closed unread, so that a
 /// flood costs a thread each for at most this many.
 const MAX_PENDING: usize = 32;
+/// Largest `Paused` payload: a MAC address for each of at most MAX_DRIVES
+/// net devices, with room to spare.
+const MAX_PAUSED: u64 = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DestinationError {
@@ -97,6 +101,12 @@ pub enum DestinationError {
     /// The sent state asks for something this destination does not allow.
     #[error("refused the VM state: {0}")]
     Untrusted(String),
+    #[error("net device {id:?}: {source}")]
+    Tap {
+        id: String,
+        #[source]
+        source: NetError,
+    },
 }
 
 /// What this destination decides for itself, whatever the source sends.
@@ -453,6 +463,7 @@ enum Step {
     State,
     PeerError,
     Seal,
+    Paused,
 }
 
 /// Which frames each state takes while receiving (`Established` and
@@ -469,6 +480,7 @@ fn frame_step(state: ReceiveState, kind: Kind) -> Result<Step, ProtocolError> {
         Kind::PassEnd if receiving => Step::PassEnd,
         Kind::State if receiving => Step::State,
         Kind::Seal if receiving => Step::Seal,
+        Kind::Paused if receiving => Step::Paused,
         other => {
             return Err(ProtocolError::Unexpected {
                 expected: if receiving {
@@ -772,6 +784,9 @@ pub struct Received {
     /// Held by whoever runs the guest, for as long as it runs on the copied
     /// files: a later `ferry receive` on the same `--dir` leaves them alone.
     pub dir_lock: Option<DirLock>,
+    /// Each net device's tap (by id), open since the handshake: frames for
+    /// the guest have queued on them since the source paused.
+    pub taps: Vec<(String, Tap)>,
 }
 
 /// One migration being received, from handshake to hand-over.
@@ -799,6 +814,10 @@ pub struct IncomingMigration {
     sink: Arc<MemorySink>,
     /// The extra memory connections, with `Hello.connections` > 1.
     lanes: Option<Arc<LaneHub>>,
+    /// This host's tap for each of `hello.net_ids`, in that order.
+    taps: Vec<(String, Tap)>,
+    /// The source said it paused (`Paused`), and the guest was announced.
+    announced: bool,
 }
 
 impl Drop for IncomingMigration {
@@ -833,9 +852,10 @@ impl IncomingMigration {
             } else {
                 None
             };
-            Ok::<_, DestinationError>((vm, memfd, mem, share, nonce, sink, lanes))
+            let taps = open_taps(&hello.net_ids, &policy.taps)?;
+            Ok::<_, DestinationError>((vm, memfd, mem, share, nonce, sink, lanes, taps))
         })();
-        let (vm, memfd, mem, share, nonce, sink, lanes) = match setup {
+        let (vm, memfd, mem, share, nonce, sink, lanes, taps) = match setup {
             Ok(s) => s,
             Err(e) => {
                 tell_source(&mut stream, &e);
@@ -875,6 +895,8 @@ impl IncomingMigration {
             policy: policy.clone(),
             digest: StreamDigest::new(&nonce),
             sealed: false,
+            taps,
+            announced: false,
         })
     }
 
@@ -949,6 +971,20 @@ impl IncomingMigration {
                 // thread is joined outside the lock.
                 let prefault = lock(&self.sink.prefault).take();
                 drop(prefault);
+            }
+            Step::Paused => {
+                if h.len > MAX_PAUSED {
+                    return Err(ProtocolError::TooLarge {
+                        kind: Kind::Paused,
+                        len: h.len,
+                        max: MAX_PAUSED,
+                    }
+                    .into());
+                }
+                let paused: Paused = parse_json(Kind::Paused, &read_payload(reader, &h)?)?;
+                self.announce(&paused)?;
+                send_json(&mut self.stream, Kind::Announced, &serde_json::json!({}))?;
+                self.stream.flush().map_err(ProtocolError::from)?;
             }
             Step::Seal => {
                 let got: Seal = parse_json(Kind::Seal, &read_payload(reader, &h)?)?;
@@ -1077,6 +1113,7 @@ impl IncomingMigration {
             memfd,
             mem: self.mem.clone(),
             dir_lock: self.share_dir.as_mut().and_then(ShareDir::take_lock),
+            taps: std::mem::take(&mut self.taps),
         };
         let mut guest = match build(received) {
             Ok(g) => g,
@@ -1106,6 +1143,49 @@ impl IncomingMigration {
             self.hello.migration_id, self.peer
         );
         Ok(guest)
+    }
+
+    /// The source paused: every frame for the guest from now on had better
+    /// queue on this host's taps, to be delivered when it runs here, than
+    /// reach the paused source. What the taps queued before is stale (the
+    /// switch sent it here by flooding; the source had it too) and goes.
+    /// Should the migration fail, the source announces itself back.
+    fn announce(&mut self, paused: &Paused) -> Result<(), DestinationError> {
+        if self.announced {
+            return Err(DestinationError::Stream("a second Paused frame".into()));
+        }
+        if paused.macs.len() != self.taps.len() {
+            return Err(DestinationError::Stream(format!(
+                "Paused names {} net devices, the handshake {}",
+                paused.macs.len(),
+                self.taps.len()
+            )));
+        }
+        let macs = paused
+            .macs
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                parse_mac(m).map_err(|why| {
+                    DestinationError::Stream(format!("Paused: net[{i}] address: {why}"))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        self.announced = true;
+        for ((id, tap), mac) in self.taps.iter().zip(&macs) {
+            let stale = tap.discard_queued();
+            match tap.announce(mac) {
+                Ok(()) => eprintln!(
+                    "ferry: the source paused: net {id} announced on {} ({stale} stale frames \
+                     discarded)",
+                    tap.name()
+                ),
+                // The device announces again when it is built and when the
+                // guest runs.
+                Err(e) => eprintln!("ferry: net {id}: announcement on {}: {e}", tap.name()),
+            }
+        }
+        Ok(())
     }
 
     /// `StateReceived` to `Ready`, and waits for the source's go.
@@ -1315,6 +1395,30 @@ fn check_net_ids(ids: &[String], taps: &[(String, String)]) -> Result<(), Destin
         }
     }
     Ok(())
+}
+
+/// Opens this host's tap for each net device the handshake named, so that
+/// the guest can be announced there the moment the source pauses, and a tap
+/// that cannot be had refuses the migration before any memory moves.
+fn open_taps(
+    ids: &[String],
+    taps: &[(String, String)],
+) -> Result<Vec<(String, Tap)>, DestinationError> {
+    ids.iter()
+        .enumerate()
+        .map(|(i, id)| {
+            let name = taps
+                .iter()
+                .find(|(t, _)| t == id)
+                .map(|(_, name)| name)
+                .ok_or_else(|| DestinationError::Refused(no_tap(i, id)))?;
+            let tap = Tap::open(name).map_err(|source| DestinationError::Tap {
+                id: id.clone(),
+                source,
+            })?;
+            Ok((id.clone(), tap))
+        })
+        .collect()
 }
 
 fn no_tap(index: usize, id: &str) -> String {

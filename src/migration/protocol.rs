@@ -16,7 +16,9 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 /// 3: a destination that trusts nothing it is sent (`StorageOffer.sizes`,
 /// `HelloAck.nonce`, the `Seal` frame, every page declared in pass 1).
 /// 4: memory over several connections (`Hello.connections`,
-/// `HelloAck.lanes`, the `Join`/`Joined` frames, a `Seal` per connection).
+/// `HelloAck.lanes`, the `Join`/`Joined` frames, a `Seal` per connection);
+/// the `Paused` and `Announced` frames (the destination announces the
+/// guest's network addresses the moment the source pauses).
 pub const PROTOCOL_VERSION: u32 = 4;
 pub const MAGIC: [u8; 4] = *b"FMIG";
 pub const HEADER_LEN: usize = 24;
@@ -101,6 +103,16 @@ pub enum Kind {
     Join = 13,
     /// Destination -> source: the extra connection is taken (JSON `{}`).
     Joined = 14,
+    /// Source -> destination, the moment the guest pauses for the last
+    /// phase (JSON `Paused`): the destination announces the guest's MAC
+    /// addresses on its taps at once, so that frames for the guest queue
+    /// there (to be delivered when it runs) instead of reaching the paused
+    /// source.
+    Paused = 15,
+    /// Destination -> source, in answer to `Paused`: the guest is announced
+    /// here. The source saves the device state only then, so that what
+    /// reached its taps before the switch learned the new port is in it.
+    Announced = 16,
 }
 
 impl Kind {
@@ -121,6 +133,8 @@ impl Kind {
             12 => Seal,
             13 => Join,
             14 => Joined,
+            15 => Paused,
+            16 => Announced,
             _ => return None,
         })
     }
@@ -264,6 +278,15 @@ pub struct Reason {
 #[serde(deny_unknown_fields)]
 pub struct PassEnd {
     pub pass: u32,
+}
+
+/// The guest paused on the source (JSON payload of `Paused`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Paused {
+    /// Each net device's address, in the order of `Hello.net_ids`
+    /// (`xx:xx:xx:xx:xx:xx`).
+    pub macs: Vec<String>,
 }
 
 /// Closes the memory stream (JSON payload of `Seal`).
@@ -559,6 +582,8 @@ fn kind_name(k: Kind) -> &'static str {
         Kind::Seal => "Seal",
         Kind::Join => "Join",
         Kind::Joined => "Joined",
+        Kind::Paused => "Paused",
+        Kind::Announced => "Announced",
     }
 }
 

@@ -26,7 +26,7 @@ use crate::devices::serial::{SerialArgs, SerialDevice};
 use crate::devices::virtio::mmio::NOTIFY_REG_OFFSET;
 use crate::devices::virtio::net::parse_mac;
 use crate::devices::virtio::{
-    Block, BlockArgs, MmioArgs, MmioTransport, Net, NetArgs, VirtioDevice,
+    Block, BlockArgs, MmioArgs, MmioTransport, Net, NetArgs, Tap, VirtioDevice,
 };
 use crate::snapshot::{self, SnapshotError, VmState};
 use crate::startup;
@@ -56,6 +56,8 @@ pub enum Boot {
         vm: Vm,
         memfd: File,
         mem: GuestMemoryMmap,
+        /// The net devices' taps by id, opened at the handshake.
+        taps: Vec<(String, Tap)>,
     },
 }
 
@@ -84,6 +86,11 @@ pub struct BuiltVm {
 pub fn build(config: &VmConfig, boot: Boot) -> Result<BuiltVm, VmmError> {
     let fresh = matches!(boot, Boot::Fresh);
     let lock_images = !matches!(boot, Boot::Incoming { .. });
+    let mut boot = boot;
+    let taps = match &mut boot {
+        Boot::Incoming { taps, .. } => std::mem::take(taps),
+        _ => Vec::new(),
+    };
     let (vm, memfd, mem, saved, cpuid) = std::thread::scope(|scope| {
         // A fresh guest's CPUID starts from what the host supports; ask
         // for it while the VM and its memory are set up.
@@ -102,7 +109,15 @@ pub fn build(config: &VmConfig, boot: Boot) -> Result<BuiltVm, VmmError> {
         Ok((vm, memfd, mem, saved, cpuid))
     })?;
     startup::mark("vm-and-memory");
-    let devices = build_devices(&vm, &mem, config, saved.as_deref(), cpuid, lock_images)?;
+    let devices = build_devices(
+        &vm,
+        &mem,
+        config,
+        saved.as_deref(),
+        cpuid,
+        lock_images,
+        taps,
+    )?;
     Ok(BuiltVm {
         serial_log: devices.serial_log,
         vm,
@@ -145,6 +160,7 @@ fn guest_memory(config: &VmConfig, boot: Boot) -> Result<Memory, VmmError> {
             vm,
             memfd,
             mem,
+            taps: _,
         } => (vm, Some(memfd), mem, Some(state)),
     })
 }
@@ -170,6 +186,7 @@ fn build_devices(
     saved: Option<&VmState>,
     supported_cpuid: Option<kvm_bindings::CpuId>,
     lock_images: bool,
+    taps: Vec<(String, Tap)>,
 ) -> Result<Devices, VmmError> {
     let mut b = Builder {
         supported_cpuid,
@@ -183,6 +200,7 @@ fn build_devices(
         cmdline: Cmdline::try_from(&config.cmdline, CMDLINE_MAX_SIZE).map_err(VmmError::Cmdline)?,
         lock_images,
         serial_log: None,
+        taps,
     };
     startup::mark("event-loop");
     let serial = b.attach_serial()?;
@@ -216,6 +234,8 @@ struct Builder<'a> {
     config: &'a VmConfig,
     /// The state to rebuild from (snapshot or migration), if any.
     saved: Option<&'a VmState>,
+    /// Taps opened before the build (a migration's destination), by id.
+    taps: Vec<(String, Tap)>,
     /// What the host supports, for a fresh guest's CPUID.
     supported_cpuid: Option<kvm_bindings::CpuId>,
     pio: Bus,
@@ -392,7 +412,8 @@ impl Builder<'_> {
         let transport = Arc::new(Mutex::new(transport));
         self.mmio
             .insert(transport.clone(), base, MMIO_DEVICE_SIZE)?;
-        self.event_loop.add_subscriber(block.clone());
+        // Its requests are served on its own thread once the guest starts
+        // (`Machine::start_block_workers`), not on the event loop.
         self.cmdline
             .add_virtio_mmio_device(MMIO_DEVICE_SIZE, GuestAddress(base), irq, None)
             .map_err(VmmError::Cmdline)?;
@@ -449,7 +470,10 @@ impl Builder<'_> {
                 };
                 Net::new(args.id, &args.tap, mac)
             }
-            Some(st) => Net::restore(args, &st.net),
+            Some(st) => match self.taps.iter().position(|(id, _)| *id == args.id) {
+                Some(i) => Net::restore_on(self.taps.remove(i).1, args.id, &st.net),
+                None => Net::restore(args, &st.net),
+            },
         }
         .map_err(net_err)?;
         let base = MMIO_DEVICES_START + slot as u64 * MMIO_DEVICE_SIZE;

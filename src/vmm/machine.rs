@@ -11,7 +11,7 @@ use crate::config::VmConfig;
 use crate::devices::i8042::I8042State;
 use crate::devices::persist::Persist;
 use crate::devices::serial::SerialDevice;
-use crate::devices::virtio::block::WriteMirror;
+use crate::devices::virtio::block::{BlockWorker, WriteMirror};
 use crate::migration::source::{MachineError, MigratableVm};
 use crate::snapshot::{DriveState, NetDeviceState, VmState};
 use crate::util::lock;
@@ -33,6 +33,8 @@ pub struct Machine {
     pub serial: Arc<Mutex<SerialDevice>>,
     pub drives: Vec<Drive>,
     pub nets: Vec<NetDev>,
+    /// One request thread per drive, from `start_block_workers` on.
+    pub block_workers: Vec<BlockWorker>,
     /// The MSRs this host lets us read, found on first use.
     pub msrs: Option<Vec<u32>>,
 }
@@ -77,6 +79,40 @@ impl Machine {
         for (_, net) in &self.nets {
             lock(net).announce();
         }
+    }
+
+    /// Raises again every interrupt a restored device has pending (see
+    /// [`crate::devices::virtio::MmioTransport::reraise_pending`]); the
+    /// interrupt controllers must
+    /// hold their restored state already.
+    pub fn reraise_pending_interrupts(&self) {
+        let transports = self
+            .drives
+            .iter()
+            .map(|(t, _)| t)
+            .chain(self.nets.iter().map(|(t, _)| t));
+        for t in transports {
+            if let Err(e) = lock(t).reraise_pending() {
+                eprintln!("ferry: cannot raise a restored device's pending interrupt: {e}");
+            }
+        }
+    }
+
+    /// Starts serving every drive's requests on a thread of its own (so
+    /// that a slow disk, or a write mirrored over the network, never holds
+    /// up the event loop and with it the network devices).
+    pub fn start_block_workers(&mut self) -> Result<(), VmmError> {
+        if !self.block_workers.is_empty() {
+            return Ok(());
+        }
+        for (i, (_, block)) in self.drives.iter().enumerate() {
+            let worker = BlockWorker::start(block).map_err(|source| VmmError::Drive {
+                id: self.config.drives[i].id.clone(),
+                source,
+            })?;
+            self.block_workers.push(worker);
+        }
+        Ok(())
     }
 
     /// Takes every drive's image lock not held yet.
@@ -126,9 +162,27 @@ impl Machine {
             nets: self
                 .nets
                 .iter()
-                .map(|(t, n)| NetDeviceState {
-                    transport: lock(t).save(),
-                    net: lock(n).save(),
+                .map(|(t, n)| {
+                    // Frames that reached this host after the pause go
+                    // with the state instead of being lost here. (The
+                    // transport's save locks the device itself.)
+                    let net = {
+                        let mut n = lock(n);
+                        let held = n.hold_queued();
+                        if n.held_frames() > 0 {
+                            eprintln!(
+                                "ferry: net {}: {} frames carried in the state ({held} from \
+                                 the tap)",
+                                n.id(),
+                                n.held_frames()
+                            );
+                        }
+                        n.save()
+                    };
+                    NetDeviceState {
+                        transport: lock(t).save(),
+                        net,
+                    }
                 })
                 .collect(),
         })

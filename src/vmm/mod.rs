@@ -195,6 +195,7 @@ pub fn receive(
             vm: r.vm,
             memfd: r.memfd,
             mem: r.mem,
+            taps: r.taps,
         };
         let mut vmm = Vmm::build(config, boot, api_socket.as_deref(), start_paused)?;
         vmm._dir_lock = r.dir_lock;
@@ -295,6 +296,7 @@ impl Vmm {
             serial: built.serial.clone(),
             drives: built.drives,
             nets: built.nets,
+            block_workers: Vec::new(),
             msrs: None,
         };
         // SAFETY: isatty only inspects the descriptor.
@@ -343,6 +345,14 @@ impl Vmm {
         // Set-up is done: drop privileges and filter every thread before
         // the guest runs (a receive has done so before accepting).
         crate::security::confine_process()?;
+        {
+            let c = lock(&self.controller);
+            let mut machine = lock(&c.machine);
+            machine.start_block_workers()?;
+            if c.restored {
+                machine.reraise_pending_interrupts();
+            }
+        }
         let mut handles = Vec::with_capacity(self.vcpus.len());
         for vcpu in self.vcpus.drain(..) {
             handles.push(vcpu.start(self.vcpu_ctx.clone())?);

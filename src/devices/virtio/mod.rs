@@ -33,7 +33,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 pub use block::{Block, BlockArgs, BlockError, BlockState};
 pub use mmio::{MmioArgs, MmioError, MmioTransport, MmioTransportState, QueueSnapshot};
-pub use net::{Net, NetArgs, NetError, NetState};
+pub use net::{Net, NetArgs, NetError, NetState, Tap};
 
 pub use crate::vstate::memory::GuestMemoryMmap;
 

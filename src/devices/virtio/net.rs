@@ -16,9 +16,12 @@
 //!
 //! Pausing ([`Net::pause`], for the last phase of a migration) stops every
 //! access to guest memory: no frame is delivered to a ring whose state has
-//! been sent. A frame waiting in the host buffer is dropped then, never
-//! delivered twice.
+//! been sent. What waits then (the frame in the host buffer, what the tap
+//! still queues when the state is saved, see [`Net::hold_queued`]) is
+//! carried in the device state, bounded, and delivered first wherever the
+//! guest runs next: once, never to a stale ring.
 
+use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd};
@@ -60,6 +63,12 @@ const BURST: usize = 256;
 /// hand-over (the first at once): switches learn the guest's new port from
 /// the first, the others cover a lost one.
 const ANNOUNCE_AT_MS: [u64; 5] = [0, 10, 30, 60, 100];
+/// Frames the device state carries at most (waiting when the device paused
+/// for a migration), and their bytes: what came in the milliseconds between
+/// the pause and the switch learning the destination's port. Beyond either
+/// bound frames are dropped, as a full queue drops them.
+pub const MAX_CARRIED_FRAMES: usize = 256;
+pub const MAX_CARRIED_BYTES: usize = 512 << 10;
 /// Tap ioctls (linux/if_tun.h).
 pub(crate) const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 pub(crate) const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
@@ -98,6 +107,13 @@ pub enum NetError {
     Features { acked: u64, avail: u64 },
     #[error("saved state gives net device {id:?} the address {mac}, not a unicast one")]
     StateMac { id: String, mac: String },
+    #[error("saved state of net device {id:?} carries {frames} frames of {bytes} bytes ({why})")]
+    StateFrames {
+        id: String,
+        frames: usize,
+        bytes: usize,
+        why: &'static str,
+    },
     #[error("saved state is of net device {saved:?}, restored as {id:?}")]
     StateMismatch { id: String, saved: String },
     #[error("cannot complete a buffer in the used ring: {0}")]
@@ -240,6 +256,30 @@ impl Tap {
     pub fn name(&self) -> &str {
         &self.name
     }
+
+    /// Throws away every frame the tap queues now; returns how many.
+    pub fn discard_queued(&self) -> usize {
+        let mut buf = vec![0u8; MAX_FRAME];
+        let mut n = 0;
+        loop {
+            match (&self.file).read(&mut buf) {
+                Ok(_) => n += 1,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => return n,
+            }
+        }
+    }
+
+    /// Sends one announcement (RARP) for `mac`: a switch learns from it
+    /// that frames for `mac` go to this tap's port.
+    pub fn announce(&self, mac: &[u8; 6]) -> io::Result<()> {
+        let frame = rarp_frame(mac);
+        match (&self.file).write(&frame) {
+            Ok(n) if n == frame.len() => Ok(()),
+            Ok(n) => Err(io::Error::other(format!("announcement cut to {n} bytes"))),
+            Err(e) => Err(e),
+        }
+    }
 }
 
 /// What the guest saw of a net device. The tap is the restoring host's
@@ -249,6 +289,11 @@ pub struct NetState {
     pub id: String,
     pub mac: [u8; 6],
     pub acked_features: u64,
+    /// Frames (with their virtio-net header) that came for the guest while
+    /// the device was paused, oldest first: delivered before anything else
+    /// where the guest runs next.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pending: Vec<Vec<u8>>,
 }
 
 /// The device a net device is rebuilt as: from this host's config.
@@ -281,6 +326,9 @@ pub struct Net {
     irq: Arc<IrqTrigger>,
     mem: Option<GuestMemoryMmap>,
     queues: Vec<Queue>,
+    /// Frames held while paused (or brought by the state), oldest first;
+    /// delivered before the tap is read. Bounded by MAX_CARRIED_*.
+    pending: VecDeque<Vec<u8>>,
     /// One frame (with its header) read from the tap, waiting for a buffer.
     rx_buf: Vec<u8>,
     rx_len: usize,
@@ -302,7 +350,10 @@ pub struct Net {
 impl Net {
     /// A net device on tap `tap` with address `mac`.
     pub fn new(id: String, tap: &str, mac: [u8; 6]) -> Result<Net, NetError> {
-        let tap = Tap::open(tap)?;
+        Net::on_tap(id, Tap::open(tap)?, mac)
+    }
+
+    fn on_tap(id: String, tap: Tap, mac: [u8; 6]) -> Result<Net, NetError> {
         let evt_err = |source| NetError::EventFd {
             id: id.clone(),
             source,
@@ -324,6 +375,7 @@ impl Net {
             irq,
             mem: None,
             queues: Vec::new(),
+            pending: VecDeque::new(),
             rx_buf: vec![0; MAX_FRAME],
             rx_len: 0,
             tx_buf: vec![0; MAX_FRAME],
@@ -357,14 +409,16 @@ impl Net {
     /// about to be saved, memory not yet sent for the last time). Frames the
     /// guest queued for sending go out first, and what waits on the tap
     /// goes into the guest's free rx buffers, to be answered wherever the
-    /// guest runs next; a frame beyond those is dropped.
+    /// guest runs next; a frame beyond those is held for the state.
     pub fn pause(&mut self) -> Result<(), NetError> {
         let sent = self.process_tx();
         let received = self.process_rx();
         self.paused = true;
         if self.rx_len != 0 {
+            // Older than anything held: it was taken first.
+            let frame = self.rx_buf[..self.rx_len].to_vec();
             self.rx_len = 0;
-            self.counters.dropped += 1;
+            self.pending.push_front(frame);
         }
         let c = self.counters;
         eprintln!(
@@ -372,6 +426,42 @@ impl Net {
             self.id, c.rx_frames, c.tx_frames, c.dropped
         );
         sent.and(received).map(|_| ())
+    }
+
+    /// While paused, takes what the tap queues into the frames the state
+    /// carries (up to MAX_CARRIED_*; beyond, they are dropped). Called when
+    /// the state is saved: frames that reached this host before the switch
+    /// learned the guest's new port are then answered there, not lost with
+    /// this process. Returns how many were taken.
+    pub fn hold_queued(&mut self) -> usize {
+        if !self.paused {
+            return 0;
+        }
+        let mut bytes: usize = self.pending.iter().map(Vec::len).sum();
+        let mut held = 0;
+        loop {
+            let n = match (&self.tap.file).read(&mut self.rx_buf) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => break,
+            };
+            if n < VNET_HDR_LEN + 14 {
+                continue;
+            }
+            if self.pending.len() >= MAX_CARRIED_FRAMES || bytes + n > MAX_CARRIED_BYTES {
+                self.counters.dropped += 1;
+                continue;
+            }
+            bytes += n;
+            self.pending.push_back(self.rx_buf[..n].to_vec());
+            held += 1;
+        }
+        held
+    }
+
+    /// Frames held for the state (see [`Net::hold_queued`]).
+    pub fn held_frames(&self) -> usize {
+        self.pending.len()
     }
 
     /// Undoes [`Net::pause`]: the guest goes on running here.
@@ -393,10 +483,8 @@ impl Net {
         let Some(&at) = ANNOUNCE_AT_MS.get(self.announce_next) else {
             return;
         };
-        let frame = rarp_frame(&self.mac);
-        match (&self.tap.file).write(&frame) {
-            Ok(n) if n == frame.len() => self.counters.announcements += 1,
-            Ok(n) => eprintln!("ferry: net {}: announcement cut to {n} bytes", self.id),
+        match self.tap.announce(&self.mac) {
+            Ok(()) => self.counters.announcements += 1,
             Err(e) => eprintln!(
                 "ferry: net {}: announcement on {}: {e}",
                 self.id, self.tap.name
@@ -509,18 +597,24 @@ impl Net {
         let mut result = Ok(true);
         for _ in 0..BURST {
             if self.rx_len == 0 {
-                match (&self.tap.file).read(&mut self.rx_buf) {
-                    Ok(n) if n >= VNET_HDR_LEN => self.rx_len = n,
-                    Ok(_) => continue,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) => {
-                        // Say so, and stop watching: a tap in error stays
-                        // readable to epoll, and the loop must not spin on it.
-                        self.log
-                            .log(format_args!("{}: tap read: {e}; tap unwatched", self.id));
-                        result = Ok(false);
-                        break;
+                if let Some(frame) = self.pending.pop_front() {
+                    // Bounded by MAX_FRAME when it was held or restored.
+                    self.rx_buf[..frame.len()].copy_from_slice(&frame);
+                    self.rx_len = frame.len();
+                } else {
+                    match (&self.tap.file).read(&mut self.rx_buf) {
+                        Ok(n) if n >= VNET_HDR_LEN => self.rx_len = n,
+                        Ok(_) => continue,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                        Err(e) => {
+                            // Say so, and stop watching: a tap in error stays
+                            // readable to epoll, and the loop must not spin on it.
+                            self.log
+                                .log(format_args!("{}: tap read: {e}; tap unwatched", self.id));
+                            result = Ok(false);
+                            break;
+                        }
                     }
                 }
             }
@@ -639,26 +733,68 @@ impl Persist for Net {
             id: self.id.clone(),
             mac: self.mac,
             acked_features: self.acked_features,
+            pending: self.pending.iter().cloned().collect(),
         }
     }
 
     /// Opens this host's tap; the address is the one the guest knows.
     fn restore(args: NetArgs, state: &NetState) -> Result<Net, NetError> {
-        if args.id != state.id {
-            return Err(NetError::StateMismatch {
-                id: args.id,
-                saved: state.id.clone(),
-            });
-        }
-        // The state may come from another host: its address must be one a
-        // NIC may have before anything is sent from it.
-        if state.mac[0] & 1 != 0 || state.mac == [0; 6] {
-            return Err(NetError::StateMac {
-                id: args.id,
-                mac: format_mac(&state.mac),
-            });
-        }
-        let mut net = Net::new(args.id, &args.tap, state.mac)?;
+        check_state(&args.id, state)?;
+        let tap = Tap::open(&args.tap)?;
+        Net::restore_on(tap, args.id, state)
+    }
+}
+
+/// What a saved state must be before anything is built from it: it may come
+/// from another host.
+fn check_state(id: &str, state: &NetState) -> Result<(), NetError> {
+    if id != state.id {
+        return Err(NetError::StateMismatch {
+            id: id.to_string(),
+            saved: state.id.clone(),
+        });
+    }
+    // Its address must be one a NIC may have before anything is sent from it.
+    if state.mac[0] & 1 != 0 || state.mac == [0; 6] {
+        return Err(NetError::StateMac {
+            id: id.to_string(),
+            mac: format_mac(&state.mac),
+        });
+    }
+    let frames = state.pending.len();
+    let bytes: usize = state.pending.iter().map(Vec::len).sum();
+    let why = if frames > MAX_CARRIED_FRAMES {
+        Some("more frames than a device holds")
+    } else if bytes > MAX_CARRIED_BYTES {
+        Some("more bytes than a device holds")
+    } else if state
+        .pending
+        .iter()
+        .any(|f| f.len() < VNET_HDR_LEN + 14 || f.len() > MAX_FRAME)
+    {
+        Some("a frame shorter than its headers or longer than 64 KiB")
+    } else {
+        None
+    };
+    match why {
+        Some(why) => Err(NetError::StateFrames {
+            id: id.to_string(),
+            frames,
+            bytes,
+            why,
+        }),
+        None => Ok(()),
+    }
+}
+
+impl Net {
+    /// [`Persist::restore`] on a tap this host opened already (a migration's
+    /// destination opens it at the handshake, to announce the guest there
+    /// the moment the source pauses).
+    pub fn restore_on(tap: Tap, id: String, state: &NetState) -> Result<Net, NetError> {
+        check_state(&id, state)?;
+        let mut net = Net::on_tap(id, tap, state.mac)?;
+        net.pending = state.pending.iter().cloned().collect();
         if state.acked_features & !net.avail_features != 0 {
             return Err(NetError::Features {
                 acked: state.acked_features,
@@ -752,6 +888,8 @@ impl VirtioDevice for Net {
         self.queues.clear();
         self.acked_features = 0;
         self.rx_len = 0;
+        // Held frames stay: a transport's restore resets its device before
+        // activating it, and they are for whichever driver runs next.
     }
 
     fn queue_events(&self) -> &[EventFd] {
@@ -1031,6 +1169,123 @@ mod tests {
             assert_eq!(tx.used().idx().load(), 300);
         }
 
+        /// Sends Ethernet frames out of interface `name` (brought up
+        /// first): the tap's reader gets them, behind a virtio-net header.
+        fn inject(name: &str, frames: &[Vec<u8>]) {
+            // Nothing but these frames: no IPv6 solicitations once it is up.
+            let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "1");
+            let up = std::process::Command::new("ip")
+                .args(["link", "set", name, "up"])
+                .status()
+                .unwrap();
+            assert!(up.success());
+            let cname = std::ffi::CString::new(name).unwrap();
+            // SAFETY: a NUL-terminated name.
+            let ifindex = unsafe { libc::if_nametoindex(cname.as_ptr()) };
+            assert!(ifindex > 0, "{name}: {}", io::Error::last_os_error());
+            // SAFETY: plain socket(2); the fd is checked and owned below.
+            let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
+            assert!(fd >= 0, "{}", io::Error::last_os_error());
+            // SAFETY: fd is ours.
+            let sock = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+            // SAFETY: all-zero is a valid sockaddr_ll.
+            let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+            addr.sll_family = libc::AF_PACKET as u16;
+            addr.sll_ifindex = ifindex as i32;
+            addr.sll_halen = 6;
+            for f in frames {
+                // SAFETY: `f` and `addr` outlive the call, lengths are theirs.
+                let n = unsafe {
+                    libc::sendto(
+                        sock.as_raw_fd(),
+                        f.as_ptr().cast(),
+                        f.len(),
+                        0,
+                        (&addr as *const libc::sockaddr_ll).cast(),
+                        std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                    )
+                };
+                assert_eq!(n, f.len() as isize, "{}", io::Error::last_os_error());
+            }
+        }
+
+        fn eth_frame(tag: u8) -> Vec<u8> {
+            let mut f = vec![0u8; 60];
+            f[0..6].copy_from_slice(&[2, 0, 0, 0, 0, 1]);
+            f[6..12].copy_from_slice(&[2, 0, 0, 0, 0, 2]);
+            f[12..14].copy_from_slice(&0x88b5u16.to_be_bytes());
+            f[14..].fill(tag);
+            f
+        }
+
+        /// A migration's cutover: frames the paused guest could not take,
+        /// and those that reached the tap after the pause, go with the
+        /// state and come first, in order and once, on the next host.
+        #[test]
+        fn frames_waiting_at_the_pause_go_with_the_state_and_come_first() {
+            if !crate::util::tests_can_create_taps() {
+                return;
+            }
+            let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]).unwrap();
+            let rx = MockSplitQueue::new(&mem, 16);
+            let tx = MockSplitQueue::create(&mem, GuestAddress(0x20_0000), 16);
+            let mut net = device(&mem, &rx, &tx);
+            let name = net.tap_name().to_string();
+            // One rx buffer for three frames: one delivered, one waiting in
+            // the device, one on the tap.
+            chain(&rx, 0, &[(0x3000, 2048, W)]);
+            inject(&name, &[eth_frame(1), eth_frame(2), eth_frame(3)]);
+            assert!(!net.process_rx().unwrap());
+            assert_eq!(rx.used().idx().load(), 1);
+            net.pause().unwrap();
+            // After the pause, before the state is saved.
+            inject(&name, &[eth_frame(4)]);
+            assert_eq!(net.hold_queued(), 2);
+            let st = net.save();
+            assert_eq!(st.pending.len(), 3);
+            assert_eq!(net.counters().dropped, 0);
+            drop(net);
+
+            let mem2 = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]).unwrap();
+            let rx2 = MockSplitQueue::new(&mem2, 16);
+            let tx2 = MockSplitQueue::create(&mem2, GuestAddress(0x20_0000), 16);
+            let tap = Tap::open(&unique_tap()).unwrap();
+            let mut there = Net::restore_on(tap, "n0".into(), &st).unwrap();
+            for i in 0..4u16 {
+                chain(&rx2, i, &[(0x4000 + u64::from(i) * 0x1000, 2048, W)]);
+            }
+            let queues = vec![
+                rx2.create_queue::<Queue>().unwrap(),
+                tx2.create_queue().unwrap(),
+            ];
+            there.activate(mem2.clone(), queues).unwrap();
+            there.process_rx().unwrap();
+            assert_eq!(rx2.used().idx().load(), 3);
+            for (i, tag) in [2u8, 3, 4].into_iter().enumerate() {
+                let at = GuestAddress(0x4000 + i as u64 * 0x1000 + (VNET_HDR_LEN + 14) as u64);
+                assert_eq!(mem2.read_obj::<u8>(at).unwrap(), tag, "buffer {i}");
+                let used = rx2.used().ring().ref_at(i).unwrap().load();
+                assert_eq!(used.len() as usize, VNET_HDR_LEN + 60);
+            }
+            assert_eq!(there.save().pending.len(), 0, "delivered once");
+
+            // What a state may carry is bounded and checked.
+            let restore =
+                |st: &NetState| Net::restore_on(Tap::open(&unique_tap()).unwrap(), "n0".into(), st);
+            let mut bad = st.clone();
+            bad.pending = vec![vec![0u8; 80]; MAX_CARRIED_FRAMES + 1];
+            assert!(matches!(restore(&bad), Err(NetError::StateFrames { .. })));
+            let mut bad = st.clone();
+            bad.pending = vec![vec![0u8; 10]];
+            assert!(matches!(restore(&bad), Err(NetError::StateFrames { .. })));
+            let mut bad = st.clone();
+            bad.pending = vec![vec![0u8; MAX_FRAME + 1]];
+            assert!(matches!(restore(&bad), Err(NetError::StateFrames { .. })));
+            let mut bad = st;
+            bad.pending = vec![vec![0u8; 60_000]; 10];
+            assert!(matches!(restore(&bad), Err(NetError::StateFrames { .. })));
+        }
+
         #[test]
         fn rx_frames_never_overrun_the_guest_buffers() {
             if !crate::util::tests_can_create_taps() {
@@ -1077,13 +1332,16 @@ mod tests {
             assert_eq!((used(0).len(), used(1).len(), used(2).len()), (0, 0, 90));
             assert_eq!(net.counters().dropped, 2);
             assert_eq!(net.counters().rx_frames, 1);
-            // No buffer: the frame waits, and pausing drops it, once.
+            // No buffer: the frame waits, and pausing holds it for the
+            // state, once (nothing is dropped).
             frame(&mut net, 60);
             assert!(!net.deliver().unwrap());
             assert_eq!(net.rx_len, 60);
             net.pause().unwrap();
             assert_eq!(net.rx_len, 0);
-            assert_eq!(net.counters().dropped, 3);
+            assert_eq!(net.counters().dropped, 2);
+            assert_eq!(net.save().pending.len(), 1);
+            assert_eq!(net.save().pending[0].len(), 60);
             // Paused, nothing touches the rings.
             chain(&rx, 4, &[(0x7000, 2048, W)]);
             assert!(!net.process_rx().unwrap());

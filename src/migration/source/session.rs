@@ -20,8 +20,8 @@ use crate::migration::memory::{
     start_dirty_tracking, stop_dirty_tracking, unpopulated_ranges, DirtyBitmaps, PageSender,
 };
 use crate::migration::protocol::{
-    expect, parse_json, send_json, DigestWriter, Hello, HelloAck, Kind, PassEnd, ProtocolError,
-    Reason, ShareOffer, StorageOffer, PAGE_SIZE, PROTOCOL_VERSION,
+    expect, parse_json, send_json, DigestWriter, Hello, HelloAck, Kind, PassEnd, Paused,
+    ProtocolError, Reason, ShareOffer, StorageOffer, PAGE_SIZE, PROTOCOL_VERSION,
 };
 use crate::migration::share::{MountedShare, NfsShare, Share, ShareAccess};
 use crate::migration::storage::{Pacer, StorageCopy, StorageError};
@@ -608,8 +608,17 @@ impl MigrationContext<'_> {
         let paused_at = Instant::now();
         let control = &self.src.control;
         let was_paused = control.is_paused();
+        let macs = self.net_macs();
         control.pause()?;
         self.paused_here = !was_paused;
+        // First of all, before the drain and the last pages: the destination
+        // announces the guest at once, and the switch sends its frames
+        // there, to queue, instead of here (the device carries those that
+        // came meanwhile in its state).
+        let announcing = !macs.is_empty();
+        if announcing {
+            self.send(Kind::Paused, &Paused { macs })?;
+        }
         if let Some(t) = &self.throttle {
             t.set(0);
         }
@@ -631,6 +640,11 @@ impl MigrationContext<'_> {
             Ok(n) => self.wire_total += n,
             Err(e) => return Err(self.write_failed(e)),
         }
+        if announcing {
+            // Frames for the guest go to the destination from here on: what
+            // came here meanwhile is on the taps, and goes with the state.
+            expect(&mut self.reader, Kind::Announced).map_err(|e| self.read_failed(e))?;
+        }
         let lanes = self.lanes.wait(&mut || {});
         self.wire_total += lanes.map_err(|e| self.lane_failed(e))?;
         let mut state = self.src.machine.save_state()?;
@@ -651,6 +665,18 @@ impl MigrationContext<'_> {
             s.remaining_bytes = 0;
         });
         Ok(paused_at)
+    }
+
+    /// Each net device's address, in config order (the order of
+    /// `Hello.net_ids`).
+    fn net_macs(&self) -> Vec<String> {
+        self.src
+            .machine
+            .config()
+            .net
+            .iter()
+            .map(|n| n.mac.clone().unwrap_or_default())
+            .collect()
     }
 
     /// Waits for the destination to be ready, commits, and waits for it to
