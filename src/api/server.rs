@@ -571,7 +571,9 @@ fn read_chunked_body(client: &mut UnixStream, early: Vec<u8>) -> Result<Vec<u8>,
             while !input.line()?.is_empty() {}
             return Ok(body);
         }
-        if body.len() as u64 + size > MAX_BODY_LEN as u64 {
+        // Compared against what is left, never summed: a size near u64::MAX
+        // must not wrap past the bound.
+        if size > (MAX_BODY_LEN - body.len()) as u64 {
             return Err(too_large());
         }
         input.bytes(size as usize, &mut body)?;
@@ -1517,6 +1519,12 @@ mod tests {
             assert!(raw.starts_with("HTTP/1.1 400 "), "{raw}");
             assert!(raw.contains(says), "{says}: {raw}");
         }
+        // A chunk size that would wrap the running total is refused by size.
+        let raw = h.raw(
+            b"PUT /vm/pause HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n\
+              1\r\n \r\nffffffffffffffff\r\n{}\r\n0\r\n\r\n",
+        );
+        assert!(raw.starts_with("HTTP/1.1 413 "), "{raw}");
         // A chunk-size line that never ends is refused by its length.
         let mut endless = b"PUT /vm/pause HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
         endless.extend(std::iter::repeat_n(b'0', 1 << 20));
