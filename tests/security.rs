@@ -40,7 +40,17 @@ fn field<'a>(status: &'a str, name: &str) -> &'a str {
 }
 
 fn assert_all_filtered(pid: u32) {
-    let threads = threads(pid);
+    // The control socket answers as soon as the event loop turns, which can
+    // be before a just-spawned vCPU thread has run far enough to take its
+    // name: wait (bounded) for it to be named.
+    let deadline = std::time::Instant::now() + WAIT;
+    let threads = loop {
+        let threads = threads(pid);
+        if threads.iter().any(|(n, _)| n == "vcpu0") || std::time::Instant::now() > deadline {
+            break threads;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    };
     assert!(threads.iter().any(|(n, _)| n == "vcpu0"), "{threads:?}");
     for (name, status) in &threads {
         assert_eq!(field(status, "Seccomp"), "2", "thread {name}");
