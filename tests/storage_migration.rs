@@ -96,6 +96,12 @@ impl Setup {
 
     /// The source VM: blkwrite over the image, plus dirty memory.
     fn source(&self, dirty_mib: u64) -> Ferry {
+        self.source_with(dirty_mib, None, &[])
+    }
+
+    /// The same, booted from `kernel` (else the test kernel where it was
+    /// built), with `extra` arguments to `ferry run`.
+    fn source_with(&self, dirty_mib: u64, kernel: Option<&Path>, extra: &[&str]) -> Ferry {
         let mut cfg = config(
             1,
             256,
@@ -104,18 +110,20 @@ impl Setup {
             ),
         );
         cfg["drives"] = serde_json::json!([{ "id": "d0", "path": self.image }]);
+        if let Some(kernel) = kernel {
+            cfg["kernel"] = serde_json::json!(kernel);
+        }
         let path = write_config(&self.src_dir, &cfg);
         let sock = self.dir.path().join("src.sock");
-        let mut f = self.hosts.ferry(
-            'a',
-            &[
-                "run",
-                "--config",
-                path.to_str().unwrap(),
-                "--api-sock",
-                sock.to_str().unwrap(),
-            ],
-        );
+        let mut args = vec![
+            "run",
+            "--config",
+            path.to_str().unwrap(),
+            "--api-sock",
+            sock.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let mut f = self.hosts.ferry('a', &args);
         f.api_sock = Some(sock);
         f.wait_line(WAIT, |l| round_of(l).is_some_and(|r| r >= 2));
         f
@@ -676,4 +684,75 @@ fn storage_migration_to_an_unprivileged_receiver() {
     dst.api("PUT", "/vm/shutdown");
     assert!(dst.wait_exit(WAIT).success());
     verify_blkwrite_image(&copy, BLOCKS, SEED).unwrap();
+}
+
+/// A source that dropped to an unprivileged user after set-up migrates
+/// disks and a kernel that only root may open: the copy reads the
+/// descriptors the VM opened as root, not the paths again.
+#[test]
+fn storage_migration_from_an_unprivileged_source_of_root_only_files() {
+    let test = "storage_migration_from_an_unprivileged_source_of_root_only_files";
+    let Some(s) = Setup::new(test) else {
+        return;
+    };
+    use std::os::unix::fs::PermissionsExt;
+    let only_root = std::fs::Permissions::from_mode(0o600);
+    s.make_image(64, 8);
+    std::fs::set_permissions(&s.image, only_root.clone()).unwrap();
+    let kernel = s.src_dir.join("kernel");
+    std::fs::copy(TESTKERNEL, &kernel).unwrap();
+    std::fs::set_permissions(&kernel, only_root).unwrap();
+    // The unprivileged user passes through to its control socket and holds
+    // its own TLS credentials (read when the migration starts); the image
+    // directory stays root's.
+    std::fs::set_permissions(s.dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    std::fs::set_permissions(&s.src_dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let nobody = |p: &Path| std::os::unix::fs::chown(p, Some(65534), Some(65534)).unwrap();
+    nobody(s.tls_a.parent().unwrap());
+    nobody(&s.tls_a);
+    for e in std::fs::read_dir(&s.tls_a).unwrap() {
+        nobody(&e.unwrap().path());
+    }
+    let mut dst = s.receiver(&["--paused"]);
+    let mut src = s.source_with(8, Some(&kernel), &["--uid", "65534", "--gid", "65534"]);
+    let status = std::fs::read_to_string(format!("/proc/{}/status", src.pid())).unwrap();
+    assert!(
+        status.contains("Uid:\t65534\t65534\t65534\t65534"),
+        "{status}"
+    );
+    // The dropped source itself could not open them again.
+    let denied = Command::new("setpriv")
+        .args([
+            "--reuid",
+            "65534",
+            "--regid",
+            "65534",
+            "--clear-groups",
+            "cat",
+        ])
+        .arg(&s.image)
+        .output()
+        .expect("setpriv");
+    assert!(!denied.status.success(), "the image is readable by 65534");
+    s.migrate(&src, None);
+    assert!(
+        src.wait_exit(WAIT).success(),
+        "{}\n{}",
+        src.stderr(),
+        dst.stderr()
+    );
+    no_fail(&src);
+    let entries = s.dst_entries();
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    let copy_dir = s.dst_dir.join(&entries[0]);
+    assert_eq!(sha256(&copy_dir.join("drive0-d0.img")), sha256(&s.image));
+    assert_eq!(sha256(&copy_dir.join("kernel")), sha256(&kernel));
+    let last_round = src.lines().iter().rev().find_map(|l| round_of(l)).unwrap();
+    dst.wait_api(WAIT);
+    dst.api("PUT", "/vm/resume");
+    dst.wait_line(WAIT, |l| round_of(l).is_some_and(|r| r >= last_round + 2));
+    no_fail(&dst);
+    dst.api("PUT", "/vm/shutdown");
+    assert!(dst.wait_exit(WAIT).success());
+    verify_blkwrite_image(&copy_dir.join("drive0-d0.img"), BLOCKS, SEED).unwrap();
 }

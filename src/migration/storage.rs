@@ -222,6 +222,18 @@ impl Mirror {
     }
 }
 
+impl CopyItem {
+    /// A descriptor to read the file through: a duplicate of the VM's own
+    /// when it holds one (it shares the image lock's open file description,
+    /// so closing it releases nothing), else the path opened read-only.
+    pub fn open(&self) -> std::io::Result<File> {
+        match &self.file {
+            Some(f) => f.try_clone(),
+            None => File::open(&self.source),
+        }
+    }
+}
+
 /// One file to copy into the share.
 #[derive(Debug, Clone)]
 pub struct CopyItem {
@@ -229,6 +241,9 @@ pub struct CopyItem {
     pub name: String,
     /// Local path.
     pub source: PathBuf,
+    /// The VM's own open descriptor of it, read instead of opening
+    /// `source` again: after a privilege drop the path may be closed to us.
+    pub file: Option<Arc<File>>,
     /// Disk images are mirrored and copied sparse; other files (kernel,
     /// initrd) are copied whole.
     pub mirrored: bool,
@@ -322,7 +337,9 @@ impl StorageCopy {
         let mut progress = StorageProgress::default();
         let mut targets = Vec::new();
         for item in items {
-            let size = std::fs::metadata(&item.source)
+            let size = item
+                .open()
+                .and_then(|f| f.metadata())
                 .map_err(|source| StorageError::Local {
                     path: item.source.clone(),
                     source,
@@ -479,7 +496,7 @@ fn copy_all(
     let mut sources = Vec::with_capacity(targets.len());
     let mut plan = Vec::with_capacity(targets.len());
     for (i, t) in targets.iter().enumerate() {
-        let src = File::open(&t.item.source).map_err(|source| StorageError::Local {
+        let src = t.item.open().map_err(|source| StorageError::Local {
             path: t.item.source.clone(),
             source,
         })?;
@@ -668,11 +685,13 @@ mod tests {
                 CopyItem {
                     name: "kernel".into(),
                     source: kernel.clone(),
+                    file: None,
                     mirrored: false,
                 },
                 CopyItem {
                     name: "d.img".into(),
                     source: src.clone(),
+                    file: None,
                     mirrored: true,
                 },
             ],
@@ -719,5 +738,76 @@ mod tests {
         let allocated = std::fs::metadata(share_dir.join("d.img")).unwrap().blocks() * 512;
         // 8 MiB of data plus what the guest wrote, nowhere near 64 MiB.
         assert!(allocated < 24 << 20, "{allocated}");
+    }
+
+    /// A VMM that dropped its privileges copies through the descriptors it
+    /// opened at set-up: the copy succeeds with the paths no longer
+    /// openable (here: gone altogether), sparse image included.
+    #[test]
+    fn copy_reads_the_vms_own_descriptors_not_the_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("disk.img");
+        let size = 16 << 20;
+        image(&src, size, &[(1 << 20, 2 << 20), (12 << 20, 4096)]);
+        let kernel = dir.path().join("kernel");
+        std::fs::write(&kernel, b"held kernel").unwrap();
+        let expected = std::fs::read(&src).unwrap();
+        let held_disk = Arc::new(File::open(&src).unwrap());
+        let held_kernel = Arc::new(File::open(&kernel).unwrap());
+        std::fs::remove_file(&src).unwrap();
+        std::fs::remove_file(&kernel).unwrap();
+        let share_dir = dir.path().join("share");
+        std::fs::create_dir(&share_dir).unwrap();
+        let share: Arc<dyn Share> = Arc::new(MountedShare::new(&share_dir).unwrap());
+        let (mut copy, _mirrors) = StorageCopy::prepare(
+            share,
+            vec![
+                CopyItem {
+                    name: "kernel".into(),
+                    source: kernel.clone(),
+                    file: Some(held_kernel),
+                    mirrored: false,
+                },
+                CopyItem {
+                    name: "d.img".into(),
+                    source: src.clone(),
+                    file: Some(held_disk.clone()),
+                    mirrored: true,
+                },
+            ],
+            vec![],
+        )
+        .unwrap();
+        copy.start_copy(Arc::new(Pacer::new(None))).unwrap();
+        while !copy.progress.copy_done.load(Ordering::SeqCst) {
+            assert!(copy.progress.failure().is_none());
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        copy.finish().unwrap();
+        assert_eq!(std::fs::read(share_dir.join("d.img")).unwrap(), expected);
+        assert_eq!(
+            std::fs::read(share_dir.join("kernel")).unwrap(),
+            b"held kernel"
+        );
+        // The VM's descriptor is still its own: still open, still readable.
+        let mut b = [0u8; 1];
+        held_disk.read_exact_at(&mut b, 1 << 20).unwrap();
+        assert_eq!(b[0], expected[1 << 20]);
+
+        // Without a held descriptor the missing path is reported by name.
+        let share: Arc<dyn Share> = Arc::new(MountedShare::new(&share_dir).unwrap());
+        let err = StorageCopy::prepare(
+            share,
+            vec![CopyItem {
+                name: "gone.img".into(),
+                source: src.clone(),
+                file: None,
+                mirrored: true,
+            }],
+            vec![],
+        )
+        .err()
+        .expect("a missing image must be refused");
+        assert!(err.to_string().contains("disk.img"), "{err}");
     }
 }

@@ -12,7 +12,7 @@ use crate::devices::i8042::I8042State;
 use crate::devices::persist::Persist;
 use crate::devices::serial::SerialDevice;
 use crate::devices::virtio::block::{BlockWorker, WriteMirror};
-use crate::migration::source::{MachineError, MigratableVm};
+use crate::migration::source::{MachineError, MigratableVm, SourceFiles};
 use crate::snapshot::{DriveState, NetDeviceState, VmState};
 use crate::util::lock;
 use crate::vstate::memory::GuestMemoryMmap;
@@ -37,6 +37,11 @@ pub struct Machine {
     pub block_workers: Vec<BlockWorker>,
     /// The MSRs this host lets us read, found on first use.
     pub msrs: Option<Vec<u32>>,
+    /// The kernel and initrd, kept open from set-up (None where they could
+    /// not be opened then): a storage migration copies them through these
+    /// after a privilege drop has closed the paths to us.
+    pub kernel_file: Option<File>,
+    pub initrd_file: Option<File>,
 }
 
 impl Machine {
@@ -223,6 +228,20 @@ impl MigratableVm for MachineHandle {
         let m = lock(&self.machine);
         for (i, (_, block)) in m.drives.iter().enumerate() {
             lock(block).set_mirror(mirrors.as_ref().and_then(|v| v.get(i).cloned()));
+        }
+    }
+
+    fn source_files(&self) -> SourceFiles {
+        let m = lock(&self.machine);
+        let dup = |f: &Option<File>| f.as_ref().and_then(|f| f.try_clone().ok());
+        SourceFiles {
+            kernel: dup(&m.kernel_file),
+            initrd: dup(&m.initrd_file),
+            drives: m
+                .drives
+                .iter()
+                .map(|(_, block)| lock(block).image_file().ok())
+                .collect(),
         }
     }
 

@@ -270,6 +270,14 @@ impl Vmm {
         crate::startup::mark("api-socket");
 
         let mut built = builder::build(&config, boot)?;
+        // Opened now, while we may (before any privilege drop), for a later
+        // storage migration to copy; a restore that cannot open them loses
+        // nothing but falls back to the path then.
+        let kernel_file = std::fs::File::open(&config.kernel).ok();
+        let initrd_file = config
+            .initrd
+            .as_ref()
+            .and_then(|p| std::fs::File::open(p).ok());
         // The last step that touches the host: nothing fails after it.
         if let Some(log) = built.serial_log.take() {
             log.open()?;
@@ -298,6 +306,8 @@ impl Vmm {
             nets: built.nets,
             block_workers: Vec::new(),
             msrs: None,
+            kernel_file,
+            initrd_file,
         };
         // SAFETY: isatty only inspects the descriptor.
         let interactive = unsafe { libc::isatty(std::io::stdin().as_raw_fd()) } == 1;

@@ -531,6 +531,12 @@ pub struct Block {
 }
 
 impl Block {
+    /// A duplicate of the image's descriptor (same open file description,
+    /// so the image lock stays where it is), for a storage copy to read.
+    pub fn image_file(&self) -> io::Result<File> {
+        self.disk.file.try_clone()
+    }
+
     /// Opens the raw image at `path` (read-write unless `read_only`) and
     /// locks it (see [`Block::lock_image`]).
     pub fn new(id: String, path: &Path, read_only: bool) -> Result<Block, BlockError> {

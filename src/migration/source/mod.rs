@@ -60,6 +60,20 @@ pub trait MigratableVm: Send + Sync {
     fn release_images(&self);
     /// Takes the image locks back before the guest resumes here.
     fn retake_images(&self) -> Result<(), MachineError>;
+    /// The VM's own open descriptors of the files a storage copy sends
+    /// (duplicates): a VMM that dropped its privileges after set-up may no
+    /// longer be allowed to open them by path.
+    fn source_files(&self) -> SourceFiles;
+}
+
+/// Open descriptors of the files a storage copy sends, where the VM holds
+/// them; `None` falls back to opening the configured path.
+#[derive(Debug, Default)]
+pub struct SourceFiles {
+    pub kernel: Option<std::fs::File>,
+    pub initrd: Option<std::fs::File>,
+    /// One per drive, in config order.
+    pub drives: Vec<Option<std::fs::File>>,
 }
 
 /// What the VM side of a migration can fail with.
@@ -99,13 +113,16 @@ fn plain(s: &str) -> String {
         .collect()
 }
 
-pub fn share_plan(config: &crate::config::VmConfig) -> SharePlan {
+pub fn share_plan(config: &crate::config::VmConfig, files: SourceFiles) -> SharePlan {
+    let held = |f: Option<std::fs::File>| f.map(Arc::new);
+    let mut drive_files = files.drives.into_iter();
     let mut items = Vec::new();
     let mut out = config.clone();
     // Small files first: the disks take the time.
     items.push(CopyItem {
         name: "kernel".into(),
         source: config.kernel.clone(),
+        file: held(files.kernel),
         mirrored: false,
     });
     out.kernel = "kernel".into();
@@ -113,6 +130,7 @@ pub fn share_plan(config: &crate::config::VmConfig) -> SharePlan {
         items.push(CopyItem {
             name: "initrd".into(),
             source: initrd.clone(),
+            file: held(files.initrd),
             mirrored: false,
         });
         out.initrd = Some("initrd".into());
@@ -122,6 +140,7 @@ pub fn share_plan(config: &crate::config::VmConfig) -> SharePlan {
         items.push(CopyItem {
             name: name.clone(),
             source: d.path.clone(),
+            file: held(drive_files.next().flatten()),
             mirrored: true,
         });
         out.drives[i].path = name.into();

@@ -223,7 +223,8 @@ impl MigrationContext<'_> {
             (s.migration_id.clone(), s.memory_bytes)
         };
         let mode = self.req.storage_mode();
-        self.plan = (mode == StorageMode::Copy).then(|| share_plan(&self.src.machine.config()));
+        self.plan = (mode == StorageMode::Copy)
+            .then(|| share_plan(&self.src.machine.config(), self.src.machine.source_files()));
         self.update(|s| s.storage = Some(mode));
         let storage = match &self.plan {
             Some(p) => Some(storage_offer(p, self.req.share.is_some())?),
@@ -769,7 +770,7 @@ fn storage_offer(plan: &SharePlan, mounted_share: bool) -> Result<StorageOffer, 
             path: item.source.clone(),
             source,
         };
-        let file = std::fs::File::open(&item.source).map_err(local)?;
+        let file = item.open().map_err(local)?;
         let size = file.metadata().map_err(local)?.len();
         let data: u64 = crate::sparse::data_extents(&file, 0, size)
             .map_err(local)?
