@@ -125,6 +125,11 @@ struct Confinement {
     /// The group to become with --uid (supplementary groups are dropped).
     #[arg(long, requires = "uid")]
     gid: Option<u32>,
+    /// `ferry run` with --uid: also change root to DIR once set up, so that
+    /// paths given later (`ctl snapshot DIR`, a TLS directory) name files
+    /// inside it. The control socket must lie inside DIR.
+    #[arg(long, requires = "uid", value_name = "DIR")]
+    chroot: Option<PathBuf>,
 }
 
 impl Confinement {
@@ -132,13 +137,18 @@ impl Confinement {
     /// error, before anything is opened.
     fn configure(&self) -> Result<(), ExitCode> {
         let jail = match (self.uid, self.gid) {
-            (Some(uid), Some(gid)) => match ferry::security::Jail::check(uid, gid) {
-                Ok(j) => Some(j),
-                Err(e) => {
-                    say(format_args!("ferry: {e}"));
-                    return Err(ExitCode::from(EXIT_BAD_INPUT));
+            (Some(uid), Some(gid)) => {
+                match ferry::security::Jail::check(uid, gid).and_then(|j| match &self.chroot {
+                    Some(dir) => j.with_root(dir),
+                    None => Ok(j),
+                }) {
+                    Ok(j) => Some(j),
+                    Err(e) => {
+                        say(format_args!("ferry: {e}"));
+                        return Err(ExitCode::from(EXIT_BAD_INPUT));
+                    }
                 }
-            },
+            }
             _ => None,
         };
         if self.seccomp == ferry::security::SeccompMode::None {
@@ -226,6 +236,27 @@ fn tap_mapping(text: &str) -> Result<(String, String), String> {
 const EXIT_RUNTIME: u8 = 1;
 const EXIT_BAD_INPUT: u8 = 2;
 
+/// With `--chroot DIR` the control socket must lie inside DIR, so that the
+/// confined VM can still remove it at exit; returned as the host path with
+/// a canonical parent (what the server removes, seen from the new root).
+fn socket_in_jail(label: &str, path: PathBuf) -> Result<PathBuf, ExitCode> {
+    let Some(root) = ferry::security::jail().and_then(|j| j.root.map(|r| (j, r))) else {
+        return Ok(path);
+    };
+    let (jail, root) = root;
+    match jail.inside(&path) {
+        Some(inner) => Ok(root.join(inner.strip_prefix("/").unwrap_or(&inner))),
+        None => {
+            say(format_args!(
+                "ferry: {label} {}: must lie inside --chroot {}, so that the confined VM can remove it at exit",
+                path.display(),
+                root.display()
+            ));
+            Err(ExitCode::from(EXIT_BAD_INPUT))
+        }
+    }
+}
+
 fn run(config: Option<PathBuf>, restore: Option<PathBuf>, api_sock: Option<PathBuf>) -> ExitCode {
     let result = match (config, restore) {
         (Some(config), _) => {
@@ -246,6 +277,10 @@ fn run(config: Option<PathBuf>, restore: Option<PathBuf>, api_sock: Option<PathB
             if let Some(Err(code)) = api_sock.as_deref().map(|p| check_socket_path(label, p)) {
                 return code;
             }
+            let api_sock = match api_sock.map(|p| socket_in_jail(label, p)).transpose() {
+                Ok(p) => p,
+                Err(code) => return code,
+            };
             vmm::run(config, api_sock)
         }
         (None, Some(dir)) => {
@@ -255,6 +290,13 @@ fn run(config: Option<PathBuf>, restore: Option<PathBuf>, api_sock: Option<PathB
             {
                 return code;
             }
+            let api_sock = match api_sock
+                .map(|p| socket_in_jail("--api-sock", p))
+                .transpose()
+            {
+                Ok(p) => p,
+                Err(code) => return code,
+            };
             vmm::restore(&dir, api_sock)
         }
         (None, None) => {
@@ -837,6 +879,13 @@ fn main() -> ExitCode {
             insecure,
             confinement,
         } => {
+            if let Some(dir) = &confinement.chroot {
+                say(format_args!(
+                    "ferry: --chroot {}: only for ferry run: a receive opens files by path after set-up (the guest's copies, its control socket); use --uid/--gid",
+                    dir.display()
+                ));
+                return ExitCode::from(EXIT_BAD_INPUT);
+            }
             if let Err(code) = confinement.configure() {
                 return code;
             }

@@ -512,3 +512,132 @@ fn a_bad_config_by_a_relative_path_is_refused_clearly_under_the_filters() {
     assert!(err.contains("is a multicast address"), "{err}");
     assert!(!err.contains("seccomp"), "{err}");
 }
+
+/// `--chroot DIR` with `--uid`: every thread's root is DIR once set up;
+/// paths given later (a snapshot directory) resolve inside it, `..` never
+/// leaves it; the control socket inside it is removed at exit; and the
+/// snapshot taken in the jail restores.
+#[test]
+fn a_vm_started_with_chroot_is_confined_to_it() {
+    let test = "a_vm_started_with_chroot_is_confined_to_it";
+    if !as_root(test) {
+        return;
+    }
+    let dir = tempdir();
+    passable(dir.path());
+    let jail = dir.path().join("jail");
+    std::fs::create_dir(&jail).unwrap();
+    chown_nobody(&jail);
+    let cfg = write_config(dir.path(), &config(1, 64, "testkernel.workload=idle"));
+    let cfg = cfg.to_str().unwrap();
+    let jail_s = jail.to_str().unwrap();
+    let confined = ["--uid", NOBODY, "--gid", NOBODY, "--chroot", jail_s];
+
+    // Refused up front: a socket ferry could not remove from inside, the
+    // host's root, a missing directory, without --uid, and a receive.
+    let outside = dir.path().join("api.sock");
+    let args = [
+        "run",
+        "--config",
+        cfg,
+        "--api-sock",
+        outside.to_str().unwrap(),
+    ];
+    let err = refused(&[&args[..], &confined[..]].concat());
+    assert!(err.contains("must lie inside --chroot"), "{err}");
+    assert!(!outside.exists());
+    let err = refused(&[
+        "run", "--config", cfg, "--uid", NOBODY, "--gid", NOBODY, "--chroot", "/",
+    ]);
+    assert!(err.contains("host's root"), "{err}");
+    let missing = dir.path().join("missing");
+    let err = refused(&[
+        "run",
+        "--config",
+        cfg,
+        "--uid",
+        NOBODY,
+        "--gid",
+        NOBODY,
+        "--chroot",
+        missing.to_str().unwrap(),
+    ]);
+    assert!(err.contains("missing"), "{err}");
+    let err = refused(&["run", "--config", cfg, "--chroot", jail_s]);
+    assert!(err.contains("--uid"), "{err}");
+    let err = refused(&[
+        "receive",
+        "--listen",
+        "127.0.0.1:0",
+        "--dir",
+        jail_s,
+        "--insecure",
+        "--uid",
+        NOBODY,
+        "--gid",
+        NOBODY,
+        "--chroot",
+        jail_s,
+    ]);
+    assert!(err.contains("only for ferry run"), "{err}");
+
+    let sock = jail.join("api.sock");
+    let args = ["run", "--config", cfg, "--api-sock", sock.to_str().unwrap()];
+    let mut vm = Ferry::spawn(&[&args[..], &confined[..]].concat());
+    vm.api_sock = Some(sock.clone());
+    vm.wait_line(WAIT, |l| l == "testkernel: tick 1");
+    vm.wait_api(WAIT);
+    assert_all_filtered(vm.pid());
+    let canonical = std::fs::canonicalize(&jail).unwrap();
+    for entry in std::fs::read_dir(format!("/proc/{}/task", vm.pid())).unwrap() {
+        let task = entry.unwrap().path();
+        assert_eq!(
+            std::fs::read_link(task.join("root")).unwrap(),
+            canonical,
+            "{task:?}"
+        );
+        assert_eq!(
+            std::fs::read_link(task.join("cwd")).unwrap(),
+            canonical,
+            "{task:?}"
+        );
+    }
+    let snapshot = |d: &str| {
+        ferry::api::client::request(
+            &sock,
+            "PUT",
+            "/snapshot/create",
+            Some(&serde_json::json!({ "dir": d })),
+        )
+        .unwrap()
+    };
+    let (code, body) = snapshot("/snap");
+    assert_eq!(code, 200, "{body}");
+    assert!(jail.join("snap/vmstate").exists() && jail.join("snap/memory").exists());
+    // `..` at the new root stays at it.
+    let (code, body) = snapshot("/../../escaped");
+    assert_eq!(code, 200, "{body}");
+    assert!(jail.join("escaped/vmstate").exists());
+    assert!(!dir.path().join("escaped").exists() && !Path::new("/escaped").exists());
+    vm.api("PUT", "/vm/shutdown");
+    assert!(vm.wait_exit(WAIT).success(), "{}", vm.stderr());
+    assert!(!sock.exists(), "the control socket was left behind");
+
+    // What the jailed VM wrote is a real snapshot.
+    let sock2 = dir.path().join("restored.sock");
+    let mut restored = Ferry::spawn(&[
+        "run",
+        "--restore",
+        jail.join("snap").to_str().unwrap(),
+        "--api-sock",
+        sock2.to_str().unwrap(),
+    ]);
+    restored.api_sock = Some(sock2);
+    restored.wait_api(WAIT);
+    let (_, vm_state) = restored.api("GET", "/vm");
+    assert_eq!(vm_state["restored"], true, "{vm_state}");
+    let seen = restored.lines().len();
+    restored.wait_line_from(seen, WAIT, |l| l.starts_with("testkernel: tick"));
+    restored.api("PUT", "/vm/shutdown");
+    assert!(restored.wait_exit(WAIT).success(), "{}", restored.stderr());
+}

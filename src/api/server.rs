@@ -218,7 +218,7 @@ impl Drop for ApiServer {
         if let Some(acceptor) = self.acceptor.take() {
             let _ = acceptor.join();
         }
-        let _ = fs::remove_file(&self.path);
+        let _ = fs::remove_file(crate::security::jailed_path(&self.path));
         // An answer given (say, to `PUT /vm/shutdown`) reaches its client
         // before the process ends.
         self.context.drain();

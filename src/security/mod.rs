@@ -57,6 +57,11 @@ pub fn invoking_uid() -> u32 {
     *INVOKER.get_or_init(|| unsafe { libc::getuid() })
 }
 
+/// The configured `--uid`/`--gid` (and `--chroot`), if any.
+pub fn jail() -> Option<Jail> {
+    SETTINGS.get().and_then(|s| s.jail)
+}
+
 /// The configured seccomp mode (`None` when nothing was configured).
 pub fn mode() -> SeccompMode {
     SETTINGS.get().map_or(SeccompMode::None, |s| s.seccomp)
@@ -121,6 +126,21 @@ pub fn confine_process() -> Result<(), SecurityError> {
     crate::startup::mark("seccomp-installed");
     *confined = true;
     Ok(())
+}
+
+/// Where a host path that ferry holds from set-up (its control socket) is
+/// now: under a `--chroot` root once the process is confined, the same
+/// path relative to the new root; otherwise unchanged. `path` must be
+/// absolute with a canonical parent (as the command line makes it).
+pub fn jailed_path(path: &std::path::Path) -> std::path::PathBuf {
+    let root = SETTINGS.get().and_then(|s| s.jail).and_then(|j| j.root);
+    match root {
+        Some(root) if *crate::util::lock(&CONFINED) => match path.strip_prefix(root) {
+            Ok(rel) => std::path::Path::new("/").join(rel),
+            Err(_) => path.to_path_buf(),
+        },
+        _ => path.to_path_buf(),
+    }
 }
 
 /// Narrows the calling thread's filter to `filter`'s list (on top of the
