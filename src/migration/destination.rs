@@ -988,15 +988,7 @@ impl IncomingMigration {
             }
             Step::Seal => {
                 let got: Seal = parse_json(Kind::Seal, &read_payload(reader, &h)?)?;
-                let want = self.digest.seal();
-                if got.frames != want.frames || got.digest != want.digest {
-                    return Err(DestinationError::Stream(format!(
-                        "the source sealed {} frames with digest {:08x}, this destination \
-                         received {} with digest {:08x} (frames lost, repeated, or recorded \
-                         for another migration)",
-                        got.frames, got.digest, want.frames, want.digest
-                    )));
-                }
+                check_seal(&got, &self.digest, "recorded for another migration")?;
                 // Every lane's frames are in once it sealed them.
                 if let Some(l) = &self.lanes {
                     l.wait_sealed(IDLE_TIMEOUT)?;
@@ -1642,6 +1634,20 @@ fn check_state(hello: &Hello, state: &VmState) -> Result<(), DestinationError> {
         return Err(bad(
             "net devices differ from the handshake or from their states".into(),
         ));
+    }
+    Ok(())
+}
+
+/// Refuses a `Seal` that does not match what arrived on its connection:
+/// frames lost, repeated, or (`elsewhere`) taken from another stream.
+fn check_seal(got: &Seal, digest: &StreamDigest, elsewhere: &str) -> Result<(), DestinationError> {
+    let want = digest.seal();
+    if got.frames != want.frames || got.digest != want.digest {
+        return Err(DestinationError::Stream(format!(
+            "the source sealed {} frames with digest {:08x}, this destination received {} \
+             with digest {:08x} (frames lost, repeated, or {elsewhere})",
+            got.frames, got.digest, want.frames, want.digest
+        )));
     }
     Ok(())
 }

@@ -465,16 +465,7 @@ fn run_lane(hub: &LaneHub, sink: &MemorySink, ch: Channel, index: u32, nonce: &s
                 }
                 Kind::Seal => {
                     let got: Seal = parse_json(Kind::Seal, &read_payload(&mut reader, &h)?)?;
-                    let want = digest.seal();
-                    if got.frames != want.frames || got.digest != want.digest {
-                        return Err(DestinationError::Stream(format!(
-                            "the source sealed {} frames with digest {:08x}, this destination \
-                             received {} with digest {:08x} (frames lost, repeated, or moved \
-                             from another connection)",
-                            got.frames, got.digest, want.frames, want.digest
-                        )));
-                    }
-                    return Ok(());
+                    return super::check_seal(&got, &digest, "moved from another connection");
                 }
                 other => {
                     return Err(ProtocolError::Unexpected {
