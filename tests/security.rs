@@ -172,6 +172,88 @@ fn open_file() {
     unsafe { libc::open(c"/etc/hostname".as_ptr(), libc::O_RDONLY) };
 }
 
+/// An open for writing (the control threads may only open to read).
+fn create_file() {
+    // SAFETY: a valid path; the filter traps before anything is created.
+    unsafe {
+        libc::open(
+            c"/tmp/ferry-seccomp-must-not-exist".as_ptr(),
+            libc::O_WRONLY | libc::O_CREAT,
+            0o600,
+        )
+    };
+}
+
+fn open_socket() {
+    // SAFETY: creating a socket; the result does not matter.
+    unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+}
+
+/// A thread's clone (flags as glibc gives them); the filter traps it before
+/// the kernel sees it, which would refuse the NULL stack anyway.
+fn spawn_thread() {
+    let flags = libc::CLONE_VM | libc::CLONE_FS | libc::CLONE_FILES | libc::CLONE_SIGHAND;
+    let flags = flags | libc::CLONE_THREAD | libc::CLONE_SYSVSEM;
+    // SAFETY: see above: the call never creates a thread here.
+    unsafe { libc::syscall(libc::SYS_clone, flags, std::ptr::null::<u8>()) };
+}
+
+/// Seccomp_filters of each thread of `pid`, by name.
+fn filter_counts(pid: u32) -> Vec<(String, u32)> {
+    threads(pid)
+        .into_iter()
+        .map(|(name, status)| {
+            let n = field(&status, "Seccomp_filters").parse().unwrap();
+            (name, n)
+        })
+        .collect()
+}
+
+#[test]
+fn the_control_socket_threads_narrow_themselves_below_the_process_filter() {
+    if !kvm_available("the_control_socket_threads_narrow_themselves") {
+        return;
+    }
+    let dir = tempdir();
+    let mut vm = Ferry::run(dir.path(), &config(1, 64, "testkernel.workload=idle"));
+    vm.wait_line(WAIT, |l| l == "testkernel: tick 1");
+    // A request has gone through: the accept thread has narrowed itself.
+    vm.wait_api(WAIT);
+    // A connection that sends nothing keeps its thread waiting for the
+    // request, narrowed before it reads a byte.
+    let mut held = std::os::unix::net::UnixStream::connect(vm.api_sock.as_ref().unwrap()).unwrap();
+    let deadline = std::time::Instant::now() + WAIT;
+    let counts = loop {
+        let counts = filter_counts(vm.pid());
+        let conn = counts.iter().any(|(n, c)| n == "ferry-api-conn" && *c == 3);
+        if conn || std::time::Instant::now() > deadline {
+            break counts;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let count = |name: &str| {
+        counts
+            .iter()
+            .find(|(n, _)| n == name)
+            .unwrap_or_else(|| panic!("no thread {name}: {counts:?}"))
+            .1
+    };
+    let process = count("ferry");
+    assert_eq!(process, 1, "{counts:?}");
+    assert_eq!(count("ferry-api"), process + 1, "{counts:?}");
+    assert_eq!(count("ferry-api-conn"), process + 2, "{counts:?}");
+    assert_eq!(count("vcpu0"), process + 1, "{counts:?}");
+    // Narrowed, they still serve: the held connection gets its answer.
+    use std::io::{Read, Write};
+    held.write_all(b"GET /vm HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut answer = String::new();
+    held.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    vm.api("PUT", "/vm/shutdown");
+    assert!(vm.wait_exit(WAIT).success(), "{}", vm.stderr());
+}
+
 #[test]
 fn a_syscall_outside_a_filter_kills_the_process_naming_it() {
     for (filter, forbidden, name) in [
@@ -180,6 +262,14 @@ fn a_syscall_outside_a_filter_kills_the_process_naming_it() {
         ("process", getppid, "getppid (110)"),
         ("process", fork, "clone (56)"),
         ("process", execve, "execve (59)"),
+        ("api", create_file, "openat (257)"),
+        ("api", fork, "clone (56)"),
+        ("api", execve, "execve (59)"),
+        ("api", open_socket, "socket (41)"),
+        ("api-conn", create_file, "openat (257)"),
+        ("api-conn", open_socket, "socket (41)"),
+        ("api-conn", spawn_thread, "clone (56)"),
+        ("api-conn", getppid, "getppid (110)"),
     ] {
         let (code, err) = run_filtered(filter, forbidden);
         assert!(code != 42);

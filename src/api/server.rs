@@ -17,6 +17,7 @@
 //! first `GET /vm` after a restore took 3–20 ms to answer. The gate already
 //! parsed and bounded every request, so it now answers them itself.
 
+use crate::security::ThreadFilter;
 use crate::util::{io_msg, lock};
 use std::fs;
 use std::io::{self, Read, Write};
@@ -314,6 +315,9 @@ pub fn start_api_server_with_timeout(
 fn accept_loop(listener: &UnixListener, context: &Arc<Context>, stopping: &AtomicBool) {
     let mut refused = Refused::default();
     loop {
+        if !narrow(ThreadFilter::ApiAccept) {
+            return;
+        }
         let client = match listener.accept() {
             Ok((client, _)) => client,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -329,6 +333,11 @@ fn accept_loop(listener: &UnixListener, context: &Arc<Context>, stopping: &Atomi
             }
         };
         if stopping.load(Ordering::SeqCst) {
+            return;
+        }
+        // Started before the process filter (set-up of a --uid run), this
+        // thread narrows itself as soon as it is in: before this client.
+        if !narrow(ThreadFilter::ApiAccept) {
             return;
         }
         // The socket is 0600, but after a --uid drop it belongs to that
@@ -355,7 +364,25 @@ fn accept_loop(listener: &UnixListener, context: &Arc<Context>, stopping: &Atomi
         // If the thread cannot start, the connection closes with the closure.
         let _ = thread::Builder::new()
             .name("ferry-api-conn".into())
-            .spawn(move || serve_connection(client, &slot));
+            .spawn(move || {
+                if narrow(ThreadFilter::ApiConnection) {
+                    serve_connection(client, &slot);
+                }
+            });
+    }
+}
+
+/// Narrows the calling thread to `filter` once the process is confined
+/// (issue 10: each thread its own allow-list); false, with a line on
+/// stderr, if the filter cannot go in: the thread then stops rather than
+/// serve unconfined.
+fn narrow(filter: ThreadFilter) -> bool {
+    match crate::security::seccomp::narrow_when_confined(filter) {
+        Ok(_) => true,
+        Err(e) => {
+            eprintln!("ferry: control socket: {e}; no longer serving");
+            false
+        }
     }
 }
 

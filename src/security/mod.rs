@@ -44,9 +44,24 @@ static KVM: OnceLock<File> = OnceLock::new();
 /// (library use, unit tests) nothing is confined.
 pub fn configure(settings: Settings) {
     invoking_uid();
+    if settings.seccomp != SeccompMode::None {
+        cap_malloc_arenas();
+    }
     if SETTINGS.set(settings).is_ok() {
         seccomp::precompile(settings.seccomp, settings.jail.is_none());
     }
+}
+
+/// Fixes glibc's limit on malloc arenas now. Left unset, glibc computes it
+/// when a thread creates the 9th arena, by reading
+/// /sys/devices/system/cpu/online: an `openat` that a narrowed thread's
+/// list (a control connection's) does not allow. The value is glibc's own
+/// default (8 per CPU).
+fn cap_malloc_arenas() {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let arenas = i32::try_from(cpus.saturating_mul(8)).unwrap_or(i32::MAX);
+    // SAFETY: mallopt only sets a malloc parameter.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, arenas) };
 }
 
 /// The uid that started ferry, as it was before any `--uid` drop (recorded

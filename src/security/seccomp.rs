@@ -38,6 +38,23 @@ pub enum SeccompMode {
 pub enum ThreadFilter {
     /// A vCPU thread: `KVM_RUN`, device emulation's writes, pausing.
     Vcpu,
+    /// The control socket's accept thread (`ferry-api`): accepts, checks
+    /// the peer's uid, starts one thread per connection.
+    ApiAccept,
+    /// One control connection (`ferry-api-conn`): reads the request, hands
+    /// it to the event loop over a channel, writes the answer. No files, no
+    /// new sockets, no threads, no ioctls.
+    ApiConnection,
+}
+
+impl ThreadFilter {
+    fn name(self) -> &'static str {
+        match self {
+            ThreadFilter::Vcpu => "vcpu",
+            ThreadFilter::ApiAccept => "api",
+            ThreadFilter::ApiConnection => "api-conn",
+        }
+    }
 }
 
 /// The exit code of a process killed by a filter (128 + SIGSYS).
@@ -185,6 +202,72 @@ const VCPU_SYSCALLS: &[i64] = &[
     libc::SYS_timerfd_settime,
 ];
 
+/// What every thread of Rust's std does to start, name itself and end:
+/// the stack guard and its signal stack, the malloc arena of a new thread
+/// (mmap/munmap/mprotect/madvise), the exit's mask and unmapping.
+const THREAD_LIFE: &[i64] = &[
+    libc::SYS_brk,
+    libc::SYS_clock_gettime,
+    libc::SYS_close,
+    libc::SYS_exit,
+    libc::SYS_exit_group,
+    libc::SYS_futex,
+    libc::SYS_gettid,
+    libc::SYS_madvise,
+    libc::SYS_mmap,
+    libc::SYS_mprotect,
+    libc::SYS_mremap,
+    libc::SYS_munmap,
+    libc::SYS_restart_syscall,
+    libc::SYS_rseq,
+    libc::SYS_rt_sigprocmask,
+    libc::SYS_rt_sigreturn,
+    libc::SYS_sched_getaffinity,
+    libc::SYS_sched_yield,
+    libc::SYS_set_robust_list,
+    libc::SYS_sigaltstack,
+];
+
+/// A control connection (traced, `strace -f` of `ferry ctl` requests):
+/// its socket's timeouts (`setsockopt`), `recvfrom`/`sendto`, the wake of
+/// the event loop (`write` to an eventfd), `shutdown`, std's `fcntl`
+/// (F_GETFD) on close; a migration request reads its `tls_dir`'s PEM files
+/// and draws the migration id (`openat` read-only, `statx`, `read`,
+/// `getrandom`); `read`/`write`/`poll` for the same socket through
+/// other std paths, and `write` to stderr for its error lines.
+const API_CONN_SYSCALLS: &[i64] = &[
+    libc::SYS_fcntl,
+    libc::SYS_fstat,
+    libc::SYS_getrandom,
+    libc::SYS_lseek,
+    libc::SYS_nanosleep,
+    libc::SYS_newfstatat,
+    libc::SYS_poll,
+    libc::SYS_ppoll,
+    libc::SYS_read,
+    libc::SYS_recvfrom,
+    libc::SYS_recvmsg,
+    libc::SYS_sendmsg,
+    libc::SYS_sendto,
+    libc::SYS_setsockopt,
+    libc::SYS_shutdown,
+    libc::SYS_statx,
+    libc::SYS_write,
+    libc::SYS_writev,
+];
+
+/// The accept thread adds `accept4`, `getsockopt` (SO_PEERCRED) and what
+/// starting a connection thread takes (`clone` with CLONE_THREAD, clone3
+/// answered ENOSYS by the process filter, `prctl(PR_SET_NAME)` by the
+/// child); a connection thread inherits this filter and narrows itself
+/// further, so this list must hold the connection's too.
+const API_ACCEPT_SYSCALLS: &[i64] = &[
+    libc::SYS_accept4,
+    libc::SYS_clone3,
+    libc::SYS_getsockopt,
+    libc::SYS_seccomp,
+];
+
 fn cond(arg: u8, op: SeccompCmpOp, value: u64) -> Result<SeccompCondition, SecurityError> {
     SeccompCondition::new(arg, SeccompCmpArgLen::Dword, op, value).map_err(|e| {
         SecurityError::Filter {
@@ -258,6 +341,49 @@ fn process_rules() -> Result<Rules, SecurityError> {
     Ok(rules)
 }
 
+fn with_thread_life(lists: &[&[i64]]) -> Rules {
+    let mut rules = plain(THREAD_LIFE);
+    for list in lists {
+        rules.extend(plain(list));
+    }
+    rules
+}
+
+/// The refused-client answer puts the socket in non-blocking mode
+/// (`FIONBIO`); `prctl` only to name itself and for the SIGSYS handler.
+fn api_conn_rules() -> Result<Rules, SecurityError> {
+    let mut rules = with_thread_life(&[API_CONN_SYSCALLS]);
+    rules.insert(libc::SYS_ioctl, any_of(1, &[libc::FIONBIO])?);
+    // Read-only opens only: no write access, no creating, no truncating.
+    let writes = (libc::O_ACCMODE | libc::O_CREAT | libc::O_TRUNC | libc::O_APPEND) as u64;
+    rules.insert(
+        libc::SYS_openat,
+        vec![rule(vec![cond(2, SeccompCmpOp::MaskedEq(writes), 0)?])?],
+    );
+    let prctls = [
+        libc::PR_SET_NAME,
+        libc::PR_GET_NAME,
+        libc::PR_SET_NO_NEW_PRIVS,
+    ];
+    rules.insert(libc::SYS_prctl, any_of(0, &prctls.map(|p| p as u64))?);
+    Ok(rules)
+}
+
+fn api_accept_rules() -> Result<Rules, SecurityError> {
+    let mut rules = api_conn_rules()?;
+    rules.extend(plain(API_ACCEPT_SYSCALLS));
+    let thread = libc::CLONE_THREAD as u64;
+    rules.insert(
+        libc::SYS_clone,
+        vec![rule(vec![cond(
+            0,
+            SeccompCmpOp::MaskedEq(thread),
+            thread,
+        )?])?],
+    );
+    Ok(rules)
+}
+
 fn vcpu_rules() -> Result<Rules, SecurityError> {
     let mut rules = plain(VCPU_SYSCALLS);
     rules.insert(libc::SYS_ioctl, any_of(1, &[KVM_RUN])?);
@@ -293,6 +419,8 @@ pub fn program(mode: SeccompMode, filter: &str) -> Result<BpfProgram, SecurityEr
     let rules = match filter {
         "process" => return with_clone3_refused(mode),
         "vcpu" => vcpu_rules()?,
+        "api" => api_accept_rules()?,
+        "api-conn" => api_conn_rules()?,
         _ => {
             return Err(SecurityError::Filter {
                 filter: "unknown",
@@ -300,11 +428,15 @@ pub fn program(mode: SeccompMode, filter: &str) -> Result<BpfProgram, SecurityEr
             })
         }
     };
-    let name = if filter == "process" {
-        "process"
-    } else {
-        "vcpu"
-    };
+    let name = [
+        ThreadFilter::Vcpu,
+        ThreadFilter::ApiAccept,
+        ThreadFilter::ApiConnection,
+    ]
+    .into_iter()
+    .map(ThreadFilter::name)
+    .find(|n| *n == filter)
+    .unwrap_or("thread");
     compile(name, rules, mismatch_action(mode), SeccompAction::Allow)
 }
 
@@ -355,13 +487,34 @@ fn with_clone3_refused(mode: SeccompMode) -> Result<BpfProgram, SecurityError> {
 
 /// The programs of one mode.
 struct Compiled {
-    vcpu: BpfProgram,
+    threads: ThreadPrograms,
     process: BpfProgram,
+}
+
+/// The per-thread programs, compiled with the process one.
+struct ThreadPrograms {
+    vcpu: BpfProgram,
+    api: BpfProgram,
+    api_conn: BpfProgram,
+}
+
+impl ThreadPrograms {
+    fn get(&self, filter: ThreadFilter) -> &BpfProgram {
+        match filter {
+            ThreadFilter::Vcpu => &self.vcpu,
+            ThreadFilter::ApiAccept => &self.api,
+            ThreadFilter::ApiConnection => &self.api_conn,
+        }
+    }
 }
 
 fn compile_all(mode: SeccompMode) -> Result<Compiled, SecurityError> {
     Ok(Compiled {
-        vcpu: program(mode, "vcpu")?,
+        threads: ThreadPrograms {
+            vcpu: program(mode, "vcpu")?,
+            api: program(mode, "api")?,
+            api_conn: program(mode, "api-conn")?,
+        },
         process: with_clone3_refused(mode)?,
     })
 }
@@ -402,9 +555,10 @@ pub fn precompile(mode: SeccompMode, install_now: bool) {
     }
 }
 
-/// Compiled once, when the process filter goes in, so that a vCPU thread
-/// only installs it.
-static VCPU_PROGRAM: OnceLock<BpfProgram> = OnceLock::new();
+/// Compiled once, set when the process filter is in on every thread (TSYNC
+/// fails once any thread has a filter the installer lacks, so no thread
+/// narrows itself before that): a thread only installs its program.
+static THREAD_PROGRAMS: OnceLock<ThreadPrograms> = OnceLock::new();
 
 /// Installs the SIGSYS handler and the process-wide filters on every
 /// thread (TSYNC); sets no-new-privs.
@@ -423,17 +577,15 @@ pub fn install_process_filter(mode: SeccompMode) -> Result<(), SecurityError> {
 }
 
 fn install(compiled: Compiled) -> Result<(), SecurityError> {
-    let Compiled { vcpu, process } = compiled;
+    let Compiled { threads, process } = compiled;
     crate::startup::mark("seccomp-compiled");
-    let _ = VCPU_PROGRAM.set(vcpu);
     install_sigsys_handler()?;
-    let apply = |p: &BpfProgram| {
-        seccompiler::apply_filter_all_threads(p).map_err(|e| SecurityError::Filter {
-            filter: "process",
-            why: e.to_string(),
-        })
-    };
-    apply(&process)
+    seccompiler::apply_filter_all_threads(&process).map_err(|e| SecurityError::Filter {
+        filter: "process",
+        why: e.to_string(),
+    })?;
+    let _ = THREAD_PROGRAMS.set(threads);
+    Ok(())
 }
 
 /// Adds `filter` to the calling thread.
@@ -441,20 +593,45 @@ pub fn install_thread_filter(mode: SeccompMode, filter: ThreadFilter) -> Result<
     if mode == SeccompMode::None {
         return Ok(());
     }
-    let ThreadFilter::Vcpu = filter;
-    let program = match VCPU_PROGRAM.get() {
-        Some(p) => p,
+    let program = match THREAD_PROGRAMS.get() {
+        Some(p) => p.get(filter),
         None => {
             return Err(SecurityError::Filter {
-                filter: "vcpu",
+                filter: filter.name(),
                 why: "installed before the process filter".into(),
             })
         }
     };
     seccompiler::apply_filter(program).map_err(|e| SecurityError::Filter {
-        filter: "vcpu",
+        filter: filter.name(),
         why: e.to_string(),
     })
+}
+
+std::thread_local! {
+    /// The filter this thread has narrowed itself to, if any.
+    static NARROWED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// For a thread that may start before the process filter is in (the
+/// control socket's threads, started during set-up of a `--uid` run or
+/// before a received guest's restore): narrows the calling thread to
+/// `filter` once the process filter is on every thread, and does nothing
+/// before that or after it has narrowed. Called before each piece of
+/// untrusted input is handled, so none is handled unnarrowed once the
+/// process is confined. `Ok(true)` once this thread is narrowed (or no
+/// filters are wanted).
+pub fn narrow_when_confined(filter: ThreadFilter) -> Result<bool, SecurityError> {
+    let mode = super::mode();
+    if mode == SeccompMode::None || NARROWED.get() {
+        return Ok(true);
+    }
+    if THREAD_PROGRAMS.get().is_none() {
+        return Ok(false);
+    }
+    install_thread_filter(mode, filter)?;
+    NARROWED.set(true);
+    Ok(true)
 }
 
 /// Installs the SIGSYS handler that names a trapped syscall and ends the
@@ -553,6 +730,8 @@ mod tests {
         for mode in [SeccompMode::Kill, SeccompMode::Log] {
             assert!(!program(mode, "process").unwrap().is_empty());
             assert!(!program(mode, "vcpu").unwrap().is_empty());
+            assert!(!program(mode, "api").unwrap().is_empty());
+            assert!(!program(mode, "api-conn").unwrap().is_empty());
         }
         let merged = with_clone3_refused(SeccompMode::Kill).unwrap();
         assert_eq!(merged, program(SeccompMode::Kill, "process").unwrap());
@@ -561,7 +740,13 @@ mod tests {
 
     #[test]
     fn no_list_allows_exec_or_fork() {
-        for list in [PROCESS_SYSCALLS, VCPU_SYSCALLS] {
+        for list in [
+            PROCESS_SYSCALLS,
+            VCPU_SYSCALLS,
+            THREAD_LIFE,
+            API_CONN_SYSCALLS,
+            API_ACCEPT_SYSCALLS,
+        ] {
             for nr in [
                 libc::SYS_execve,
                 libc::SYS_execveat,
@@ -572,6 +757,30 @@ mod tests {
             }
         }
         assert!(!vcpu_rules().unwrap().contains_key(&libc::SYS_clone));
+        assert!(!api_conn_rules().unwrap().contains_key(&libc::SYS_clone));
+    }
+
+    #[test]
+    fn a_connection_list_is_within_the_accept_list_it_inherits() {
+        // A connection thread is started by the narrowed accept thread and
+        // stacks its filter on top: whatever it may do, the accept list
+        // must allow too.
+        let accept = api_accept_rules().unwrap();
+        for nr in api_conn_rules().unwrap().keys() {
+            assert!(
+                accept.contains_key(nr),
+                "{}",
+                crate::security::names::name(*nr)
+            );
+        }
+        for nr in [
+            libc::SYS_unlink,
+            libc::SYS_socket,
+            libc::SYS_connect,
+            libc::SYS_bind,
+        ] {
+            assert!(!accept.contains_key(&nr));
+        }
     }
 
     #[test]
