@@ -401,9 +401,9 @@ fn storage_migration_of_a_blkwrite_guest_keeps_its_network() {
 /// while capturing ARP and RARP at the client; returns the destination,
 /// the guest's MAC, its "net up" line and what was captured from the
 /// moment the migration began.
-type Captured = (Hosts, Ferry, [u8; 6], String, Vec<Vec<u8>>);
+type Migrated = (Hosts, Ferry, [u8; 6], String, Vec<Vec<u8>>);
 
-fn migrate_idle_capturing(test: &str, extra: &str) -> Option<Captured> {
+fn migrate_idle_capturing(test: &str, extra: &str) -> Option<Migrated> {
     let h = Hosts::new(test)?;
     let src_dir = h.dir.path().join("src");
     std::fs::create_dir_all(&src_dir).unwrap();

@@ -896,8 +896,11 @@ impl EchoReport {
 /// AF_PACKET socket): ARP and RARP only, with when they came.
 pub struct Capture {
     stop: Arc<std::sync::atomic::AtomicBool>,
-    handle: Option<std::thread::JoinHandle<Vec<(Instant, Vec<u8>)>>>,
+    handle: Option<std::thread::JoinHandle<Vec<Captured>>>,
 }
+
+/// A captured frame and when it came.
+pub type Captured = (Instant, Vec<u8>);
 
 impl Capture {
     pub fn start(ns: &str) -> Capture {
@@ -949,7 +952,7 @@ impl Capture {
         }
     }
 
-    pub fn finish(mut self) -> Vec<(Instant, Vec<u8>)> {
+    pub fn finish(mut self) -> Vec<Captured> {
         self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
         self.handle.take().unwrap().join().unwrap()
     }

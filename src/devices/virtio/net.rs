@@ -1346,7 +1346,8 @@ mod tests {
         mem.write_slice(&[0x7f, 9], g(0x300)).unwrap();
         let unknown = parse(&[(0x300, 2, false), (0x200, 1, true)]).unwrap();
         assert_eq!((unknown.class, unknown.cmd), (0x7f, 9));
-        let hostile: [(&str, Vec<(u64, u32, bool)>); 8] = [
+        type Chain = Vec<(u64, u32, bool)>;
+        let hostile: [(&str, Chain); 8] = [
             ("short", vec![(0x100, 1, false), (0x200, 1, true)]),
             ("empty", vec![]),
             ("no ack", vec![(0x100, 2, false)]),
