@@ -169,10 +169,10 @@ pub fn init(cmdline: &'static [u8]) {
             putc(if n < 10 { b'0' + n } else { b'a' + n - 10 });
         }
     }
-    if s.announce {
-        puts(b" announce=guest");
-    }
     putc(b'\n');
+    if s.announce {
+        puts(b"testkernel: net announce=guest\n");
+    }
 }
 
 fn find_device(cmdline: &'static [u8]) -> Option<u64> {
