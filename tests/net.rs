@@ -397,6 +397,153 @@ fn storage_migration_of_a_blkwrite_guest_keeps_its_network() {
     );
 }
 
+/// Live-migrates an idle guest (its command line plus `extra`) from a to b
+/// while capturing ARP and RARP at the client; returns the destination,
+/// the guest's MAC, its "net up" line and what was captured from the
+/// moment the migration began.
+type Migrated = (Hosts, Ferry, [u8; 6], String, bool, Vec<Vec<u8>>);
+
+fn migrate_idle_capturing(test: &str, extra: &str) -> Option<Migrated> {
+    let h = Hosts::new(test)?;
+    let src_dir = h.dir.path().join("src");
+    std::fs::create_dir_all(&src_dir).unwrap();
+    let mut dst = h.receiver(&["--tap", "n0=tap0"]);
+    let mut cfg = net_config(&h.sw, "idle");
+    let cmdline = format!("{} {extra}", cfg["cmdline"].as_str().unwrap());
+    cfg["cmdline"] = serde_json::json!(cmdline);
+    let mut src = run_on_a(&h.sw, &src_dir, &cfg);
+    let up = src
+        .lines()
+        .into_iter()
+        .find(|l| l.starts_with("testkernel: net up"))
+        .unwrap();
+    let mac_s = up.split("mac=").nth(1).unwrap().split(' ').next().unwrap();
+    let mut mac = [0u8; 6];
+    for (b, p) in mac.iter_mut().zip(mac_s.split(':')) {
+        *b = u8::from_str_radix(p, 16).unwrap();
+    }
+    // The device's RARPs at the guest's start are over (100 ms).
+    src.wait_line(WAIT, |l| l.starts_with("testkernel: tick 1"));
+    let guest_announce = src
+        .lines()
+        .iter()
+        .any(|l| l == "testkernel: net announce=guest");
+    let capture = Capture::start(&h.sw.ns('c'));
+    h.migrate(&src);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (_, s) = src.api("GET", "/migration");
+        if s["phase"] == "completed" {
+            break;
+        }
+        assert!(s["phase"] != "failed", "{s}");
+        assert!(Instant::now() < deadline, "{s}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(src.wait_exit(WAIT).success(), "{}", src.stderr());
+    // Long enough for the device's series (100 ms) or the guest's polls.
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until
+        && !dst
+            .lines()
+            .iter()
+            .any(|l| l.starts_with("testkernel: net announce"))
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let frames = capture.finish().into_iter().map(|(_, f)| f).collect();
+    let rtts = ping(&h.sw.ns('c'), &h.sw.guest_ip(), 3, Duration::from_secs(2));
+    assert_eq!(rtts.len(), 3, "no ping after the migration");
+    assert!(dst.running(), "{}", dst.stderr());
+    dst.wait_line(WAIT, |l| l.starts_with("testkernel: tick"));
+    Some((h, dst, mac, up, guest_announce, frames))
+}
+
+/// A gratuitous ARP: a broadcast ARP request from `mac` for `ip` by `ip`.
+fn is_garp(f: &[u8], mac: &[u8; 6], ip: &[u8; 4]) -> bool {
+    f.len() >= 42
+        && f[0..6] == [0xff; 6]
+        && f[6..12] == *mac
+        && f[12..14] == [0x08, 0x06]
+        && f[20..22] == [0, 1]
+        && f[22..28] == *mac
+        && f[28..32] == *ip
+        && f[38..42] == *ip
+}
+
+fn is_rarp(f: &[u8], mac: &[u8; 6]) -> bool {
+    f.len() >= 42 && f[6..12] == *mac && f[12..14] == [0x80, 0x35] && f[22..28] == *mac
+}
+
+#[test]
+fn a_guest_with_guest_announce_announces_itself_after_a_live_migration() {
+    let test = "a_guest_with_guest_announce_announces_itself_after_a_live_migration";
+    let Some((_h, dst, mac, up, guest_announce, frames)) = migrate_idle_capturing(test, "") else {
+        return;
+    };
+    assert!(guest_announce, "the guest did not negotiate GUEST_ANNOUNCE");
+    let ip = guest_ip_from(&up);
+    let lines = dst.lines();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l == "testkernel: net announced garps=3"),
+        "{lines:?}\n{}",
+        dst.stderr()
+    );
+    assert!(
+        dst.stderr()
+            .contains("net n0: asked the guest to announce itself"),
+        "{}",
+        dst.stderr()
+    );
+    let garps = frames.iter().filter(|f| is_garp(f, &mac, &ip)).count();
+    let rarps = frames.iter().filter(|f| is_rarp(f, &mac)).count();
+    eprintln!("{test}: at the client: {garps} gratuitous ARPs from the guest, {rarps} RARPs");
+    assert!(
+        garps >= 1,
+        "no gratuitous ARP from the guest reached the client"
+    );
+    // The destination's RARP at the pause (before the guest runs), and not
+    // the device's series: the guest spoke for itself.
+    assert!((1..6).contains(&rarps), "{rarps} RARPs");
+    assert!(!lines.iter().any(|l| l.contains("FAIL")), "{lines:?}");
+}
+
+#[test]
+fn a_guest_without_guest_announce_still_gets_the_devices_rarps() {
+    let test = "a_guest_without_guest_announce_still_gets_the_devices_rarps";
+    let Some((_h, dst, mac, up, guest_announce, frames)) =
+        migrate_idle_capturing(test, "testkernel.net_announce=off")
+    else {
+        return;
+    };
+    assert!(!guest_announce, "the guest negotiated GUEST_ANNOUNCE");
+    let ip = guest_ip_from(&up);
+    let garps = frames.iter().filter(|f| is_garp(f, &mac, &ip)).count();
+    let rarps = frames.iter().filter(|f| is_rarp(f, &mac)).count();
+    eprintln!("{test}: at the client: {garps} gratuitous ARPs from the guest, {rarps} RARPs");
+    assert_eq!(garps, 0);
+    // One at the pause, then the device's five over 100 ms.
+    assert!(rarps >= 6, "{rarps} RARPs");
+    assert!(
+        !dst.stderr().contains("asked the guest"),
+        "{}",
+        dst.stderr()
+    );
+    assert!(!dst
+        .lines()
+        .iter()
+        .any(|l| l.starts_with("testkernel: net announce")));
+}
+
+fn guest_ip_from(up: &str) -> [u8; 4] {
+    let s = up.split("ip=").nth(1).unwrap().split(' ').next().unwrap();
+    let ip: std::net::Ipv4Addr = s.parse().unwrap();
+    ip.octets()
+}
+
 #[test]
 fn a_net_device_without_a_destination_tap_is_refused_and_the_guest_stays() {
     let test = "a_net_device_without_a_destination_tap_is_refused_and_the_guest_stays";

@@ -490,12 +490,13 @@ impl Builder<'_> {
         };
         let transport = match saved {
             None => MmioTransport::new(args.mem, args.device),
-            Some(st) => MmioTransport::restore(args, &st.transport).map_err(|source| {
-                VmmError::Transport {
+            Some(st) => {
+                let state = crate::devices::virtio::net::upgrade_transport_state(&st.transport);
+                MmioTransport::restore(args, &state).map_err(|source| VmmError::Transport {
                     id: cfg.id.clone(),
                     source,
-                }
-            })?,
+                })?
+            }
         };
         let transport = Arc::new(Mutex::new(transport));
         self.mmio

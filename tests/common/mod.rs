@@ -891,3 +891,78 @@ impl EchoReport {
         self.replied_at.iter().flatten().filter(|r| **r > t).count() as u64
     }
 }
+
+/// Frames seen on the client's interface in namespace `ns` (a raw
+/// AF_PACKET socket): ARP and RARP only, with when they came.
+pub struct Capture {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    handle: Option<std::thread::JoinHandle<Vec<Captured>>>,
+}
+
+/// A captured frame and when it came.
+pub type Captured = (Instant, Vec<u8>);
+
+impl Capture {
+    pub fn start(ns: &str) -> Capture {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let path = format!("/run/netns/{ns}");
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let handle = std::thread::spawn(move || {
+            enter_netns(&path);
+            let proto = (libc::ETH_P_ALL as u16).to_be() as i32;
+            // SAFETY: plain socket(2); the fd is checked and owned below.
+            let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, proto) };
+            assert!(
+                fd >= 0,
+                "packet socket: {}",
+                std::io::Error::last_os_error()
+            );
+            use std::os::fd::{AsRawFd, FromRawFd};
+            // SAFETY: fd is ours.
+            let sock = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+            ready_tx.send(()).unwrap();
+            let mut frames = Vec::new();
+            let mut buf = [0u8; 2048];
+            while !flag.load(std::sync::atomic::Ordering::SeqCst) {
+                // SAFETY: buffer valid for its length.
+                let n = unsafe {
+                    libc::recv(
+                        sock.as_raw_fd(),
+                        buf.as_mut_ptr().cast(),
+                        buf.len(),
+                        libc::MSG_DONTWAIT,
+                    )
+                };
+                if n < 14 {
+                    std::thread::sleep(Duration::from_micros(200));
+                    continue;
+                }
+                let f = &buf[..n as usize];
+                if matches!(u16::from_be_bytes([f[12], f[13]]), 0x0806 | 0x8035) {
+                    frames.push((Instant::now(), f.to_vec()));
+                }
+            }
+            frames
+        });
+        ready_rx.recv().unwrap();
+        Capture {
+            stop,
+            handle: Some(handle),
+        }
+    }
+
+    pub fn finish(mut self) -> Vec<Captured> {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.handle.take().unwrap().join().unwrap()
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}

@@ -7,6 +7,13 @@
 //!
 //! Cheap by design (~2 M guest instructions/s): an idle poll is one flag and
 //! one ring index read, a reply is a `rep movsq` copy and a few stores.
+//!
+//! With `VIRTIO_NET_F_GUEST_ANNOUNCE` (negotiated with the control queue
+//! unless `testkernel.net_announce=off`), every 512th poll reads
+//! InterruptStatus; on a config change with `VIRTIO_NET_S_ANNOUNCE` set it
+//! sends three gratuitous ARPs for its address, as Linux does after a
+//! migration, acknowledges with `VIRTIO_NET_CTRL_ANNOUNCE_ACK` and prints
+//! `testkernel: net announced`.
 
 use crate::hw::{memcpy, rd16, rd32, rd8, wr16, wr32, wr64, wr8};
 use crate::serial::{put_dec, putc, puts};
@@ -25,6 +32,8 @@ const QUEUE_NUM_MAX: u64 = 0x034;
 const QUEUE_NUM: u64 = 0x038;
 const QUEUE_READY: u64 = 0x044;
 const QUEUE_NOTIFY: u64 = 0x050;
+const INTERRUPT_STATUS: u64 = 0x060;
+const INTERRUPT_ACK: u64 = 0x064;
 const STATUS: u64 = 0x070;
 const QUEUE_DESC: u64 = 0x080;
 const QUEUE_DRIVER: u64 = 0x090;
@@ -32,7 +41,15 @@ const QUEUE_DEVICE: u64 = 0x0a0;
 const CONFIG: u64 = 0x100;
 
 const F_MAC: u32 = 1 << 5;
+const F_STATUS: u32 = 1 << 16;
+const F_CTRL_VQ: u32 = 1 << 17;
+const F_GUEST_ANNOUNCE: u32 = 1 << 21;
+const D_NEXT: u16 = 1;
 const D_WRITE: u16 = 2;
+/// Control queue entries: one command in flight.
+const CTRL_QSIZE: u64 = 4;
+/// Polls between two looks at InterruptStatus (an MMIO exit each).
+const ANNOUNCE_CHECK_MASK: u32 = 0x1ff;
 
 /// Entries per queue (a power of two); one 2 KiB buffer each.
 const QSIZE: u64 = 16;
@@ -40,12 +57,13 @@ const BUF: u64 = 2048;
 const HDR: u64 = 12;
 
 #[repr(C, align(4096))]
-struct Rings([u8; 8192]);
+struct Rings([u8; 3 * 4096]);
 #[repr(C, align(4096))]
 struct Bufs([u8; (2 * QSIZE * BUF) as usize]);
 
-/// rx ring at 0, tx ring at 4096: descriptors at +0, avail +0x100, used +0x200.
-static mut RINGS: Rings = Rings([0; 8192]);
+/// rx ring at 0, tx ring at 4096, control ring at 8192: descriptors at +0,
+/// avail +0x100, used +0x200; the control command at +0x800, its ack +0x810.
+static mut RINGS: Rings = Rings([0; 3 * 4096]);
 /// rx buffers, then tx buffers.
 static mut BUFS: Bufs = Bufs([0; (2 * QSIZE * BUF) as usize]);
 
@@ -59,6 +77,10 @@ struct State {
     rx_avail: u16,
     /// Our tx avail index; how many the device has used.
     tx_avail: u16,
+    /// GUEST_ANNOUNCE negotiated; polls counted between checks.
+    announce: bool,
+    polls: u32,
+    ctrl_avail: u16,
 }
 
 static mut STATE: State = State {
@@ -69,6 +91,9 @@ static mut STATE: State = State {
     rx_used: 0,
     rx_avail: 0,
     tx_avail: 0,
+    announce: false,
+    polls: 0,
+    ctrl_avail: 0,
 };
 
 fn st() -> &'static mut State {
@@ -112,13 +137,14 @@ pub fn init(cmdline: &'static [u8]) {
         }
     }
     let Some(v) = want else { return };
+    let announce = !Tokens(cmdline).any(|t| t == b"testkernel.net_announce=off");
     let Some(ip) = parse_ip(v) else {
         return puts(b"testkernel: net FAIL address\n");
     };
     let Some(base) = find_device(cmdline) else {
         return puts(b"testkernel: net FAIL no device\n");
     };
-    if let Err(why) = setup(base) {
+    if let Err(why) = setup(base, announce) {
         wr32(base + STATUS, 128);
         puts(b"testkernel: net FAIL setup ");
         puts(why);
@@ -144,6 +170,9 @@ pub fn init(cmdline: &'static [u8]) {
         }
     }
     putc(b'\n');
+    if s.announce {
+        puts(b"testkernel: net announce=guest\n");
+    }
 }
 
 fn find_device(cmdline: &'static [u8]) -> Option<u64> {
@@ -167,7 +196,7 @@ fn find_device(cmdline: &'static [u8]) -> Option<u64> {
     None
 }
 
-fn setup(b: u64) -> Result<(), &'static [u8]> {
+fn setup(b: u64, announce: bool) -> Result<(), &'static [u8]> {
     if rd32(b + VERSION) != 2 {
         return Err(b"version");
     }
@@ -179,9 +208,15 @@ fn setup(b: u64) -> Result<(), &'static [u8]> {
         return Err(b"features");
     }
     wr32(b + DEVICE_FEATURES_SEL, 0);
-    let low = rd32(b + DEVICE_FEATURES) & F_MAC;
-    if low == 0 {
+    let offered = rd32(b + DEVICE_FEATURES);
+    if offered & F_MAC == 0 {
         return Err(b"no mac");
+    }
+    let both = F_CTRL_VQ | F_GUEST_ANNOUNCE;
+    let guest_announce = announce && offered & both == both;
+    let mut low = F_MAC;
+    if guest_announce {
+        low |= both | (offered & F_STATUS);
     }
     wr32(b + DRIVER_FEATURES_SEL, 1);
     wr32(b + DRIVER_FEATURES, 1);
@@ -213,12 +248,43 @@ fn setup(b: u64) -> Result<(), &'static [u8]> {
         }
         wr16(r + 0x100, 1); // NO_INTERRUPT: we poll
         wr16(r + 0x102, if q == 0 { QSIZE as u16 } else { 0 });
-        for (reg, addr) in [(QUEUE_DESC, r), (QUEUE_DRIVER, r + 0x100), (QUEUE_DEVICE, r + 0x200)] {
+        for (reg, addr) in [
+            (QUEUE_DESC, r),
+            (QUEUE_DRIVER, r + 0x100),
+            (QUEUE_DEVICE, r + 0x200),
+        ] {
             wr32(b + reg, addr as u32);
             wr32(b + reg + 4, (addr >> 32) as u32);
         }
         wr32(b + QUEUE_READY, 1);
     }
+    if guest_announce {
+        // The control queue: descriptor 0 the class and command (device
+        // reads), chained to descriptor 1, the ack byte (device writes).
+        wr32(b + QUEUE_SEL, 2);
+        if rd32(b + QUEUE_READY) != 0 || (rd32(b + QUEUE_NUM_MAX) as u64) < CTRL_QSIZE {
+            return Err(b"ctrl queue");
+        }
+        wr32(b + QUEUE_NUM, CTRL_QSIZE as u32);
+        let r = ring(2);
+        wr64(r, r + 0x800);
+        wr32(r + 8, 2);
+        wr32(r + 12, D_NEXT as u32 | 1 << 16);
+        wr64(r + 16, r + 0x810);
+        wr32(r + 24, 1);
+        wr32(r + 28, D_WRITE as u32);
+        wr16(r + 0x100, 1); // NO_INTERRUPT: we poll
+        for (reg, addr) in [
+            (QUEUE_DESC, r),
+            (QUEUE_DRIVER, r + 0x100),
+            (QUEUE_DEVICE, r + 0x200),
+        ] {
+            wr32(b + reg, addr as u32);
+            wr32(b + reg + 4, (addr >> 32) as u32);
+        }
+        wr32(b + QUEUE_READY, 1);
+    }
+    s.announce = guest_announce;
     s.base = b;
     s.rx_avail = QSIZE as u16;
     wr32(b + STATUS, 1 | 2 | 8 | 4);
@@ -234,6 +300,110 @@ pub fn poll() {
     if s.on && rd16(ring(0) + 0x202) != s.rx_used {
         serve(s);
     }
+    if s.announce {
+        s.polls = s.polls.wrapping_add(1);
+        if s.polls & ANNOUNCE_CHECK_MASK == 0 {
+            check_announce(s);
+        }
+    }
+}
+
+/// On a config change asking for it (VIRTIO_NET_S_ANNOUNCE): gratuitous
+/// ARPs, then VIRTIO_NET_CTRL_ANNOUNCE_ACK.
+#[inline(never)]
+fn check_announce(s: &mut State) {
+    let b = s.base;
+    let isr = rd32(b + INTERRUPT_STATUS);
+    if isr & 2 == 0 {
+        return;
+    }
+    wr32(b + INTERRUPT_ACK, 2);
+    if rd16(b + CONFIG + 6) & 2 == 0 {
+        return;
+    }
+    let mut sent = 0;
+    for _ in 0..3 {
+        sent += garp(s) as u32;
+    }
+    wr16(ring(1) + 0x102, s.tx_avail);
+    wr32(b + QUEUE_NOTIFY, 1);
+    // ANNOUNCE (3), ACK (0); the device overwrites the ack byte.
+    let r = ring(2);
+    wr8(r + 0x800, 3);
+    wr8(r + 0x801, 0);
+    wr8(r + 0x810, 0xff);
+    wr16(r + 0x104 + 2 * (s.ctrl_avail as u64 % CTRL_QSIZE), 0);
+    s.ctrl_avail = s.ctrl_avail.wrapping_add(1);
+    wr16(r + 0x102, s.ctrl_avail);
+    wr32(b + QUEUE_NOTIFY, 2);
+    let mut spins = 0u32;
+    while rd16(r + 0x202) != s.ctrl_avail {
+        spins += 1;
+        if spins > 1 << 20 {
+            return puts(b"testkernel: net announce FAIL no ack\n");
+        }
+        core::hint::spin_loop();
+    }
+    if rd8(r + 0x810) != 0 || sent == 0 {
+        return puts(b"testkernel: net announce FAIL ack\n");
+    }
+    puts(b"testkernel: net announced garps=");
+    put_dec(sent as u64);
+    putc(b'\n');
+}
+
+/// A free tx buffer's slot; when all are in flight, hands them over and
+/// waits (bounded) for the device to send one.
+fn tx_slot(s: &mut State) -> Option<u64> {
+    let tx = ring(1);
+    if s.tx_avail.wrapping_sub(rd16(tx + 0x202)) as u64 >= QSIZE {
+        wr16(tx + 0x102, s.tx_avail);
+        wr32(s.base + QUEUE_NOTIFY, 1);
+        let mut spins = 0u32;
+        while s.tx_avail.wrapping_sub(rd16(tx + 0x202)) as u64 >= QSIZE {
+            spins += 1;
+            if spins > 1 << 20 {
+                return None;
+            }
+            core::hint::spin_loop();
+        }
+    }
+    Some(s.tx_avail as u64 % QSIZE)
+}
+
+/// Queues a gratuitous ARP (a broadcast request for our own address from
+/// it), not yet handed to the device.
+fn garp(s: &mut State) -> bool {
+    let Some(slot) = tx_slot(s) else {
+        return false;
+    };
+    let t = buf(1, slot);
+    for i in 0..(HDR + 60) / 4 {
+        wr32(t + 4 * i, 0);
+    }
+    let e = t + HDR;
+    let ip = u32::from_ne_bytes(s.ip);
+    for i in 0..6 {
+        wr8(e + i, 0xff);
+    }
+    // SAFETY: 6-byte fields inside our own 2 KiB buffer.
+    unsafe {
+        memcpy((e + 6) as *mut u8, s.mac.as_ptr(), 6);
+        memcpy((e + 22) as *mut u8, s.mac.as_ptr(), 6);
+    }
+    wr16(e + 12, 0x0806u16.to_be());
+    wr16(e + 14, 1u16.to_be());
+    wr16(e + 16, 0x0800u16.to_be());
+    wr8(e + 18, 6);
+    wr8(e + 19, 4);
+    wr16(e + 20, 1u16.to_be());
+    wr32(e + 28, ip);
+    wr32(e + 38, ip);
+    let tx = ring(1);
+    wr32(tx + 16 * slot + 8, (HDR + 60) as u32);
+    wr16(tx + 0x104 + 2 * slot, slot as u16);
+    s.tx_avail = s.tx_avail.wrapping_add(1);
+    true
 }
 
 #[inline(never)]
@@ -295,22 +465,10 @@ fn answer(s: &mut State, f: u64, len: u64) -> bool {
         }
         _ => return false,
     };
-    // A free tx buffer. When all are in flight, hand them over now and
-    // wait (bounded) for the device to send one.
     let tx = ring(1);
-    if s.tx_avail.wrapping_sub(rd16(tx + 0x202)) as u64 >= QSIZE {
-        wr16(tx + 0x102, s.tx_avail);
-        wr32(s.base + QUEUE_NOTIFY, 1);
-        let mut spins = 0u32;
-        while s.tx_avail.wrapping_sub(rd16(tx + 0x202)) as u64 >= QSIZE {
-            spins += 1;
-            if spins > 1 << 20 {
-                return false;
-            }
-            core::hint::spin_loop();
-        }
-    }
-    let slot = s.tx_avail as u64 % QSIZE;
+    let Some(slot) = tx_slot(s) else {
+        return false;
+    };
     let t = buf(1, slot);
     // SAFETY: both are our own 2 KiB buffers and len <= 2 KiB.
     unsafe { memcpy(t as *mut u8, f as *const u8, len as usize) };

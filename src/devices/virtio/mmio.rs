@@ -289,10 +289,13 @@ impl MmioTransport {
         true
     }
 
+    /// Every queue the driver made ready fits in guest memory. A driver
+    /// may leave queues it does not use unconfigured (virtio-net's control
+    /// queue without CTRL_VQ); the device says which ones it needs.
     fn queues_valid(&self) -> bool {
         self.queues
             .iter()
-            .all(|q| q.max_size() == 0 || q.is_valid(&self.mem))
+            .all(|q| q.max_size() == 0 || !q.ready() || q.is_valid(&self.mem))
     }
 
     fn activate(&mut self) -> Result<(), ActivateError> {
@@ -420,7 +423,9 @@ impl MmioTransport {
             | reg::VIRTIO_MMIO_SHM_LEN_HIGH
             | reg::VIRTIO_MMIO_SHM_BASE_LOW
             | reg::VIRTIO_MMIO_SHM_BASE_HIGH => u32::MAX,
-            reg::VIRTIO_MMIO_CONFIG_GENERATION => self.config_generation,
+            reg::VIRTIO_MMIO_CONFIG_GENERATION => self
+                .config_generation
+                .wrapping_add(lock(&self.device).config_epoch()),
             _ => return None,
         };
         Some(v)

@@ -88,6 +88,12 @@ pub trait VirtioDevice: Send {
     fn read_config(&self, offset: u64, data: &mut [u8]);
     /// Writes the device-specific configuration space.
     fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// Config changes the device made on its own (a status bit it set),
+    /// which the transport adds to ConfigGeneration so that a driver
+    /// reading the config space sees that it changed.
+    fn config_epoch(&self) -> u32 {
+        0
+    }
     /// Starts the device with the driver's queues.
     fn activate(
         &mut self,

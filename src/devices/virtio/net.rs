@@ -31,13 +31,13 @@ use std::time::Duration;
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::Bytes;
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::timerfd::TimerFd;
 
 use super::{
     ActivateError, GuestErrorLog, GuestMemoryMmap, IrqTrigger, VirtioDevice, VIRTIO_F_VERSION_1,
-    VIRTIO_INT_VRING,
+    VIRTIO_INT_CONFIG, VIRTIO_INT_VRING,
 };
 use crate::devices::persist::Persist;
 
@@ -46,11 +46,29 @@ pub const TYPE_NET: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 const F_MAC: u32 = virtio_bindings::virtio_net::VIRTIO_NET_F_MAC;
 const F_STATUS: u32 = virtio_bindings::virtio_net::VIRTIO_NET_F_STATUS;
 const S_LINK_UP: u16 = virtio_bindings::virtio_net::VIRTIO_NET_S_LINK_UP as u16;
+const F_CTRL_VQ: u32 = virtio_bindings::virtio_net::VIRTIO_NET_F_CTRL_VQ;
+const F_GUEST_ANNOUNCE: u32 = virtio_bindings::virtio_net::VIRTIO_NET_F_GUEST_ANNOUNCE;
+/// Config status bit: the device asks the driver to announce itself.
+const S_ANNOUNCE: u16 = virtio_bindings::virtio_net::VIRTIO_NET_S_ANNOUNCE as u16;
+/// Control queue command classes and answers (virtio 1.2, 5.1.6.5).
+pub const CTRL_ANNOUNCE: u8 = virtio_bindings::virtio_net::VIRTIO_NET_CTRL_ANNOUNCE as u8;
+pub const CTRL_ANNOUNCE_ACK: u8 = virtio_bindings::virtio_net::VIRTIO_NET_CTRL_ANNOUNCE_ACK as u8;
+pub const CTRL_OK: u8 = virtio_bindings::virtio_net::VIRTIO_NET_OK as u8;
+pub const CTRL_ERR: u8 = virtio_bindings::virtio_net::VIRTIO_NET_ERR as u8;
 
-/// Entries per queue.
+/// Entries per rx and tx queue.
 pub const QUEUE_SIZE: u16 = 256;
+/// Entries of the control queue: a driver has a command or two in flight.
+pub const CTRL_QUEUE_SIZE: u16 = 64;
 const RX: usize = 0;
 const TX: usize = 1;
+const CTRL: usize = 2;
+/// The device-readable part of a control command at most (its class and
+/// command header and the data after it). Only ANNOUNCE_ACK, which has no
+/// data, is served; longer commands are hostile, not merely unknown.
+pub const MAX_CTRL_COMMAND: usize = 4096;
+/// Control commands served per event before the loop serves others.
+const CTRL_BURST: usize = 64;
 /// `virtio_net_hdr_v1`: what VERSION_1 puts in front of every frame.
 pub const VNET_HDR_LEN: usize = 12;
 /// The largest frame with its header: a 64 KiB packet, its Ethernet and
@@ -84,6 +102,7 @@ const EV_RX_QUEUE: u32 = 0;
 const EV_TX_QUEUE: u32 = 1;
 const EV_TAP: u32 = 2;
 const EV_ANNOUNCE: u32 = 3;
+const EV_CTRL_QUEUE: u32 = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
@@ -105,6 +124,12 @@ pub enum NetError {
     },
     #[error("saved acked features {acked:#x} are not offered by this device ({avail:#x})")]
     Features { acked: u64, avail: u64 },
+    #[error("saved state of net device {id:?} {why} (acked features {acked:#x})")]
+    StateAnnounce {
+        id: String,
+        acked: u64,
+        why: &'static str,
+    },
     #[error("saved state gives net device {id:?} the address {mac}, not a unicast one")]
     StateMac { id: String, mac: String },
     #[error("saved state of net device {id:?} carries {frames} frames of {bytes} bytes ({why})")]
@@ -294,6 +319,11 @@ pub struct NetState {
     /// where the guest runs next.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pending: Vec<Vec<u8>>,
+    /// VIRTIO_NET_S_ANNOUNCE: the guest was asked to announce itself and
+    /// has not acknowledged yet. Absent from states written before the
+    /// control queue existed (false).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub announce: bool,
 }
 
 /// The device a net device is rebuilt as: from this host's config.
@@ -311,18 +341,34 @@ pub struct NetCounters {
     /// Frames dropped: too large for the guest's buffer, malformed from the
     /// guest, the tap full, or waiting when the device paused.
     pub dropped: u64,
+    /// RARP frames the device sent for the guest.
     pub announcements: u64,
+    /// Times the guest was asked to announce itself (VIRTIO_NET_S_ANNOUNCE
+    /// and a config interrupt), for a guest that negotiated GUEST_ANNOUNCE.
+    pub guest_announce_requests: u64,
+    /// Control commands answered VIRTIO_NET_OK, answered VIRTIO_NET_ERR
+    /// (well formed, unknown or not applicable), and dropped as malformed
+    /// (completed unanswered).
+    pub ctrl_ok: u64,
+    pub ctrl_err: u64,
+    pub ctrl_dropped: u64,
 }
 
-/// A virtio-net device with one rx and one tx queue.
+/// A virtio-net device with one rx, one tx and a control queue.
 pub struct Net {
     id: String,
     mac: [u8; 6],
     tap: Tap,
     avail_features: u64,
     acked_features: u64,
-    queue_max_sizes: [u16; 2],
-    queue_evts: [EventFd; 2],
+    queue_max_sizes: [u16; 3],
+    queue_evts: [EventFd; 3],
+    /// VIRTIO_NET_S_ANNOUNCE in the config status: set when the guest is
+    /// asked to announce itself, cleared by its ANNOUNCE_ACK.
+    announce_status: bool,
+    /// Config changes the device made itself, added to the transport's
+    /// ConfigGeneration so that a driver sees the status change.
+    config_epoch: u32,
     irq: Arc<IrqTrigger>,
     mem: Option<GuestMemoryMmap>,
     queues: Vec<Queue>,
@@ -361,6 +407,7 @@ impl Net {
         let queue_evts = [
             EventFd::new(EFD_NONBLOCK).map_err(evt_err)?,
             EventFd::new(EFD_NONBLOCK).map_err(evt_err)?,
+            EventFd::new(EFD_NONBLOCK).map_err(evt_err)?,
         ];
         let irq = Arc::new(IrqTrigger::new().map_err(evt_err)?);
         let announce_timer = TimerFd::new().map_err(|e| evt_err(e.into()))?;
@@ -368,10 +415,16 @@ impl Net {
             id,
             mac,
             tap,
-            avail_features: (1u64 << VIRTIO_F_VERSION_1) | (1u64 << F_MAC) | (1u64 << F_STATUS),
+            avail_features: (1u64 << VIRTIO_F_VERSION_1)
+                | (1u64 << F_MAC)
+                | (1u64 << F_STATUS)
+                | (1u64 << F_CTRL_VQ)
+                | (1u64 << F_GUEST_ANNOUNCE),
             acked_features: 0,
-            queue_max_sizes: [QUEUE_SIZE; 2],
+            queue_max_sizes: [QUEUE_SIZE, QUEUE_SIZE, CTRL_QUEUE_SIZE],
             queue_evts,
+            announce_status: false,
+            config_epoch: 0,
             irq,
             mem: None,
             queues: Vec::new(),
@@ -471,10 +524,52 @@ impl Net {
         let _ = self.queue_evts[RX].write(1);
     }
 
-    /// Announces the guest's address on the tap now and a few times over
-    /// the next 100 ms, so that switches learn where it is (after a
-    /// migration or a restore).
+    /// Makes the guest's address known on the network again (after a
+    /// migration or a restore): a guest that negotiated GUEST_ANNOUNCE is
+    /// asked to announce itself (VIRTIO_NET_S_ANNOUNCE and a config
+    /// interrupt; Linux then sends gratuitous ARPs for every address it
+    /// has, which a RARP from the device cannot know); for any other guest
+    /// the device sends RARPs for its MAC now and a few times over the next
+    /// 100 ms ([`Net::announce_by_device`]).
     pub fn announce(&mut self) {
+        if self.guest_announces() {
+            self.ask_guest_to_announce();
+        } else {
+            self.announce_by_device();
+        }
+    }
+
+    /// Whether the running driver negotiated GUEST_ANNOUNCE (which needs
+    /// the control queue for its acknowledgement).
+    pub fn guest_announces(&self) -> bool {
+        let want = (1u64 << F_GUEST_ANNOUNCE) | (1u64 << F_CTRL_VQ);
+        self.mem.is_some() && self.acked_features & want == want
+    }
+
+    /// Whether VIRTIO_NET_S_ANNOUNCE is set (asked, not yet acknowledged).
+    pub fn announce_pending(&self) -> bool {
+        self.announce_status
+    }
+
+    fn ask_guest_to_announce(&mut self) {
+        // Any RARP series still running is for a guest that has since
+        // negotiated the feature: the guest speaks for itself now.
+        self.announce_next = ANNOUNCE_AT_MS.len();
+        self.announce_status = true;
+        self.config_epoch = self.config_epoch.wrapping_add(1);
+        self.counters.guest_announce_requests += 1;
+        match self.irq.trigger(VIRTIO_INT_CONFIG) {
+            Ok(()) => eprintln!(
+                "ferry: net {}: asked the guest to announce itself (VIRTIO_NET_S_ANNOUNCE)",
+                self.id
+            ),
+            Err(e) => eprintln!("ferry: net {}: config interrupt: {e}", self.id),
+        }
+    }
+
+    /// RARPs for the guest's MAC from the device: now and a few times over
+    /// the next 100 ms.
+    pub fn announce_by_device(&mut self) {
         self.announce_next = 0;
         self.send_due_announcements();
     }
@@ -690,6 +785,85 @@ impl Net {
         Ok(true)
     }
 
+    /// Serves the control queue: every well-formed command gets its ack
+    /// byte (VIRTIO_NET_OK for ANNOUNCE_ACK, which clears
+    /// VIRTIO_NET_S_ANNOUNCE; VIRTIO_NET_ERR for anything else), a
+    /// malformed chain is completed unanswered and counted. Returns how
+    /// many chains were completed.
+    pub fn process_ctrl(&mut self) -> Result<usize, NetError> {
+        if self.paused || self.acked_features & (1u64 << F_CTRL_VQ) == 0 {
+            return Ok(0);
+        }
+        let guest_announce = self.acked_features & (1u64 << F_GUEST_ANNOUNCE) != 0;
+        let (Some(mem), Some(queue)) = (self.mem.as_ref(), self.queues.get_mut(CTRL)) else {
+            return Ok(0);
+        };
+        if !queue.ready() {
+            return Ok(0);
+        }
+        let mut done = 0;
+        while done < CTRL_BURST {
+            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                break;
+            };
+            let head = chain.head_index();
+            let descs = chain.map(|d| (GuestAddress(d.addr().0), d.len(), d.is_write_only()));
+            let used = match parse_ctrl(mem, descs) {
+                Ok(cmd) => {
+                    let ack = match (cmd.class, cmd.cmd, cmd.data_len) {
+                        (CTRL_ANNOUNCE, CTRL_ANNOUNCE_ACK, 0) if guest_announce => {
+                            self.announce_status = false;
+                            CTRL_OK
+                        }
+                        (class, c, len) => {
+                            self.log.log(format_args!(
+                                "{}: control command class {class} command {c} ({len} data \
+                                 bytes) not supported: answered VIRTIO_NET_ERR",
+                                self.id
+                            ));
+                            CTRL_ERR
+                        }
+                    };
+                    match mem.write_obj(ack, cmd.ack) {
+                        Ok(()) => {
+                            if ack == CTRL_OK {
+                                self.counters.ctrl_ok += 1;
+                            } else {
+                                self.counters.ctrl_err += 1;
+                            }
+                            1
+                        }
+                        Err(e) => {
+                            self.counters.ctrl_dropped += 1;
+                            self.log
+                                .log(format_args!("{}: control ack {head}: {e}", self.id));
+                            0
+                        }
+                    }
+                }
+                Err(why) => {
+                    self.counters.ctrl_dropped += 1;
+                    self.log.log(format_args!(
+                        "{}: control chain {head} dropped: {why}",
+                        self.id
+                    ));
+                    0
+                }
+            };
+            queue
+                .add_used(mem, head, used)
+                .map_err(NetError::UsedRing)?;
+            done += 1;
+        }
+        if done == CTRL_BURST {
+            let _ = self.queue_evts[CTRL].write(1);
+        }
+        if done > 0 {
+            self.raise(CTRL)?;
+        }
+        Ok(done)
+    }
+
     /// Watches or unwatches the tap as the rx side needs.
     fn watch_tap(&mut self, ops: &mut EventOps, want: bool) {
         if want == self.tap_watched {
@@ -702,6 +876,70 @@ impl Net {
             Err(e) => eprintln!("ferry: net {}: cannot (un)watch the tap: {e:?}", self.id),
         }
     }
+}
+
+/// A control command as the driver laid it out: its class and command,
+/// how many data bytes followed them, and where its ack byte goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CtrlCommand {
+    pub class: u8,
+    pub cmd: u8,
+    pub data_len: usize,
+    pub ack: GuestAddress,
+}
+
+/// Parses one control chain, given as (address, length, device-writable)
+/// descriptors in order: device-readable parts first (the 2-byte class and
+/// command header, then the data, at most MAX_CTRL_COMMAND bytes in all),
+/// then device-writable ones, the first writable byte being the ack. Reads
+/// only the two header bytes; nothing is allocated. The chain's length is
+/// bounded by the queue (virtio-queue stops a chain at the queue size).
+pub fn parse_ctrl<M: Bytes<GuestAddress>>(
+    mem: &M,
+    descs: impl Iterator<Item = (GuestAddress, u32, bool)>,
+) -> Result<CtrlCommand, &'static str> {
+    let mut hdr = [0u8; 2];
+    let mut readable = 0usize;
+    let mut ack = None;
+    let mut seen_writable = false;
+    for (i, (addr, len, writable)) in descs.enumerate() {
+        let len = len as usize;
+        if writable {
+            if i == 0 {
+                return Err("a device-writable class and command header");
+            }
+            seen_writable = true;
+            if ack.is_none() && len > 0 {
+                ack = Some(addr);
+            }
+            continue;
+        }
+        if seen_writable {
+            return Err("a device-readable descriptor after the device-writable ack");
+        }
+        if readable + len > MAX_CTRL_COMMAND {
+            return Err("a command longer than 4 KiB");
+        }
+        // The header may be split across descriptors.
+        let want = hdr.len().saturating_sub(readable).min(len);
+        if want > 0 {
+            mem.read_slice(&mut hdr[readable..readable + want], addr)
+                .map_err(|_| "a header outside guest memory")?;
+        }
+        readable += len;
+    }
+    if readable < 2 {
+        return Err("a command shorter than its class and command header");
+    }
+    let Some(ack) = ack else {
+        return Err("no device-writable byte for the ack");
+    };
+    Ok(CtrlCommand {
+        class: hdr[0],
+        cmd: hdr[1],
+        data_len: readable - 2,
+        ack,
+    })
 }
 
 /// A RARP request for `mac` from `mac`, to everyone, behind an empty
@@ -734,6 +972,7 @@ impl Persist for Net {
             mac: self.mac,
             acked_features: self.acked_features,
             pending: self.pending.iter().cloned().collect(),
+            announce: self.announce_status,
         }
     }
 
@@ -787,6 +1026,27 @@ fn check_state(id: &str, state: &NetState) -> Result<(), NetError> {
     }
 }
 
+/// A transport state saved before the control queue existed has two
+/// queues; the device has three now. Such a driver cannot have negotiated
+/// CTRL_VQ, so the third is one it never configured. Any other mismatch is
+/// left for the transport's restore to refuse.
+pub fn upgrade_transport_state(
+    state: &super::MmioTransportState,
+) -> std::borrow::Cow<'_, super::MmioTransportState> {
+    let old_layout = state.device_type == TYPE_NET
+        && state.queues.len() == CTRL
+        && state.acked_features & (1u64 << F_CTRL_VQ) == 0;
+    if !old_layout {
+        return std::borrow::Cow::Borrowed(state);
+    }
+    let mut state = state.clone();
+    let unconfigured = Queue::new(CTRL_QUEUE_SIZE).map(|q| q.state().into());
+    if let Ok(q) = unconfigured {
+        state.queues.push(q);
+    }
+    std::borrow::Cow::Owned(state)
+}
+
 impl Net {
     /// [`Persist::restore`] on a tap this host opened already (a migration's
     /// destination opens it at the handshake, to announce the guest there
@@ -801,7 +1061,25 @@ impl Net {
                 avail: net.avail_features,
             });
         }
+        let guest_announce = 1u64 << F_GUEST_ANNOUNCE;
+        if state.acked_features & guest_announce != 0
+            && state.acked_features & (1u64 << F_CTRL_VQ) == 0
+        {
+            return Err(NetError::StateAnnounce {
+                id: net.id.clone(),
+                acked: state.acked_features,
+                why: "has GUEST_ANNOUNCE without the control queue it needs",
+            });
+        }
+        if state.announce && state.acked_features & guest_announce == 0 {
+            return Err(NetError::StateAnnounce {
+                id: net.id.clone(),
+                acked: state.acked_features,
+                why: "asks a guest that did not negotiate GUEST_ANNOUNCE to announce itself",
+            });
+        }
         net.acked_features = state.acked_features;
+        net.announce_status = state.announce;
         net.restored = true;
         Ok(net)
     }
@@ -825,15 +1103,32 @@ impl VirtioDevice for Net {
     }
 
     fn set_acked_features(&mut self, features: u64) {
-        self.acked_features = features & self.avail_features;
+        let mut features = features & self.avail_features;
+        if features & (1u64 << F_GUEST_ANNOUNCE) != 0 && features & (1u64 << F_CTRL_VQ) == 0 {
+            // Its acknowledgement is a control command (virtio 1.2, 5.1.3.1).
+            self.log.log(format_args!(
+                "{}: driver accepted GUEST_ANNOUNCE without CTRL_VQ; GUEST_ANNOUNCE dropped",
+                self.id
+            ));
+            features &= !(1u64 << F_GUEST_ANNOUNCE);
+        }
+        self.acked_features = features;
     }
 
-    /// `virtio_net_config`: mac, status (link up).
+    /// `virtio_net_config`: mac, status (link up; announce when asked).
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         let mut config = [0u8; 8];
         config[..6].copy_from_slice(&self.mac);
-        config[6..8].copy_from_slice(&S_LINK_UP.to_le_bytes());
+        let mut status = S_LINK_UP;
+        if self.announce_status {
+            status |= S_ANNOUNCE;
+        }
+        config[6..8].copy_from_slice(&status.to_le_bytes());
         super::read_config_space(&config, offset, data);
+    }
+
+    fn config_epoch(&self) -> u32 {
+        self.config_epoch
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
@@ -855,7 +1150,14 @@ impl VirtioDevice for Net {
                 got: queues.len(),
             });
         }
-        if let Some(i) = queues.iter().position(|q| !q.is_valid(&mem)) {
+        // The control queue is the driver's to use only with CTRL_VQ; a
+        // driver without it leaves the queue unconfigured.
+        let ctrl = self.acked_features & (1u64 << F_CTRL_VQ) != 0;
+        if let Some(i) = queues
+            .iter()
+            .enumerate()
+            .position(|(i, q)| (i != CTRL || ctrl) && !q.is_valid(&mem))
+        {
             return Err(ActivateError::InvalidQueue(i));
         }
         self.mem = Some(mem);
@@ -869,7 +1171,7 @@ impl VirtioDevice for Net {
         // this address is now (a switch may remember it on another port,
         // from an earlier life of the guest elsewhere).
         if !std::mem::take(&mut self.restored) {
-            self.announce();
+            self.announce_by_device();
         }
         Ok(())
     }
@@ -887,6 +1189,7 @@ impl VirtioDevice for Net {
         self.mem = None;
         self.queues.clear();
         self.acked_features = 0;
+        self.announce_status = false;
         self.rx_len = 0;
         // Held frames stay: a transport's restore resets its device before
         // activating it, and they are for whichever driver runs next.
@@ -903,8 +1206,9 @@ impl VirtioDevice for Net {
 
 impl MutEventSubscriber for Net {
     fn init(&mut self, ops: &mut EventOps) {
-        for (i, evt) in self.queue_evts.iter().enumerate() {
-            if let Err(e) = ops.add(Events::with_data(evt, i as u32, EventSet::IN)) {
+        let data = [EV_RX_QUEUE, EV_TX_QUEUE, EV_CTRL_QUEUE];
+        for (i, (evt, data)) in self.queue_evts.iter().zip(data).enumerate() {
+            if let Err(e) = ops.add(Events::with_data(evt, data, EventSet::IN)) {
                 eprintln!(
                     "ferry: virtio-net: {}: cannot watch queue {i}: {e:?}",
                     self.id
@@ -929,6 +1233,13 @@ impl MutEventSubscriber for Net {
                         self.log.log(format_args!("{}: {e}", self.id));
                     }
                 }
+            }
+            EV_CTRL_QUEUE => {
+                let _ = self.queue_evts[CTRL].read();
+                if let Err(e) = self.process_ctrl() {
+                    self.log.log(format_args!("{}: {e}", self.id));
+                }
+                return;
             }
             EV_ANNOUNCE => {
                 let _ = self.announce_timer.wait();
@@ -999,6 +1310,101 @@ mod tests {
         }
     }
 
+    fn ctrl_mem() -> GuestMemoryMmap {
+        let mem = GuestMemoryMmap::from_ranges(&[(vm_memory::GuestAddress(0), 0x10_000)]).unwrap();
+        mem.write_slice(&[CTRL_ANNOUNCE, CTRL_ANNOUNCE_ACK], GuestAddress(0x100))
+            .unwrap();
+        mem
+    }
+
+    fn g(a: u64) -> GuestAddress {
+        GuestAddress(a)
+    }
+
+    #[test]
+    fn control_commands_are_parsed_within_bounds() {
+        let mem = ctrl_mem();
+        let parse =
+            |d: &[(u64, u32, bool)]| parse_ctrl(&mem, d.iter().map(|&(a, l, w)| (g(a), l, w)));
+        // The well-formed ack, and one split across descriptors.
+        let ok = parse(&[(0x100, 2, false), (0x200, 1, true)]).unwrap();
+        assert_eq!(
+            ok,
+            CtrlCommand {
+                class: CTRL_ANNOUNCE,
+                cmd: CTRL_ANNOUNCE_ACK,
+                data_len: 0,
+                ack: g(0x200)
+            }
+        );
+        let split = parse(&[(0x100, 1, false), (0x101, 1, false), (0x200, 4, true)]).unwrap();
+        assert_eq!(split, ok);
+        // Data after the header is counted, not read.
+        let data = parse(&[(0x100, 2, false), (0x8000, 100, false), (0x200, 1, true)]).unwrap();
+        assert_eq!(data.data_len, 100);
+        // An unknown class parses (and is answered ERR by the device).
+        mem.write_slice(&[0x7f, 9], g(0x300)).unwrap();
+        let unknown = parse(&[(0x300, 2, false), (0x200, 1, true)]).unwrap();
+        assert_eq!((unknown.class, unknown.cmd), (0x7f, 9));
+        type Chain = Vec<(u64, u32, bool)>;
+        let hostile: [(&str, Chain); 8] = [
+            ("short", vec![(0x100, 1, false), (0x200, 1, true)]),
+            ("empty", vec![]),
+            ("no ack", vec![(0x100, 2, false)]),
+            ("zero-length ack", vec![(0x100, 2, false), (0x200, 0, true)]),
+            ("writable header", vec![(0x100, 2, true), (0x200, 1, true)]),
+            (
+                "readable after the ack",
+                vec![(0x100, 2, false), (0x200, 1, true), (0x300, 2, false)],
+            ),
+            (
+                "oversized",
+                vec![(0x100, 2, false), (0x1000, 4095, false), (0x200, 1, true)],
+            ),
+            (
+                "header outside memory",
+                vec![(0xffff, 2, false), (0x200, 1, true)],
+            ),
+        ];
+        for (what, d) in hostile {
+            assert!(parse(&d).is_err(), "{what} accepted");
+        }
+        // A length near u32::MAX is refused by size, not added up past it.
+        assert!(parse(&[(0x100, u32::MAX, false), (0x200, 1, true)]).is_err());
+    }
+
+    #[test]
+    fn old_transport_states_get_an_unconfigured_control_queue() {
+        let q = crate::devices::virtio::QueueSnapshot {
+            max_size: QUEUE_SIZE,
+            size: QUEUE_SIZE,
+            ..Default::default()
+        };
+        let old = crate::devices::virtio::MmioTransportState {
+            device_type: TYPE_NET,
+            device_status: 0xf,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            acked_features: 1 << 32 | 1 << F_MAC,
+            queue_sel: 0,
+            queues: vec![q, q],
+            interrupt_status: 0,
+            config_generation: 0,
+        };
+        let up = upgrade_transport_state(&old);
+        assert_eq!(up.queues.len(), 3);
+        assert_eq!(up.queues[2].max_size, CTRL_QUEUE_SIZE);
+        assert!(!up.queues[2].ready);
+        // A driver that negotiated CTRL_VQ had three queues: left alone.
+        let mut bad = old.clone();
+        bad.acked_features |= 1 << F_CTRL_VQ;
+        assert_eq!(upgrade_transport_state(&bad).queues.len(), 2);
+        // And an old NetState reads without the announce bit.
+        let st: NetState =
+            serde_json::from_str(r#"{"id":"n0","mac":[2,0,0,0,0,1],"acked_features":0}"#).unwrap();
+        assert!(!st.announce);
+    }
+
     #[test]
     fn rarp_announces_the_address() {
         let mac = [2, 1, 2, 3, 4, 5];
@@ -1029,7 +1435,10 @@ mod tests {
         net.read_config(u64::MAX, &mut b);
         assert_eq!(b, [0; 4]);
         assert_eq!(net.device_type(), TYPE_NET);
-        assert_eq!(net.queue_max_sizes(), &[QUEUE_SIZE, QUEUE_SIZE]);
+        assert_eq!(
+            net.queue_max_sizes(),
+            &[QUEUE_SIZE, QUEUE_SIZE, CTRL_QUEUE_SIZE]
+        );
         let st = net.save();
         assert_eq!(st.mac, [2, 9, 8, 7, 6, 5]);
         drop(net);
@@ -1110,13 +1519,123 @@ mod tests {
             tx: &MockSplitQueue<GuestMemoryMmap>,
         ) -> Net {
             let mut net = Net::new("n0".into(), &unique_tap(), [2, 0, 0, 0, 0, 1]).unwrap();
+            // A driver without the control queue leaves it unconfigured.
+            let basic = net.avail_features() & !(1 << F_CTRL_VQ | 1 << F_GUEST_ANNOUNCE);
+            net.set_acked_features(basic);
+            let queues = vec![
+                rx.create_queue::<Queue>().unwrap(),
+                tx.create_queue().unwrap(),
+                Queue::new(CTRL_QUEUE_SIZE).unwrap(),
+            ];
+            net.activate(mem.clone(), queues).unwrap();
+            net
+        }
+
+        /// A device whose driver negotiated CTRL_VQ and GUEST_ANNOUNCE.
+        fn announcing_device(
+            mem: &GuestMemoryMmap,
+            rx: &MockSplitQueue<GuestMemoryMmap>,
+            tx: &MockSplitQueue<GuestMemoryMmap>,
+            ctrl: &MockSplitQueue<GuestMemoryMmap>,
+        ) -> Net {
+            let mut net = Net::new("n0".into(), &unique_tap(), [2, 0, 0, 0, 0, 1]).unwrap();
             net.set_acked_features(net.avail_features());
             let queues = vec![
                 rx.create_queue::<Queue>().unwrap(),
                 tx.create_queue().unwrap(),
+                ctrl.create_queue().unwrap(),
             ];
             net.activate(mem.clone(), queues).unwrap();
             net
+        }
+
+        fn status(net: &Net) -> u16 {
+            let mut b = [0u8; 2];
+            net.read_config(6, &mut b);
+            u16::from_le_bytes(b)
+        }
+
+        #[test]
+        fn a_guest_with_guest_announce_is_asked_and_its_ack_clears_the_bit() {
+            if !crate::util::tests_can_create_taps() {
+                return;
+            }
+            let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]).unwrap();
+            let rx = MockSplitQueue::new(&mem, 16);
+            let tx = MockSplitQueue::create(&mem, GuestAddress(0x20_0000), 16);
+            let ctrl = MockSplitQueue::create(&mem, GuestAddress(0x30_0000), 16);
+            let mut net = announcing_device(&mem, &rx, &tx, &ctrl);
+            // Activation by the driver announces by RARP, as before.
+            let rarps = net.counters().announcements;
+            net.irq.set_status(0);
+            let epoch = net.config_epoch();
+            net.announce();
+            assert_eq!(status(&net), S_LINK_UP | S_ANNOUNCE);
+            assert_eq!(net.irq.status() & VIRTIO_INT_CONFIG, VIRTIO_INT_CONFIG);
+            assert_ne!(net.config_epoch(), epoch, "ConfigGeneration moves");
+            assert_eq!(net.counters().guest_announce_requests, 1);
+            assert_eq!(
+                net.counters().announcements,
+                rarps,
+                "no RARP: the guest speaks"
+            );
+            assert_eq!(net.announce_next, ANNOUNCE_AT_MS.len(), "no RARP series");
+            // The bit travels with the state.
+            assert!(net.save().announce);
+            // An unknown class is answered ERR and leaves the bit.
+            mem.write_slice(&[1, 0], GuestAddress(0x1000)).unwrap();
+            mem.write_obj(0x55u8, GuestAddress(0x1100)).unwrap();
+            chain(&ctrl, 0, &[(0x1000, 2, 0), (0x1100, 1, W)]);
+            assert_eq!(net.process_ctrl().unwrap(), 1);
+            assert_eq!(mem.read_obj::<u8>(GuestAddress(0x1100)).unwrap(), CTRL_ERR);
+            assert_eq!(ctrl.used().ring().ref_at(0).unwrap().load().len(), 1);
+            assert_eq!(status(&net), S_LINK_UP | S_ANNOUNCE);
+            // ANNOUNCE_ACK with data is not the command: ERR too.
+            mem.write_slice(&[CTRL_ANNOUNCE, CTRL_ANNOUNCE_ACK, 9], GuestAddress(0x1200))
+                .unwrap();
+            chain(&ctrl, 2, &[(0x1200, 3, 0), (0x1300, 1, W)]);
+            assert_eq!(net.process_ctrl().unwrap(), 1);
+            assert_eq!(mem.read_obj::<u8>(GuestAddress(0x1300)).unwrap(), CTRL_ERR);
+            // A hostile chain is completed unanswered and counted.
+            mem.write_obj(0x55u8, GuestAddress(0x1500)).unwrap();
+            chain(&ctrl, 4, &[(0x1400, 2, W), (0x1500, 1, W)]);
+            assert_eq!(net.process_ctrl().unwrap(), 1);
+            assert_eq!(mem.read_obj::<u8>(GuestAddress(0x1500)).unwrap(), 0x55);
+            assert_eq!(ctrl.used().ring().ref_at(2).unwrap().load().len(), 0);
+            // The ack, split over two descriptors, clears the bit.
+            mem.write_slice(&[CTRL_ANNOUNCE], GuestAddress(0x1600))
+                .unwrap();
+            mem.write_slice(&[CTRL_ANNOUNCE_ACK], GuestAddress(0x1700))
+                .unwrap();
+            chain(&ctrl, 6, &[(0x1600, 1, 0), (0x1700, 1, 0), (0x1800, 1, W)]);
+            assert_eq!(net.process_ctrl().unwrap(), 1);
+            assert_eq!(mem.read_obj::<u8>(GuestAddress(0x1800)).unwrap(), CTRL_OK);
+            assert_eq!(status(&net), S_LINK_UP);
+            assert!(!net.save().announce);
+            let c = net.counters();
+            assert_eq!((c.ctrl_ok, c.ctrl_err, c.ctrl_dropped), (1, 2, 1));
+            assert_eq!(ctrl.used().idx().load(), 4);
+        }
+
+        #[test]
+        fn a_guest_without_guest_announce_gets_the_devices_rarps() {
+            if !crate::util::tests_can_create_taps() {
+                return;
+            }
+            let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]).unwrap();
+            let rx = MockSplitQueue::new(&mem, 16);
+            let tx = MockSplitQueue::create(&mem, GuestAddress(0x20_0000), 16);
+            let mut net = device(&mem, &rx, &tx);
+            net.irq.set_status(0);
+            net.announce();
+            // The first RARP went (or was tried: the tap is down here) at
+            // once, the others wait for the timer.
+            assert_eq!(net.announce_next, 1, "a RARP series runs");
+            assert_eq!(net.counters().guest_announce_requests, 0);
+            assert_eq!(status(&net), S_LINK_UP);
+            assert_eq!(net.irq.status(), 0, "no config interrupt");
+            // Its control queue is not there to serve.
+            assert_eq!(net.process_ctrl().unwrap(), 0);
         }
 
         #[test]
@@ -1257,6 +1776,7 @@ mod tests {
             let queues = vec![
                 rx2.create_queue::<Queue>().unwrap(),
                 tx2.create_queue().unwrap(),
+                Queue::new(CTRL_QUEUE_SIZE).unwrap(),
             ];
             there.activate(mem2.clone(), queues).unwrap();
             there.process_rx().unwrap();
