@@ -907,15 +907,31 @@ impl IncomingMigration {
     /// Ends the migration: the source learns why, nothing received is kept.
     fn abort(&mut self, e: DestinationError) -> DestinationError {
         if self.state != ReceiveState::Aborted {
-            // A source that sent the reason itself needs no echo.
-            if !matches!(e, DestinationError::Protocol(ProtocolError::Peer(_))) {
-                tell_source(&mut self.stream, &e);
-            }
-            // Closing at once lets the source see the end even when our
-            // reason could not be written.
-            let _ = self.stream.shutdown(std::net::Shutdown::Both);
             if let Some(l) = &self.lanes {
                 l.stop();
+            }
+            match e {
+                // The source sent the reason itself: no echo.
+                DestinationError::Protocol(ProtocolError::Peer(_)) => {
+                    let _ = self.stream.shutdown(std::net::Shutdown::Both);
+                }
+                // The connection failed or went quiet: say why if it still
+                // can be said, and close at once, so that the source sees
+                // the end even when our reason could not be written.
+                DestinationError::Protocol(ProtocolError::Io(_)) => {
+                    tell_source(&mut self.stream, &e);
+                    let _ = self.stream.shutdown(std::net::Shutdown::Both);
+                }
+                _ => {
+                    tell_source(&mut self.stream, &e);
+                    let _ = self.stream.flush();
+                    // The source may still be sending (a refusal mid-stream):
+                    // closing with its bytes unread would reset the
+                    // connection, and the reset can overtake the reason. It
+                    // sees our end at once (shutdown of our side) while we
+                    // drain, bounded in bytes and time.
+                    linger_close(self.stream.tcp());
+                }
             }
             self.state = ReceiveState::Aborted;
             self.share_server = None;
