@@ -691,7 +691,7 @@ fn vet(
                 );
                 let mut plain = tcp;
                 tell_source(&mut plain, &e);
-                linger_close(&plain);
+                linger_close(&plain, PRE_AUTH_DRAIN);
                 return Err(e);
             }
             let stream = Channel::accept(tcp, id, deadline)
@@ -713,7 +713,7 @@ fn vet(
                     let mut stream = stream;
                     tell_source(&mut stream, &e);
                     let _ = stream.flush();
-                    linger_close(stream.tcp());
+                    linger_close(stream.tcp(), PRE_AUTH_DRAIN);
                     return Err(e);
                 }
             }
@@ -748,14 +748,23 @@ fn vet(
     }
 }
 
+/// What an unauthenticated peer may still send after its refusal (a TLS
+/// record or two, a Hello) before we close anyway.
+const PRE_AUTH_DRAIN: usize = 1 << 20;
+/// What an authenticated source may still send after a refusal: the rest
+/// of the frame it was in, up to a memory chunk, and what the socket
+/// buffers hold.
+const ABORT_DRAIN: usize = super::protocol::MAX_MEMORY_CHUNK + (4 << 20);
+
 /// Closes after a refusal that the peer may still be sending into: closing
 /// with its bytes unread would reset the connection, and the reset could
 /// overtake our reason on its way to the peer.
-fn linger_close(tcp: &TcpStream) {
+/// At most `max_bytes` are drained, within 2 s.
+fn linger_close(tcp: &TcpStream, max_bytes: usize) {
     let _ = tcp.shutdown(std::net::Shutdown::Write);
     let _ = tcp.set_read_timeout(Some(Duration::from_secs(2)));
     let mut sink = [0u8; 16 << 10];
-    let mut left = 1usize << 20;
+    let mut left = max_bytes;
     while left > 0 {
         match (&*tcp).read(&mut sink) {
             Ok(0) | Err(_) => break,
@@ -930,7 +939,9 @@ impl IncomingMigration {
                     // connection, and the reset can overtake the reason. It
                     // sees our end at once (shutdown of our side) while we
                     // drain, bounded in bytes and time.
-                    linger_close(self.stream.tcp());
+                    // A refusal on a frame's header leaves its whole
+                    // payload (up to a memory chunk) still to come.
+                    linger_close(self.stream.tcp(), ABORT_DRAIN);
                 }
             }
             self.state = ReceiveState::Aborted;
