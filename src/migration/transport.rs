@@ -772,15 +772,26 @@ impl<'a> Handshake<'a> {
     ) {
         let mut out = vec![0u8; 1024];
         for _ in 0..4 {
-            let UnbufferedStatus { state, .. } = process(conn, &mut []);
-            match state {
+            // The same buffer again: rustls may hold ranges of a message
+            // it has only partly received in it.
+            let UnbufferedStatus { discard, state } =
+                process(conn, &mut self.rx.buf[self.rx.start..self.rx.end]);
+            let more = match state {
                 Ok(ConnectionState::EncodeTlsData(mut e)) => {
                     if let Ok(n) = e.encode(&mut out) {
                         let _ = self.sock.write_all(&out[..n]);
                     }
+                    true
                 }
-                Ok(ConnectionState::TransmitTlsData(t)) => t.done(),
-                _ => return,
+                Ok(ConnectionState::TransmitTlsData(t)) => {
+                    t.done();
+                    true
+                }
+                _ => false,
+            };
+            self.rx.start += discard;
+            if !more {
+                return;
             }
         }
     }
