@@ -1482,6 +1482,311 @@ mod tests {
         assert_eq!(server.join().unwrap(), sum);
     }
 
+    fn identity() -> (tempfile::TempDir, Arc<TlsIdentity>) {
+        let tmp = tempfile::tempdir().unwrap();
+        let dirs = tls_init(tmp.path(), &["127.0.0.1".into()]).unwrap();
+        let id = Arc::new(TlsIdentity::load(&dirs[0]).unwrap());
+        (tmp, id)
+    }
+
+    /// A client and a server channel, the client's bytes to the server
+    /// passing through `relay` (which may cut, delay or damage them) on a
+    /// thread of its own; the server's bytes to the client go straight.
+    fn pair_through(
+        id: &Arc<TlsIdentity>,
+        relay: impl FnOnce(TcpStream, TcpStream) + Send + 'static,
+    ) -> (Channel, Channel) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let front = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let front_addr = front.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let (from_client, _) = front.accept().unwrap();
+            let to_server = TcpStream::connect(addr).unwrap();
+            let (mut back_r, mut back_w) = (
+                to_server.try_clone().unwrap(),
+                from_client.try_clone().unwrap(),
+            );
+            std::thread::spawn(move || {
+                let _ = io::copy(&mut back_r, &mut back_w);
+                let _ = back_w.shutdown(Shutdown::Write);
+            });
+            relay(from_client, to_server);
+        });
+        let sid = id.clone();
+        let server = std::thread::spawn(move || {
+            let (tcp, _) = listener.accept().unwrap();
+            let mut ch =
+                Channel::accept(tcp, &sid, Instant::now() + Duration::from_secs(20)).unwrap();
+            ch.clear_deadline(Some(Duration::from_secs(20)));
+            ch
+        });
+        let tcp = TcpStream::connect(front_addr).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let client = Channel::connect(tcp, id, peer_name("127.0.0.1").unwrap(), deadline).unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        (client, server.join().unwrap())
+    }
+
+    /// Forwards in pieces of 1 to 7 bytes, so that records arrive cut
+    /// anywhere, headers included.
+    fn trickle(mut from: TcpStream, mut to: TcpStream) {
+        to.set_nodelay(true).unwrap();
+        let mut buf = [0u8; 7];
+        let mut k = 0usize;
+        loop {
+            let want = 1 + k % buf.len();
+            k += 1;
+            match from.read(&mut buf[..want]) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if to.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = to.shutdown(Shutdown::Write);
+    }
+
+    fn pattern(len: usize, seed: usize) -> Vec<u8> {
+        (0..len)
+            .map(|i| ((i * 131 + seed * 17) ^ (i >> 9)) as u8)
+            .collect()
+    }
+
+    /// Writes of sizes around the record size, single and vectored, read
+    /// back with reads of odd sizes: every byte arrives, in order.
+    #[test]
+    fn odd_sized_writes_and_reads_arrive_intact() {
+        let (_tmp, id) = identity();
+        let (mut client, mut server) = pair_through(&id, |mut a, mut b| {
+            let _ = io::copy(&mut a, &mut b);
+            let _ = b.shutdown(Shutdown::Write);
+        });
+        let sizes = [
+            1usize,
+            16383,
+            16384,
+            16385,
+            3,
+            0,
+            32768,
+            100_001,
+            5,
+            262_144,
+            262_145,
+            1 << 20,
+        ];
+        let mut expected = Vec::new();
+        let writer = {
+            let mut sent = Vec::new();
+            for (i, &n) in sizes.iter().enumerate() {
+                let a = pattern(n, i);
+                let b = pattern(n / 3 + 1, i + 100);
+                sent.extend_from_slice(&a);
+                sent.extend_from_slice(&b);
+            }
+            expected.extend_from_slice(&sent);
+            std::thread::spawn(move || {
+                for (i, &n) in sizes.iter().enumerate() {
+                    let a = pattern(n, i);
+                    let b = pattern(n / 3 + 1, i + 100);
+                    if i % 2 == 0 {
+                        client.write_all(&a).unwrap();
+                        client.write_all(&b).unwrap();
+                    } else {
+                        let (mut da, mut db) = (0, 0);
+                        while da < a.len() || db < b.len() {
+                            let k = client
+                                .write_vectored(&[
+                                    io::IoSlice::new(&a[da..]),
+                                    io::IoSlice::new(&b[db..]),
+                                ])
+                                .unwrap();
+                            assert!(k > 0);
+                            let ka = k.min(a.len() - da);
+                            da += ka;
+                            db += k - ka;
+                        }
+                    }
+                }
+                client
+            })
+        };
+        let mut got = Vec::new();
+        let reads = [1usize, 7, 16384, 5000, 16385, 300_000, 13];
+        let mut i = 0;
+        while got.len() < expected.len() {
+            let want = reads[i % reads.len()].min(expected.len() - got.len());
+            i += 1;
+            let mut buf = vec![0u8; want];
+            let n = server.read(&mut buf).unwrap();
+            assert!(n > 0 && n <= want);
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert!(got == expected, "the stream arrived altered");
+        // And back the other way, through the same session.
+        let mut client = writer.join().unwrap();
+        server.write_all(b"done").unwrap();
+        let mut back = [0u8; 4];
+        client.read_exact(&mut back).unwrap();
+        assert_eq!(&back, b"done");
+    }
+
+    /// Records cut into pieces of a few bytes by the network are put back
+    /// together, during the handshake and after.
+    #[test]
+    fn records_split_across_socket_reads_arrive_intact() {
+        let (_tmp, id) = identity();
+        let (mut client, mut server) = pair_through(&id, trickle);
+        let data = pattern(200_003, 9);
+        let sent = data.clone();
+        let w = std::thread::spawn(move || client.write_all(&sent).unwrap());
+        let mut got = vec![0u8; data.len()];
+        server.read_exact(&mut got).unwrap();
+        w.join().unwrap();
+        assert!(got == data, "the stream arrived altered");
+    }
+
+    /// One flipped bit in a record after the handshake: the receiver
+    /// refuses the record with a TLS error saying so, and every later read
+    /// fails the same way rather than returning data.
+    #[test]
+    fn a_corrupted_record_is_refused_clearly() {
+        let (_tmp, id) = identity();
+        let damage = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let armed = damage.clone();
+        let (mut client, mut server) = pair_through(&id, move |mut a, mut b| {
+            let mut buf = [0u8; 4096];
+            loop {
+                let n = match a.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                if armed.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                    // Past the 5-byte header: the ciphertext or its tag.
+                    buf[n.min(40) - 1] ^= 0x10;
+                }
+                if b.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+        });
+        client.write_all(b"first").unwrap();
+        let mut first = [0u8; 5];
+        server.read_exact(&mut first).unwrap();
+        assert_eq!(&first, b"first");
+        damage.store(true, std::sync::atomic::Ordering::SeqCst);
+        client.write_all(&pattern(30_000, 1)).unwrap();
+        let mut buf = vec![0u8; 30_000];
+        let err = server.read_exact(&mut buf).unwrap_err();
+        assert!(is_tls_error(&err), "{err:?}");
+        assert!(err.to_string().contains("failed authentication"), "{err}");
+        let again = server.read(&mut buf).unwrap_err();
+        assert!(
+            again.to_string().contains("failed authentication"),
+            "{again}"
+        );
+    }
+
+    /// A peer that trickles bytes of a plausible handshake never keeps
+    /// accept() past its deadline: each byte does not re-arm it.
+    #[test]
+    fn the_handshake_deadline_holds_against_a_trickling_peer() {
+        let (_tmp, id) = identity();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        let trickler = std::thread::spawn(move || {
+            let mut tcp = TcpStream::connect(addr).unwrap();
+            tcp.set_nodelay(true).unwrap();
+            // A handshake record header announcing 16 KiB, then a byte at a
+            // time, each well within any per-read timeout.
+            let mut bytes = vec![22u8, 3, 1, 0x40, 0, 1, 0, 0x3f, 0xfc];
+            bytes.extend(std::iter::repeat_n(0u8, 1 << 14));
+            for b in bytes {
+                if stopped.load(std::sync::atomic::Ordering::SeqCst) || tcp.write_all(&[b]).is_err()
+                {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        let (tcp, _) = listener.accept().unwrap();
+        let err = match Channel::accept(tcp, &id, Instant::now() + Duration::from_millis(800)) {
+            Ok(_) => panic!("a trickled handshake was accepted"),
+            Err(e) => e,
+        };
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut, "{err}");
+        assert!(err.to_string().contains("in time"), "{err}");
+        trickler.join().unwrap();
+    }
+
+    /// close_notify from the peer ends the stream with EOF; a peer that
+    /// just hangs up is an error, not a clean end.
+    #[test]
+    fn close_notify_is_eof_and_a_bare_hangup_is_not() {
+        let (_tmp, id) = identity();
+        let (client, mut server) = pair_through(&id, |mut a, mut b| {
+            let _ = io::copy(&mut a, &mut b);
+            let _ = b.shutdown(Shutdown::Write);
+        });
+        {
+            let mut st = lock(client.tls.as_ref().unwrap());
+            let mut sock = client.sock();
+            st.send_record(&mut sock, CT_APPDATA, &[b"bye"]).unwrap();
+            st.send_record(&mut sock, CT_ALERT, &[&[1, 0]]).unwrap();
+        }
+        let mut buf = [0u8; 16];
+        assert_eq!(server.read(&mut buf).unwrap(), 3);
+        assert_eq!(&buf[..3], b"bye");
+        assert_eq!(server.read(&mut buf).unwrap(), 0);
+        assert_eq!(server.read(&mut buf).unwrap(), 0);
+
+        let (client, mut server) = pair_through(&id, |mut a, mut b| {
+            let _ = io::copy(&mut a, &mut b);
+            let _ = b.shutdown(Shutdown::Write);
+        });
+        client.shutdown(Shutdown::Both).unwrap();
+        let err = server.read(&mut buf).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof, "{err}");
+    }
+
+    /// A KeyUpdate asking for ours: both directions move to new keys and
+    /// the stream goes on (rustls's kernel connection does the schedule).
+    #[test]
+    fn a_key_update_moves_both_directions_to_new_keys() {
+        let (_tmp, id) = identity();
+        let (mut client, mut server) = pair_through(&id, |mut a, mut b| {
+            let _ = io::copy(&mut a, &mut b);
+            let _ = b.shutdown(Shutdown::Write);
+        });
+        {
+            let mut st = lock(client.tls.as_ref().unwrap());
+            let mut sock = client.sock();
+            st.send_record(&mut sock, CT_HANDSHAKE, &[&[HS_KEY_UPDATE, 0, 0, 1, 1]])
+                .unwrap();
+            st.tx = Keys::new(st.kernel.update_tx().unwrap()).unwrap();
+        }
+        client.write_all(b"after").unwrap();
+        let mut buf = [0u8; 5];
+        server.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"after");
+        // The server answered with its own KeyUpdate before this.
+        server.write_all(b"reply").unwrap();
+        let mut st = lock(client.tls.as_ref().unwrap());
+        let mut sock = client.sock();
+        assert!(matches!(st.open_record(&mut sock), Ok(None)));
+        drop(st);
+        client.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"reply");
+    }
+
     #[test]
     fn a_missing_or_bad_file_is_named() {
         let tmp = tempfile::tempdir().unwrap();
