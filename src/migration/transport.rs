@@ -14,10 +14,16 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use rustls::client::{ClientConnectionData, UnbufferedClientConnection};
+use rustls::kernel::KernelConnection;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::server::WebPkiClientVerifier;
-use rustls::{ClientConfig, ClientConnection, RootCertStore, ServerConfig, ServerConnection};
+use rustls::server::{ServerConnectionData, UnbufferedServerConnection};
+use rustls::unbuffered::{
+    ConnectionState, EncodeError, UnbufferedConnectionCommon, UnbufferedStatus,
+};
+use rustls::{ClientConfig, ConnectionTrafficSecrets, RootCertStore, ServerConfig};
 
 use crate::util::lock;
 
@@ -26,13 +32,8 @@ pub const CERT_FILE: &str = "cert.pem";
 pub const KEY_FILE: &str = "key.pem";
 pub const CA_KEY_FILE: &str = "ca-key.pem";
 
-/// Plaintext the TLS layer takes per write before it encrypts and sends:
-/// large enough that a 4 MiB memory chunk goes out in a few big writes of
-/// full 16 KiB records rather than many small ones.
-const TLS_BUFFER: usize = 1 << 20;
-/// What one socket read may bring in for the TLS layer. rustls asks for
-/// 4 KiB at a time; reading for it from this buffer instead saves most of
-/// the system calls (a 16 KiB record would take four or five).
+/// What one socket read may bring in: many records per system call, each
+/// opened in place.
 const RX_BUFFER: usize = 256 << 10;
 
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +63,13 @@ pub struct TlsIdentity {
     pub dir: PathBuf,
     server: Arc<ServerConfig>,
     client: Arc<ClientConfig>,
+    /// The migration channel's: rustls hands its secrets over to our
+    /// record layer after the handshake. Servers send no session tickets
+    /// there: nothing resumes a migration channel (each one is a full,
+    /// mutually authenticated handshake), and a ticket would be one more
+    /// post-handshake message in flight when the secrets change hands.
+    channel_server: Arc<ServerConfig>,
+    channel_client: Arc<ClientConfig>,
 }
 
 impl std::fmt::Debug for TlsIdentity {
@@ -152,10 +160,18 @@ impl TlsIdentity {
             .with_root_certificates(roots)
             .with_client_auth_cert(chain, key)
             .map_err(|e| config_err(format!("{CERT_FILE} with {KEY_FILE}: {e}")))?;
+        let mut channel_server = server.clone();
+        channel_server.send_tls13_tickets = 0;
+        channel_server.enable_secret_extraction = true;
+        let mut channel_client = client.clone();
+        channel_client.enable_secret_extraction = true;
+        channel_client.resumption = rustls::client::Resumption::disabled();
         Ok(TlsIdentity {
             dir: dir.to_path_buf(),
             server: Arc::new(server),
             client: Arc::new(client),
+            channel_server: Arc::new(channel_server),
+            channel_client: Arc::new(channel_client),
         })
     }
 
@@ -244,16 +260,124 @@ pub fn explain_handshake_error(e: &io::Error) -> String {
     format!("{tls}{hint}")
 }
 
-enum Tls {
-    Client(ClientConnection),
-    Server(ServerConnection),
+/// The handshake runs through rustls's unbuffered API in our own buffers;
+/// then rustls hands over the traffic secrets (`dangerous_into_kernel_connection`)
+/// and this module's TLS 1.3 record layer seals and opens records in place
+/// with ring. rustls 0.23's own data path (buffered, and unbuffered too:
+/// `ReadTraffic` pops a fresh `Vec` per record) copies every record into
+/// and out of its queues; here a received record is decrypted where the
+/// socket read put it and copied once, into the caller's buffer, and a sent
+/// record is gathered once from the caller's slices into the send buffer
+/// and sealed there. The kernel connection still does the key schedule:
+/// a peer's KeyUpdate and our own before the AEAD's confidentiality limit.
+enum Kernel {
+    Client(KernelConnection<ClientConnectionData>),
+    Server(KernelConnection<ServerConnectionData>),
 }
 
-/// TLS bytes read from the socket and not yet taken by rustls.
+impl Kernel {
+    fn update_tx(&mut self) -> Result<(u64, ConnectionTrafficSecrets), rustls::Error> {
+        match self {
+            Kernel::Client(k) => k.update_tx_secret(),
+            Kernel::Server(k) => k.update_tx_secret(),
+        }
+    }
+
+    fn update_rx(&mut self) -> Result<(u64, ConnectionTrafficSecrets), rustls::Error> {
+        match self {
+            Kernel::Client(k) => k.update_rx_secret(),
+            Kernel::Server(k) => k.update_rx_secret(),
+        }
+    }
+
+    fn confidentiality_limit(&self) -> u64 {
+        let suite = match self {
+            Kernel::Client(k) => k.negotiated_cipher_suite(),
+            Kernel::Server(k) => k.negotiated_cipher_suite(),
+        };
+        match suite {
+            rustls::SupportedCipherSuite::Tls13(s) => s.common.confidentiality_limit,
+            #[allow(unreachable_patterns)]
+            _ => u64::MAX,
+        }
+    }
+}
+
+/// Largest plaintext in one record (RFC 8446 5.1).
+const MAX_PLAINTEXT: usize = 1 << 14;
+/// Largest ciphertext in one record: plaintext, content type, padding and
+/// tag may not exceed 2^14 + 256 (RFC 8446 5.2).
+const MAX_CIPHERTEXT: usize = MAX_PLAINTEXT + 256;
+const HEADER: usize = 5;
+const TAG: usize = 16;
+/// Plaintext encrypted per socket write: 16 full records, sent while they
+/// are still in cache.
+const TX_BATCH: usize = 16 * MAX_PLAINTEXT;
+/// Handshake messages the peer may send us before the channel is up
+/// (certificate chains): bounded, like everything the peer sends.
+const MAX_HANDSHAKE_OUT: usize = 256 << 10;
+
+const CT_ALERT: u8 = 21;
+const CT_HANDSHAKE: u8 = 22;
+const CT_APPDATA: u8 = 23;
+const HS_NEW_SESSION_TICKET: u8 = 4;
+const HS_KEY_UPDATE: u8 = 24;
+
+/// One direction's AEAD key, IV and record sequence number.
+struct Keys {
+    key: ring::aead::LessSafeKey,
+    iv: [u8; 12],
+    seq: u64,
+}
+
+impl Keys {
+    fn new((seq, secrets): (u64, ConnectionTrafficSecrets)) -> Result<Keys, rustls::Error> {
+        use ring::aead;
+        let (alg, key, iv) = match &secrets {
+            ConnectionTrafficSecrets::Aes128Gcm { key, iv } => (&aead::AES_128_GCM, key, iv),
+            ConnectionTrafficSecrets::Aes256Gcm { key, iv } => (&aead::AES_256_GCM, key, iv),
+            ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => {
+                (&aead::CHACHA20_POLY1305, key, iv)
+            }
+            _ => {
+                return Err(rustls::Error::General(
+                    "the negotiated cipher suite has no record layer here".into(),
+                ));
+            }
+        };
+        let key = aead::UnboundKey::new(alg, key.as_ref())
+            .map_err(|_| rustls::Error::General("bad traffic key length".into()))?;
+        let iv: [u8; 12] = iv
+            .as_ref()
+            .try_into()
+            .map_err(|_| rustls::Error::General("bad traffic IV length".into()))?;
+        Ok(Keys {
+            key: aead::LessSafeKey::new(key),
+            iv,
+            seq,
+        })
+    }
+
+    /// The per-record nonce (RFC 8446 5.3), and the sequence number moves on.
+    fn next_nonce(&mut self) -> ring::aead::Nonce {
+        let mut nonce = self.iv;
+        for (n, s) in nonce[4..].iter_mut().zip(self.seq.to_be_bytes()) {
+            *n ^= s;
+        }
+        self.seq += 1;
+        ring::aead::Nonce::assume_unique_for_key(nonce)
+    }
+}
+
+/// TLS bytes read from the socket. `[start, end)` is not yet opened;
+/// `[pt_start, pt_end)`, before `start`, is the plaintext of an opened
+/// record that the caller has not taken yet.
 struct RxBuf {
     buf: Box<[u8]>,
     start: usize,
     end: usize,
+    pt_start: usize,
+    pt_end: usize,
 }
 
 impl RxBuf {
@@ -262,13 +386,74 @@ impl RxBuf {
             buf: vec![0u8; RX_BUFFER].into_boxed_slice(),
             start: 0,
             end: 0,
+            pt_start: 0,
+            pt_end: 0,
         }
+    }
+
+    /// Reads more from the socket behind what is there. Moves the unopened
+    /// tail to the front first when a whole record might not fit, which is
+    /// only allowed once the pending plaintext is taken.
+    fn fill(&mut self, sock: &mut Sock<'_>) -> io::Result<usize> {
+        debug_assert!(self.pt_start == self.pt_end);
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        } else if self.buf.len() - self.end < MAX_CIPHERTEXT + HEADER {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        self.pt_start = 0;
+        self.pt_end = 0;
+        if self.end == self.buf.len() {
+            return Err(tls_err(rustls::Error::General(
+                "the peer's TLS handshake messages do not fit the receive buffer".into(),
+            )));
+        }
+        sock.read(&mut self.buf[self.end..])
+            .inspect(|&n| self.end += n)
     }
 }
 
+fn tls_err(e: rustls::Error) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e)
+}
+
+fn peer_misbehaved(why: &str) -> io::Error {
+    tls_err(rustls::Error::General(format!(
+        "the peer broke the TLS record protocol: {why}"
+    )))
+}
+
+/// What opening one record gave.
+enum Opened {
+    /// Application data, now at `rx.buf[pt_start..pt_end]`.
+    Data,
+    /// A post-handshake message, handled.
+    Control,
+    /// close_notify: the peer's stream ends here.
+    Closed,
+}
+
 struct TlsState {
-    conn: Tls,
-    rx: RxBuf,
+    kernel: Kernel,
+    peer_cert: Option<CertificateDer<'static>>,
+    tx: Keys,
+    rx: Keys,
+    /// Records per key before the AEAD's confidentiality limit, less a
+    /// margin: we update our key before it, and refuse a peer past it.
+    limit: u64,
+    rxb: RxBuf,
+    /// Application data rustls decrypted itself while the handshake was
+    /// finishing (a peer may send right behind its Finished).
+    carry: Vec<u8>,
+    carry_pos: usize,
+    txb: Vec<u8>,
+    peer_closed: bool,
+    /// After a failure the record streams are out of step: every later call
+    /// gets the first error again instead of garbage.
+    failed: Option<(io::ErrorKind, String)>,
 }
 
 /// The migration channel: TLS over TCP, or plain TCP in `--insecure` mode.
@@ -282,12 +467,10 @@ pub struct Channel {
     deadline: Option<Instant>,
 }
 
-/// The socket as the TLS layer sees it, each call bounded by the deadline;
-/// with `rx`, reads go through that buffer.
+/// The socket, each call bounded by the deadline.
 struct Sock<'a> {
     tcp: &'a TcpStream,
     deadline: Option<Instant>,
-    rx: Option<&'a mut RxBuf>,
 }
 
 impl Sock<'_> {
@@ -313,28 +496,14 @@ impl Sock<'_> {
 impl Read for Sock<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         self.arm(false)?;
-        let Some(rx) = self.rx.as_deref_mut() else {
-            return (&*self.tcp).read(buf);
-        };
-        if rx.start == rx.end {
-            let n = (&*self.tcp).read(&mut rx.buf)?;
-            rx.start = 0;
-            rx.end = n;
-            if n == 0 {
-                return Ok(0);
-            }
-        }
-        let n = buf.len().min(rx.end - rx.start);
-        buf[..n].copy_from_slice(&rx.buf[rx.start..rx.start + n]);
-        rx.start += n;
-        Ok(n)
+        (&*self.tcp).read(buf)
     }
 }
 
 /// The socket blocks, with a send timeout: EAGAIN from a write means the
-/// timeout elapsed with the peer taking nothing. rustls takes WouldBlock
-/// for "try reading instead" and would then wait for the peer's bytes,
-/// unbounded on a link that is down; a hard TimedOut ends the write.
+/// timeout elapsed with the peer taking nothing. Taken as "try again" it
+/// would spin or wait for the peer unbounded on a link that is down; a hard
+/// TimedOut ends the write.
 fn write_timed_out(r: io::Result<usize>) -> io::Result<usize> {
     r.map_err(|e| match e.kind() {
         io::ErrorKind::WouldBlock => io::Error::new(
@@ -378,17 +547,19 @@ impl Channel {
         name: ServerName<'static>,
         deadline: Instant,
     ) -> io::Result<Channel> {
-        let mut conn = ClientConnection::new(identity.client_config(), name)
+        let mut conn = UnbufferedClientConnection::new(identity.channel_client.clone(), name)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-        conn.set_buffer_limit(Some(TLS_BUFFER));
-        let mut rx = RxBuf::new();
-        handshake(&mut conn, &tcp, deadline, &mut rx)?;
+        let mut hs = Handshake::new(&tcp, deadline);
+        hs.drive(
+            &mut conn,
+            UnbufferedConnectionCommon::<ClientConnectionData>::process_tls_records,
+        )?;
+        let peer_cert = first_cert(conn.peer_certificates());
+        let (secrets, kernel) = conn.dangerous_into_kernel_connection().map_err(tls_err)?;
+        let state = hs.finish(Kernel::Client(kernel), secrets, peer_cert)?;
         Ok(Channel {
             tcp,
-            tls: Some(Arc::new(Mutex::new(TlsState {
-                conn: Tls::Client(conn),
-                rx,
-            }))),
+            tls: Some(Arc::new(Mutex::new(state))),
             deadline: None,
         })
     }
@@ -401,17 +572,19 @@ impl Channel {
         identity: &TlsIdentity,
         deadline: Instant,
     ) -> io::Result<Channel> {
-        let mut conn = ServerConnection::new(identity.server_config())
+        let mut conn = UnbufferedServerConnection::new(identity.channel_server.clone())
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-        conn.set_buffer_limit(Some(TLS_BUFFER));
-        let mut rx = RxBuf::new();
-        handshake(&mut conn, &tcp, deadline, &mut rx)?;
+        let mut hs = Handshake::new(&tcp, deadline);
+        hs.drive(
+            &mut conn,
+            UnbufferedConnectionCommon::<ServerConnectionData>::process_tls_records,
+        )?;
+        let peer_cert = first_cert(conn.peer_certificates());
+        let (secrets, kernel) = conn.dangerous_into_kernel_connection().map_err(tls_err)?;
+        let state = hs.finish(Kernel::Server(kernel), secrets, peer_cert)?;
         Ok(Channel {
             tcp,
-            tls: Some(Arc::new(Mutex::new(TlsState {
-                conn: Tls::Server(conn),
-                rx,
-            }))),
+            tls: Some(Arc::new(Mutex::new(state))),
             deadline: Some(deadline),
         })
     }
@@ -433,15 +606,7 @@ impl Channel {
 
     /// The peer's end-entity certificate (TLS only).
     pub fn peer_certificate(&self) -> Option<CertificateDer<'static>> {
-        let tls = self.tls.as_ref()?;
-        let guard = lock(tls);
-        let certs = match &guard.conn {
-            Tls::Client(c) => c.peer_certificates(),
-            Tls::Server(c) => c.peer_certificates(),
-        };
-        certs
-            .and_then(|c| c.first())
-            .map(|c| c.clone().into_owned())
+        lock(self.tls.as_ref()?).peer_cert.clone()
     }
 
     pub fn tcp(&self) -> &TcpStream {
@@ -473,31 +638,185 @@ impl Channel {
     }
 }
 
-/// Bytes of the peer's first messages after the handshake may already be
-/// in `rx`: it goes with the connection.
-fn handshake<C, S>(
-    conn: &mut C,
-    tcp: &TcpStream,
-    deadline: Instant,
-    rx: &mut RxBuf,
-) -> io::Result<()>
-where
-    C: std::ops::DerefMut<Target = rustls::ConnectionCommon<S>>,
-    S: rustls::SideData,
-{
-    let mut sock = Sock {
-        tcp,
-        deadline: Some(deadline),
-        rx: Some(rx),
-    };
-    while conn.is_handshaking() {
-        conn.complete_io(&mut sock).map_err(timeout_message)?;
+fn first_cert(certs: Option<&[CertificateDer<'_>]>) -> Option<CertificateDer<'static>> {
+    certs
+        .and_then(|c| c.first())
+        .map(|c| c.clone().into_owned())
+}
+
+/// The handshake's buffers: what the peer sent lands in `rx`, which the
+/// channel then keeps (bytes of the peer's first records may be in it).
+struct Handshake<'a> {
+    sock: Sock<'a>,
+    rx: RxBuf,
+    tx: Vec<u8>,
+    carry: Vec<u8>,
+}
+
+impl<'a> Handshake<'a> {
+    fn new(tcp: &'a TcpStream, deadline: Instant) -> Handshake<'a> {
+        Handshake {
+            sock: Sock {
+                tcp,
+                deadline: Some(deadline),
+            },
+            rx: RxBuf::new(),
+            tx: Vec::new(),
+            carry: Vec::new(),
+        }
     }
-    // TLS 1.3 servers may still have session tickets to send.
-    while conn.wants_write() {
-        conn.write_tls(&mut sock).map_err(timeout_message)?;
+
+    /// Runs rustls's state machine until the handshake is complete (the
+    /// peer's certificate checked) and nothing is left to send.
+    fn drive<D>(
+        &mut self,
+        conn: &mut UnbufferedConnectionCommon<D>,
+        process: for<'c, 'i> fn(
+            &'c mut UnbufferedConnectionCommon<D>,
+            &'i mut [u8],
+        ) -> UnbufferedStatus<'c, 'i, D>,
+    ) -> io::Result<()> {
+        loop {
+            let UnbufferedStatus { discard, state } =
+                process(conn, &mut self.rx.buf[self.rx.start..self.rx.end]);
+            let (mut read, mut traffic) = (false, false);
+            match state {
+                Err(e) => {
+                    self.rx.start += discard;
+                    self.send_alert(conn, process);
+                    return Err(tls_err(e));
+                }
+                Ok(ConnectionState::ReadTraffic(mut r)) => {
+                    while let Some(rec) = r.next_record() {
+                        let rec = rec.map_err(tls_err)?;
+                        // Bounded by the receive buffer it came from.
+                        self.carry.extend_from_slice(rec.payload);
+                    }
+                }
+                Ok(ConnectionState::EncodeTlsData(mut e)) => {
+                    let used = self.tx.len();
+                    loop {
+                        match e.encode(&mut self.tx[used..]) {
+                            Ok(n) => {
+                                self.tx.truncate(used + n);
+                                break;
+                            }
+                            Err(EncodeError::InsufficientSize(s))
+                                if used + s.required_size <= MAX_HANDSHAKE_OUT =>
+                            {
+                                self.tx.resize(used + s.required_size, 0);
+                            }
+                            Err(e) => {
+                                return Err(tls_err(rustls::Error::General(format!(
+                                    "cannot encode our handshake: {e}"
+                                ))));
+                            }
+                        }
+                    }
+                }
+                Ok(ConnectionState::TransmitTlsData(t)) => {
+                    self.sock.write_all(&self.tx).map_err(timeout_message)?;
+                    self.tx.clear();
+                    t.done();
+                }
+                Ok(ConnectionState::BlockedHandshake) => read = true,
+                Ok(ConnectionState::WriteTraffic(_)) => traffic = true,
+                Ok(ConnectionState::PeerClosed | ConnectionState::Closed) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the peer closed the TLS session during the handshake",
+                    ));
+                }
+                Ok(other) => {
+                    return Err(tls_err(rustls::Error::General(format!(
+                        "unexpected TLS handshake state {other:?}"
+                    ))));
+                }
+            }
+            self.rx.start += discard;
+            if traffic {
+                // A TLS 1.3 server may send before the client's Finished;
+                // we wait until the client's certificate is checked.
+                if !conn.is_handshaking() {
+                    return Ok(());
+                }
+                read = true;
+            }
+            if read {
+                // rustls keeps a message split over records in the buffer
+                // it was given: it never has pending plaintext here.
+                self.rx.pt_start = self.rx.pt_end;
+                match self.rx.fill(&mut self.sock).map_err(timeout_message)? {
+                    0 => {
+                        return Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "tls handshake eof",
+                        ));
+                    }
+                    _ => continue,
+                }
+            }
+        }
     }
-    Ok(())
+
+    /// After a failure rustls may have an alert queued for the peer, so
+    /// that it learns why (e.g. that its certificate is not trusted); best
+    /// effort, within the deadline.
+    fn send_alert<D>(
+        &mut self,
+        conn: &mut UnbufferedConnectionCommon<D>,
+        process: for<'c, 'i> fn(
+            &'c mut UnbufferedConnectionCommon<D>,
+            &'i mut [u8],
+        ) -> UnbufferedStatus<'c, 'i, D>,
+    ) {
+        let mut out = vec![0u8; 1024];
+        for _ in 0..4 {
+            // The same buffer again: rustls may hold ranges of a message
+            // it has only partly received in it.
+            let UnbufferedStatus { discard, state } =
+                process(conn, &mut self.rx.buf[self.rx.start..self.rx.end]);
+            let more = match state {
+                Ok(ConnectionState::EncodeTlsData(mut e)) => {
+                    if let Ok(n) = e.encode(&mut out) {
+                        let _ = self.sock.write_all(&out[..n]);
+                    }
+                    true
+                }
+                Ok(ConnectionState::TransmitTlsData(t)) => {
+                    t.done();
+                    true
+                }
+                _ => false,
+            };
+            self.rx.start += discard;
+            if !more {
+                return;
+            }
+        }
+    }
+
+    fn finish(
+        self,
+        kernel: Kernel,
+        secrets: rustls::ExtractedSecrets,
+        peer_cert: Option<CertificateDer<'static>>,
+    ) -> io::Result<TlsState> {
+        let limit = kernel.confidentiality_limit().saturating_sub(1024).max(1);
+        Ok(TlsState {
+            limit,
+            tx: Keys::new(secrets.tx).map_err(tls_err)?,
+            rx: Keys::new(secrets.rx).map_err(tls_err)?,
+            kernel,
+            peer_cert,
+            rxb: self.rx,
+            carry: self.carry,
+            carry_pos: 0,
+            txb: Vec::with_capacity(TX_BATCH + TX_BATCH / MAX_PLAINTEXT * (HEADER + 1 + TAG)),
+            peer_closed: false,
+            failed: None,
+        })
+    }
 }
 
 /// A read timeout shows as EAGAIN; say what it means.
@@ -515,51 +834,332 @@ fn timeout_message(e: io::Error) -> io::Error {
     }
 }
 
-/// A byte stream, plain or TLS, as [`Channel::with_io`] hands it out.
-trait Io: Read + Write {}
-impl<T: Read + Write> Io for T {}
+impl TlsState {
+    fn check(&self) -> io::Result<()> {
+        match &self.failed {
+            None => Ok(()),
+            Some((kind, msg)) => Err(io::Error::new(*kind, msg.clone())),
+        }
+    }
+
+    /// Remembers a failure that leaves the record stream out of step.
+    fn fail(&mut self, e: io::Error) -> io::Error {
+        if self.failed.is_none() {
+            self.failed = Some((e.kind(), e.to_string()));
+        }
+        e
+    }
+
+    fn read(&mut self, sock: &mut Sock<'_>, out: &mut [u8]) -> io::Result<usize> {
+        if out.is_empty() {
+            return Ok(0);
+        }
+        if self.carry_pos < self.carry.len() {
+            let n = out.len().min(self.carry.len() - self.carry_pos);
+            out[..n].copy_from_slice(&self.carry[self.carry_pos..self.carry_pos + n]);
+            self.carry_pos += n;
+            if self.carry_pos == self.carry.len() {
+                self.carry = Vec::new();
+                self.carry_pos = 0;
+            }
+            return Ok(n);
+        }
+        let mut got = 0;
+        loop {
+            let pending = self.rxb.pt_end - self.rxb.pt_start;
+            if pending > 0 {
+                let n = pending.min(out.len() - got);
+                let at = self.rxb.pt_start;
+                out[got..got + n].copy_from_slice(&self.rxb.buf[at..at + n]);
+                self.rxb.pt_start += n;
+                got += n;
+                if got == out.len() {
+                    return Ok(got);
+                }
+            }
+            if self.peer_closed {
+                return Ok(got);
+            }
+            self.check()?;
+            match self.open_record(sock) {
+                Ok(Some(Opened::Data | Opened::Control)) => {}
+                Ok(Some(Opened::Closed)) => return Ok(got),
+                Ok(None) if got > 0 => return Ok(got),
+                Ok(None) => match self.rxb.fill(sock) {
+                    Ok(0) => {
+                        return Err(self.fail(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "the peer closed the connection without a TLS close_notify",
+                        )));
+                    }
+                    Ok(_) => {}
+                    // A read timeout leaves the stream whole: the caller may
+                    // read on.
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            io::ErrorKind::WouldBlock
+                                | io::ErrorKind::TimedOut
+                                | io::ErrorKind::Interrupted
+                        ) =>
+                    {
+                        return Err(e);
+                    }
+                    Err(e) => return Err(self.fail(e)),
+                },
+                Err(e) => {
+                    let e = self.fail(e);
+                    // Tell the peer why, so its side does not just see EOF.
+                    if is_tls_error(&e) {
+                        let _ = self.send_record(sock, CT_ALERT, &[&[2, 20]]);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    /// Opens the first record in the receive buffer, if it is all there.
+    fn open_record(&mut self, sock: &mut Sock<'_>) -> io::Result<Option<Opened>> {
+        let rx = &mut self.rxb;
+        let avail = rx.end - rx.start;
+        if avail < HEADER {
+            return Ok(None);
+        }
+        let hdr: [u8; HEADER] = rx.buf[rx.start..rx.start + HEADER].try_into().unwrap();
+        let len = u16::from_be_bytes([hdr[3], hdr[4]]) as usize;
+        if hdr[0] != CT_APPDATA {
+            return Err(peer_misbehaved(&format!(
+                "a record of type {} after the handshake (only encrypted records may follow)",
+                hdr[0]
+            )));
+        }
+        if !(TAG + 1..=MAX_CIPHERTEXT).contains(&len) {
+            return Err(peer_misbehaved(&format!(
+                "a record of {len} bytes (a TLS 1.3 record holds 17 to {MAX_CIPHERTEXT})"
+            )));
+        }
+        if avail < HEADER + len {
+            return Ok(None);
+        }
+        if self.rx.seq >= self.limit {
+            return Err(peer_misbehaved(
+                "more records under one key than the cipher allows (no KeyUpdate)",
+            ));
+        }
+        let body = rx.start + HEADER;
+        rx.start = body + len;
+        let nonce = self.rx.next_nonce();
+        let plain = self
+            .rx
+            .key
+            .open_in_place(
+                nonce,
+                ring::aead::Aad::from(hdr),
+                &mut rx.buf[body..body + len],
+            )
+            .map_err(|_| {
+                tls_err(rustls::Error::General(
+                    "a TLS record from the peer failed authentication (corrupted or forged in transit)"
+                        .into(),
+                ))
+            })?;
+        // Inner plaintext: content, its type, then zero padding.
+        let Some(type_at) = plain.iter().rposition(|&b| b != 0) else {
+            return Err(peer_misbehaved("a record with no content type"));
+        };
+        let content_type = plain[type_at];
+        match content_type {
+            CT_APPDATA if type_at <= MAX_PLAINTEXT => {
+                rx.pt_start = body;
+                rx.pt_end = body + type_at;
+                Ok(Some(Opened::Data))
+            }
+            CT_ALERT if type_at == 2 => {
+                let (level, desc) = (plain[0], plain[1]);
+                if desc == 0 {
+                    self.peer_closed = true;
+                    return Ok(Some(Opened::Closed));
+                }
+                let desc = rustls::AlertDescription::from(desc);
+                // Only a warning-level user_canceled (RFC 8446 6.1) is
+                // not the end of the session.
+                if level == 1 && desc == rustls::AlertDescription::UserCanceled {
+                    return Ok(Some(Opened::Control));
+                }
+                Err(tls_err(rustls::Error::AlertReceived(desc)))
+            }
+            CT_HANDSHAKE if type_at > 0 => {
+                let msgs = plain[..type_at].to_vec();
+                self.handle_post_handshake(sock, &msgs)?;
+                Ok(Some(Opened::Control))
+            }
+            t => Err(peer_misbehaved(&format!(
+                "an encrypted record of content type {t} with {type_at} bytes"
+            ))),
+        }
+    }
+
+    /// Post-handshake messages: session tickets (our servers send none;
+    /// the kernel connection takes a foreign server's), and KeyUpdate.
+    fn handle_post_handshake(&mut self, sock: &mut Sock<'_>, mut msgs: &[u8]) -> io::Result<()> {
+        while !msgs.is_empty() {
+            if msgs.len() < 4 {
+                return Err(peer_misbehaved("a truncated handshake message header"));
+            }
+            let len = u32::from_be_bytes([0, msgs[1], msgs[2], msgs[3]]) as usize;
+            let Some(body) = msgs.get(4..4 + len) else {
+                return Err(peer_misbehaved(
+                    "a handshake message split across records after the handshake",
+                ));
+            };
+            let rest = &msgs[4 + len..];
+            match (msgs[0], &mut self.kernel) {
+                (HS_NEW_SESSION_TICKET, Kernel::Client(k)) => {
+                    k.handle_new_session_ticket(body).map_err(tls_err)?
+                }
+                (HS_KEY_UPDATE, _) => {
+                    if !rest.is_empty() {
+                        return Err(peer_misbehaved("data behind a KeyUpdate in its record"));
+                    }
+                    let requested = match body {
+                        [0] => false,
+                        [1] => true,
+                        _ => return Err(peer_misbehaved("a malformed KeyUpdate")),
+                    };
+                    self.rx =
+                        Keys::new(self.kernel.update_rx().map_err(tls_err)?).map_err(tls_err)?;
+                    if requested {
+                        self.update_tx_key(sock)?;
+                    }
+                }
+                (t, _) => {
+                    return Err(peer_misbehaved(&format!(
+                        "handshake message type {t} after the handshake"
+                    )));
+                }
+            }
+            msgs = rest;
+        }
+        Ok(())
+    }
+
+    /// Tells the peer (under the old key) that we move to the next one.
+    fn update_tx_key(&mut self, sock: &mut Sock<'_>) -> io::Result<()> {
+        self.send_record(sock, CT_HANDSHAKE, &[&[HS_KEY_UPDATE, 0, 0, 1, 0]])?;
+        self.tx = Keys::new(self.kernel.update_tx().map_err(tls_err)?).map_err(tls_err)?;
+        Ok(())
+    }
+
+    /// Seals one record of `content_type` holding `parts` at the end of
+    /// the send buffer.
+    fn seal_into_txb(&mut self, content_type: u8, parts: &[&[u8]]) {
+        let n: usize = parts.iter().map(|p| p.len()).sum();
+        debug_assert!(n <= MAX_PLAINTEXT);
+        let len = (n + 1 + TAG) as u16;
+        let hdr = [CT_APPDATA, 3, 3, (len >> 8) as u8, len as u8];
+        self.txb.extend_from_slice(&hdr);
+        let body = self.txb.len();
+        for p in parts {
+            self.txb.extend_from_slice(p);
+        }
+        self.txb.push(content_type);
+        let nonce = self.tx.next_nonce();
+        let tag = self
+            .tx
+            .key
+            .seal_in_place_separate_tag(nonce, ring::aead::Aad::from(hdr), &mut self.txb[body..])
+            .expect("a record within the AEAD's limits");
+        self.txb.extend_from_slice(tag.as_ref());
+    }
+
+    fn send_record(
+        &mut self,
+        sock: &mut Sock<'_>,
+        content_type: u8,
+        parts: &[&[u8]],
+    ) -> io::Result<()> {
+        self.txb.clear();
+        self.seal_into_txb(content_type, parts);
+        sock.write_all(&self.txb)
+    }
+
+    /// Encrypts up to [`TX_BATCH`] bytes of `bufs` as full records, each
+    /// gathered straight from the caller's slices, and sends them.
+    fn write(&mut self, sock: &mut Sock<'_>, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        self.check()?;
+        let total = bufs.iter().map(|b| b.len()).sum::<usize>().min(TX_BATCH);
+        if total == 0 {
+            return Ok(0);
+        }
+        if self.tx.seq + (total / MAX_PLAINTEXT + 1) as u64 >= self.limit {
+            self.update_tx_key(sock).map_err(|e| self.fail(e))?;
+        }
+        self.txb.clear();
+        let (mut slice, mut off) = (0, 0);
+        let mut left = total;
+        let mut parts: Vec<&[u8]> = Vec::with_capacity(4);
+        while left > 0 {
+            let mut want = left.min(MAX_PLAINTEXT);
+            left -= want;
+            parts.clear();
+            while want > 0 {
+                let b = &bufs[slice][off..];
+                let k = b.len().min(want);
+                if k > 0 {
+                    parts.push(&b[..k]);
+                }
+                want -= k;
+                off += k;
+                if off == bufs[slice].len() {
+                    slice += 1;
+                    off = 0;
+                }
+            }
+            self.seal_into_txb(CT_APPDATA, &parts);
+        }
+        match sock.write_all(&self.txb) {
+            Ok(()) => Ok(total),
+            // Part of the records may be out: the stream cannot go on.
+            Err(e) => Err(self.fail(e)),
+        }
+    }
+}
 
 impl Channel {
-    /// Runs `f` on the TLS session over the socket, or on the plain socket.
-    fn with_io<R>(&mut self, f: impl FnOnce(&mut dyn Io) -> io::Result<R>) -> io::Result<R> {
-        let Some(tls) = &self.tls else {
-            return f(&mut Sock {
-                tcp: &self.tcp,
-                deadline: self.deadline,
-                rx: None,
-            });
-        };
-        let mut guard = lock(tls);
-        let TlsState { conn, rx } = &mut *guard;
-        let mut sock = Sock {
+    fn sock(&self) -> Sock<'_> {
+        Sock {
             tcp: &self.tcp,
             deadline: self.deadline,
-            rx: Some(rx),
-        };
-        match conn {
-            Tls::Client(c) => f(&mut rustls::Stream::new(c, &mut sock)),
-            Tls::Server(c) => f(&mut rustls::Stream::new(c, &mut sock)),
         }
     }
 }
 
 impl Read for Channel {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.with_io(|s| s.read(buf))
+        let mut sock = self.sock();
+        match &self.tls {
+            None => sock.read(buf),
+            Some(tls) => lock(tls).read(&mut sock, buf),
+        }
     }
 }
 
 impl Write for Channel {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.with_io(|s| s.write(buf))
+        self.write_vectored(&[io::IoSlice::new(buf)])
     }
 
     fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
-        self.with_io(|s| s.write_vectored(bufs))
+        let mut sock = self.sock();
+        match &self.tls {
+            None => sock.write_vectored(bufs),
+            Some(tls) => lock(tls).write(&mut sock, bufs),
+        }
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        self.with_io(|s| s.flush())
+        Ok(())
     }
 }
 
@@ -880,6 +1480,311 @@ mod tests {
         eprintln!("64 MiB over TLS in {:?}", started.elapsed());
         assert_eq!(u64::from_le_bytes(back), sum);
         assert_eq!(server.join().unwrap(), sum);
+    }
+
+    fn identity() -> (tempfile::TempDir, Arc<TlsIdentity>) {
+        let tmp = tempfile::tempdir().unwrap();
+        let dirs = tls_init(tmp.path(), &["127.0.0.1".into()]).unwrap();
+        let id = Arc::new(TlsIdentity::load(&dirs[0]).unwrap());
+        (tmp, id)
+    }
+
+    /// A client and a server channel, the client's bytes to the server
+    /// passing through `relay` (which may cut, delay or damage them) on a
+    /// thread of its own; the server's bytes to the client go straight.
+    fn pair_through(
+        id: &Arc<TlsIdentity>,
+        relay: impl FnOnce(TcpStream, TcpStream) + Send + 'static,
+    ) -> (Channel, Channel) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let front = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let front_addr = front.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let (from_client, _) = front.accept().unwrap();
+            let to_server = TcpStream::connect(addr).unwrap();
+            let (mut back_r, mut back_w) = (
+                to_server.try_clone().unwrap(),
+                from_client.try_clone().unwrap(),
+            );
+            std::thread::spawn(move || {
+                let _ = io::copy(&mut back_r, &mut back_w);
+                let _ = back_w.shutdown(Shutdown::Write);
+            });
+            relay(from_client, to_server);
+        });
+        let sid = id.clone();
+        let server = std::thread::spawn(move || {
+            let (tcp, _) = listener.accept().unwrap();
+            let mut ch =
+                Channel::accept(tcp, &sid, Instant::now() + Duration::from_secs(20)).unwrap();
+            ch.clear_deadline(Some(Duration::from_secs(20)));
+            ch
+        });
+        let tcp = TcpStream::connect(front_addr).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let client = Channel::connect(tcp, id, peer_name("127.0.0.1").unwrap(), deadline).unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        (client, server.join().unwrap())
+    }
+
+    /// Forwards in pieces of 1 to 7 bytes, so that records arrive cut
+    /// anywhere, headers included.
+    fn trickle(mut from: TcpStream, mut to: TcpStream) {
+        to.set_nodelay(true).unwrap();
+        let mut buf = [0u8; 7];
+        let mut k = 0usize;
+        loop {
+            let want = 1 + k % buf.len();
+            k += 1;
+            match from.read(&mut buf[..want]) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if to.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = to.shutdown(Shutdown::Write);
+    }
+
+    fn pattern(len: usize, seed: usize) -> Vec<u8> {
+        (0..len)
+            .map(|i| ((i * 131 + seed * 17) ^ (i >> 9)) as u8)
+            .collect()
+    }
+
+    /// Writes of sizes around the record size, single and vectored, read
+    /// back with reads of odd sizes: every byte arrives, in order.
+    #[test]
+    fn odd_sized_writes_and_reads_arrive_intact() {
+        let (_tmp, id) = identity();
+        let (mut client, mut server) = pair_through(&id, |mut a, mut b| {
+            let _ = io::copy(&mut a, &mut b);
+            let _ = b.shutdown(Shutdown::Write);
+        });
+        let sizes = [
+            1usize,
+            16383,
+            16384,
+            16385,
+            3,
+            0,
+            32768,
+            100_001,
+            5,
+            262_144,
+            262_145,
+            1 << 20,
+        ];
+        let mut expected = Vec::new();
+        let writer = {
+            let mut sent = Vec::new();
+            for (i, &n) in sizes.iter().enumerate() {
+                let a = pattern(n, i);
+                let b = pattern(n / 3 + 1, i + 100);
+                sent.extend_from_slice(&a);
+                sent.extend_from_slice(&b);
+            }
+            expected.extend_from_slice(&sent);
+            std::thread::spawn(move || {
+                for (i, &n) in sizes.iter().enumerate() {
+                    let a = pattern(n, i);
+                    let b = pattern(n / 3 + 1, i + 100);
+                    if i % 2 == 0 {
+                        client.write_all(&a).unwrap();
+                        client.write_all(&b).unwrap();
+                    } else {
+                        let (mut da, mut db) = (0, 0);
+                        while da < a.len() || db < b.len() {
+                            let k = client
+                                .write_vectored(&[
+                                    io::IoSlice::new(&a[da..]),
+                                    io::IoSlice::new(&b[db..]),
+                                ])
+                                .unwrap();
+                            assert!(k > 0);
+                            let ka = k.min(a.len() - da);
+                            da += ka;
+                            db += k - ka;
+                        }
+                    }
+                }
+                client
+            })
+        };
+        let mut got = Vec::new();
+        let reads = [1usize, 7, 16384, 5000, 16385, 300_000, 13];
+        let mut i = 0;
+        while got.len() < expected.len() {
+            let want = reads[i % reads.len()].min(expected.len() - got.len());
+            i += 1;
+            let mut buf = vec![0u8; want];
+            let n = server.read(&mut buf).unwrap();
+            assert!(n > 0 && n <= want);
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert!(got == expected, "the stream arrived altered");
+        // And back the other way, through the same session.
+        let mut client = writer.join().unwrap();
+        server.write_all(b"done").unwrap();
+        let mut back = [0u8; 4];
+        client.read_exact(&mut back).unwrap();
+        assert_eq!(&back, b"done");
+    }
+
+    /// Records cut into pieces of a few bytes by the network are put back
+    /// together, during the handshake and after.
+    #[test]
+    fn records_split_across_socket_reads_arrive_intact() {
+        let (_tmp, id) = identity();
+        let (mut client, mut server) = pair_through(&id, trickle);
+        let data = pattern(200_003, 9);
+        let sent = data.clone();
+        let w = std::thread::spawn(move || client.write_all(&sent).unwrap());
+        let mut got = vec![0u8; data.len()];
+        server.read_exact(&mut got).unwrap();
+        w.join().unwrap();
+        assert!(got == data, "the stream arrived altered");
+    }
+
+    /// One flipped bit in a record after the handshake: the receiver
+    /// refuses the record with a TLS error saying so, and every later read
+    /// fails the same way rather than returning data.
+    #[test]
+    fn a_corrupted_record_is_refused_clearly() {
+        let (_tmp, id) = identity();
+        let damage = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let armed = damage.clone();
+        let (mut client, mut server) = pair_through(&id, move |mut a, mut b| {
+            let mut buf = [0u8; 4096];
+            loop {
+                let n = match a.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                if armed.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                    // Past the 5-byte header: the ciphertext or its tag.
+                    buf[n.min(40) - 1] ^= 0x10;
+                }
+                if b.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+        });
+        client.write_all(b"first").unwrap();
+        let mut first = [0u8; 5];
+        server.read_exact(&mut first).unwrap();
+        assert_eq!(&first, b"first");
+        damage.store(true, std::sync::atomic::Ordering::SeqCst);
+        client.write_all(&pattern(30_000, 1)).unwrap();
+        let mut buf = vec![0u8; 30_000];
+        let err = server.read_exact(&mut buf).unwrap_err();
+        assert!(is_tls_error(&err), "{err:?}");
+        assert!(err.to_string().contains("failed authentication"), "{err}");
+        let again = server.read(&mut buf).unwrap_err();
+        assert!(
+            again.to_string().contains("failed authentication"),
+            "{again}"
+        );
+    }
+
+    /// A peer that trickles bytes of a plausible handshake never keeps
+    /// accept() past its deadline: each byte does not re-arm it.
+    #[test]
+    fn the_handshake_deadline_holds_against_a_trickling_peer() {
+        let (_tmp, id) = identity();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        let trickler = std::thread::spawn(move || {
+            let mut tcp = TcpStream::connect(addr).unwrap();
+            tcp.set_nodelay(true).unwrap();
+            // A handshake record header announcing 16 KiB, then a byte at a
+            // time, each well within any per-read timeout.
+            let mut bytes = vec![22u8, 3, 1, 0x40, 0, 1, 0, 0x3f, 0xfc];
+            bytes.extend(std::iter::repeat_n(0u8, 1 << 14));
+            for b in bytes {
+                if stopped.load(std::sync::atomic::Ordering::SeqCst) || tcp.write_all(&[b]).is_err()
+                {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        let (tcp, _) = listener.accept().unwrap();
+        let err = match Channel::accept(tcp, &id, Instant::now() + Duration::from_millis(800)) {
+            Ok(_) => panic!("a trickled handshake was accepted"),
+            Err(e) => e,
+        };
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut, "{err}");
+        assert!(err.to_string().contains("in time"), "{err}");
+        trickler.join().unwrap();
+    }
+
+    /// close_notify from the peer ends the stream with EOF; a peer that
+    /// just hangs up is an error, not a clean end.
+    #[test]
+    fn close_notify_is_eof_and_a_bare_hangup_is_not() {
+        let (_tmp, id) = identity();
+        let (client, mut server) = pair_through(&id, |mut a, mut b| {
+            let _ = io::copy(&mut a, &mut b);
+            let _ = b.shutdown(Shutdown::Write);
+        });
+        {
+            let mut st = lock(client.tls.as_ref().unwrap());
+            let mut sock = client.sock();
+            st.send_record(&mut sock, CT_APPDATA, &[b"bye"]).unwrap();
+            st.send_record(&mut sock, CT_ALERT, &[&[1, 0]]).unwrap();
+        }
+        let mut buf = [0u8; 16];
+        assert_eq!(server.read(&mut buf).unwrap(), 3);
+        assert_eq!(&buf[..3], b"bye");
+        assert_eq!(server.read(&mut buf).unwrap(), 0);
+        assert_eq!(server.read(&mut buf).unwrap(), 0);
+
+        let (client, mut server) = pair_through(&id, |mut a, mut b| {
+            let _ = io::copy(&mut a, &mut b);
+            let _ = b.shutdown(Shutdown::Write);
+        });
+        client.shutdown(Shutdown::Both).unwrap();
+        let err = server.read(&mut buf).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof, "{err}");
+    }
+
+    /// A KeyUpdate asking for ours: both directions move to new keys and
+    /// the stream goes on (rustls's kernel connection does the schedule).
+    #[test]
+    fn a_key_update_moves_both_directions_to_new_keys() {
+        let (_tmp, id) = identity();
+        let (mut client, mut server) = pair_through(&id, |mut a, mut b| {
+            let _ = io::copy(&mut a, &mut b);
+            let _ = b.shutdown(Shutdown::Write);
+        });
+        {
+            let mut st = lock(client.tls.as_ref().unwrap());
+            let mut sock = client.sock();
+            st.send_record(&mut sock, CT_HANDSHAKE, &[&[HS_KEY_UPDATE, 0, 0, 1, 1]])
+                .unwrap();
+            st.tx = Keys::new(st.kernel.update_tx().unwrap()).unwrap();
+        }
+        client.write_all(b"after").unwrap();
+        let mut buf = [0u8; 5];
+        server.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"after");
+        // The server answered with its own KeyUpdate before this.
+        server.write_all(b"reply").unwrap();
+        let mut st = lock(client.tls.as_ref().unwrap());
+        let mut sock = client.sock();
+        assert!(matches!(st.open_record(&mut sock), Ok(None)));
+        drop(st);
+        client.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"reply");
     }
 
     #[test]
