@@ -748,6 +748,8 @@ fn vet(
     }
 }
 
+/// How long a refusal waits for the peer's last bytes, in all.
+const LINGER: Duration = Duration::from_secs(2);
 /// What an unauthenticated peer may still send after its refusal (a TLS
 /// record or two, a Hello) before we close anyway.
 const PRE_AUTH_DRAIN: usize = 1 << 20;
@@ -760,12 +762,18 @@ const ABORT_DRAIN: usize = super::protocol::MAX_MEMORY_CHUNK + (4 << 20);
 /// with its bytes unread would reset the connection, and the reset could
 /// overtake our reason on its way to the peer.
 /// At most `max_bytes` are drained, within 2 s.
+/// The 2 s are one deadline for the whole drain: a peer trickling a byte
+/// at a time cannot keep it going.
 fn linger_close(tcp: &TcpStream, max_bytes: usize) {
     let _ = tcp.shutdown(std::net::Shutdown::Write);
-    let _ = tcp.set_read_timeout(Some(Duration::from_secs(2)));
+    let deadline = Instant::now() + LINGER;
     let mut sink = [0u8; 16 << 10];
     let mut left = max_bytes;
     while left > 0 {
+        let rest = deadline.saturating_duration_since(Instant::now());
+        if rest.is_zero() || tcp.set_read_timeout(Some(rest)).is_err() {
+            break;
+        }
         match (&*tcp).read(&mut sink) {
             Ok(0) | Err(_) => break,
             Ok(n) => left = left.saturating_sub(n),
@@ -1740,6 +1748,40 @@ mod tests {
             }
             assert_eq!(frame_step(st, Kind::Error).unwrap(), Step::PeerError);
         }
+    }
+
+    /// A peer that trickles bytes after its refusal does not hold the
+    /// drain beyond its one deadline (each byte used to restart the read
+    /// timeout: 1 MiB at a byte a second was days).
+    #[test]
+    fn a_trickling_peer_cannot_hold_the_linger_open() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut peer = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (ours, _) = l.accept().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let s2 = stop.clone();
+        let trickler = std::thread::spawn(move || {
+            let mut sent = 0u64;
+            while !s2.load(Ordering::SeqCst) && sent < 600 {
+                if std::io::Write::write_all(&mut peer, b"x").is_err() {
+                    break;
+                }
+                sent += 1;
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            sent
+        });
+        let t = Instant::now();
+        linger_close(&ours, PRE_AUTH_DRAIN);
+        let took = t.elapsed();
+        stop.store(true, Ordering::SeqCst);
+        let sent = trickler.join().unwrap();
+        // Liveness, not speed: it ended while the peer was still sending.
+        assert!(took < Duration::from_secs(25), "{took:?}");
+        assert!(
+            sent < 600,
+            "the drain outlasted the trickler ({sent} bytes)"
+        );
     }
 
     #[test]
