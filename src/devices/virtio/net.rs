@@ -366,6 +366,10 @@ pub struct Net {
     /// VIRTIO_NET_S_ANNOUNCE in the config status: set when the guest is
     /// asked to announce itself, cleared by its ANNOUNCE_ACK.
     announce_status: bool,
+    /// This process asked the guest and has had no ack since: a second
+    /// request (the destination asks when it builds the guest and again
+    /// when it starts it) would only make the guest announce twice.
+    announce_asked: bool,
     /// Config changes the device made itself, added to the transport's
     /// ConfigGeneration so that a driver sees the status change.
     config_epoch: u32,
@@ -424,6 +428,7 @@ impl Net {
             queue_max_sizes: [QUEUE_SIZE, QUEUE_SIZE, CTRL_QUEUE_SIZE],
             queue_evts,
             announce_status: false,
+            announce_asked: false,
             config_epoch: 0,
             irq,
             mem: None,
@@ -552,6 +557,10 @@ impl Net {
     }
 
     fn ask_guest_to_announce(&mut self) {
+        if self.announce_asked && self.announce_status {
+            return;
+        }
+        self.announce_asked = true;
         // Any RARP series still running is for a guest that has since
         // negotiated the feature: the guest speaks for itself now.
         self.announce_next = ANNOUNCE_AT_MS.len();
@@ -813,6 +822,7 @@ impl Net {
                     let ack = match (cmd.class, cmd.cmd, cmd.data_len) {
                         (CTRL_ANNOUNCE, CTRL_ANNOUNCE_ACK, 0) if guest_announce => {
                             self.announce_status = false;
+                            self.announce_asked = false;
                             CTRL_OK
                         }
                         (class, c, len) => {
@@ -1190,6 +1200,7 @@ impl VirtioDevice for Net {
         self.queues.clear();
         self.acked_features = 0;
         self.announce_status = false;
+        self.announce_asked = false;
         self.rx_len = 0;
         // Held frames stay: a transport's restore resets its device before
         // activating it, and they are for whichever driver runs next.
@@ -1580,6 +1591,11 @@ mod tests {
                 "no RARP: the guest speaks"
             );
             assert_eq!(net.announce_next, ANNOUNCE_AT_MS.len(), "no RARP series");
+            // Asked again before the ack (build, then start): not twice.
+            let epoch = net.config_epoch();
+            net.announce();
+            assert_eq!(net.counters().guest_announce_requests, 1);
+            assert_eq!(net.config_epoch(), epoch);
             // The bit travels with the state.
             assert!(net.save().announce);
             // An unknown class is answered ERR and leaves the bit.
@@ -1615,6 +1631,10 @@ mod tests {
             let c = net.counters();
             assert_eq!((c.ctrl_ok, c.ctrl_err, c.ctrl_dropped), (1, 2, 1));
             assert_eq!(ctrl.used().idx().load(), 4);
+            // Once acked, a later move asks again.
+            net.announce();
+            assert_eq!(net.counters().guest_announce_requests, 2);
+            assert_eq!(status(&net), S_LINK_UP | S_ANNOUNCE);
         }
 
         #[test]
