@@ -756,3 +756,66 @@ fn storage_migration_from_an_unprivileged_source_of_root_only_files() {
     assert!(dst.wait_exit(WAIT).success());
     verify_blkwrite_image(&copy_dir.join("drive0-d0.img"), BLOCKS, SEED).unwrap();
 }
+
+/// Issue 10: every thread of both ends of a storage migration runs under a
+/// list of its own, stacked on the process list (`Seccomp_filters` counts
+/// the stack): on the source the event loop, and on top of it the
+/// migration thread, whose copy, memory connections and throttle add
+/// theirs; on the destination the share's threads and the memory
+/// connections, while its main thread is still receiving. Cancelled, the
+/// source's guest writes on.
+#[test]
+fn every_migration_thread_runs_under_a_list_of_its_own() {
+    let Some(s) = Setup::new("every_migration_thread_runs_under_a_list_of_its_own") else {
+        return;
+    };
+    let (mut dst, src) = s.slow_copy_under_way();
+    let count = |counts: &[(String, u32)], name: &str| -> Vec<u32> {
+        counts
+            .iter()
+            .filter(|(n, _)| {
+                n == name || (name.ends_with('*') && n.starts_with(&name[..name.len() - 1]))
+            })
+            .map(|(_, c)| *c)
+            .collect()
+    };
+    let source = filter_counts(src.pid());
+    let all = |name: &str, want: u32| {
+        let found = count(&source, name);
+        assert!(!found.is_empty(), "no {name}: {source:?}");
+        assert!(found.iter().all(|c| *c == want), "{name}: {source:?}");
+    };
+    all("ferry", 2); // process + event loop
+    all("vcpu*", 2);
+    all("blk-*", 2);
+    all("migration", 3); // + migration
+    all("storage-copy*", 4); // + the copy's own (its workers inherit it)
+    for (_, c) in source
+        .iter()
+        .filter(|(n, _)| n.starts_with("migration-lane"))
+    {
+        assert_eq!(*c, 4, "{source:?}");
+    }
+    for (_, c) in source.iter().filter(|(n, _)| n == "throttle") {
+        assert_eq!(*c, 4, "{source:?}");
+    }
+    let dest = filter_counts(dst.pid());
+    // Still receiving: the main thread has only the process list.
+    assert_eq!(count(&dest, "ferry"), vec![1], "{dest:?}");
+    assert_eq!(count(&dest, "ferry-share"), vec![2], "{dest:?}");
+    let share = count(&dest, "ferry-share-fs");
+    assert!(
+        !share.is_empty() && share.iter().all(|c| *c >= 2),
+        "{dest:?}"
+    );
+    // Memory connections that joined: process + acceptor + their own.
+    for (_, c) in dest.iter().filter(|(n, _)| n == "ferry-lane") {
+        assert_eq!(*c, 3, "{dest:?}");
+    }
+    assert!(dest.iter().all(|(_, c)| *c >= 1), "{dest:?}");
+
+    let (code, body) = src.api("PUT", "/migration/cancel");
+    assert_eq!(code, 200, "{body}");
+    assert!(!dst.wait_exit(WAIT).success());
+    assert_guest_runs_on_locally(&s, src);
+}

@@ -373,17 +373,10 @@ fn accept_loop(listener: &UnixListener, context: &Arc<Context>, stopping: &Atomi
 }
 
 /// Narrows the calling thread to `filter` once the process is confined
-/// (issue 10: each thread its own allow-list); false, with a line on
-/// stderr, if the filter cannot go in: the thread then stops rather than
-/// serve unconfined.
+/// (issue 10: each thread its own allow-list); false if the filter cannot
+/// go in: the thread then stops rather than serve unconfined.
 fn narrow(filter: ThreadFilter) -> bool {
-    match crate::security::seccomp::narrow_when_confined(filter) {
-        Ok(_) => true,
-        Err(e) => {
-            eprintln!("ferry: control socket: {e}; no longer serving");
-            false
-        }
-    }
+    crate::security::narrow_thread("control socket", filter)
 }
 
 /// The uid of the process at the other end of `client` (SO_PEERCRED).

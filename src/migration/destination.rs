@@ -32,6 +32,7 @@ use super::share::{NfsShareServer, ShareGuard};
 use super::transport::{cert_names_any, explain_handshake_error, Channel, Security};
 use crate::config::{SerialConfig, VmConfig};
 use crate::devices::virtio::net::{parse_mac, NetError, Tap};
+use crate::security::ThreadFilter;
 use crate::snapshot::VmState;
 use crate::util::lock;
 use crate::vstate::memory::{create_guest_memory, GuestMemoryMmap};
@@ -617,6 +618,9 @@ fn accept_loop(
     won: Arc<AtomicBool>,
     tx: mpsc::Sender<(Channel, SocketAddr, Hello)>,
 ) {
+    if !crate::security::narrow_thread("migration accept", ThreadFilter::Acceptor) {
+        return;
+    }
     let pending = Arc::new(AtomicUsize::new(0));
     loop {
         let accepted = listener.accept();
@@ -644,6 +648,11 @@ fn accept_loop(
         let spawned = std::thread::Builder::new()
             .name("ferry-handshake".into())
             .spawn(move || {
+                // Pre-authentication input meets the narrowest list.
+                if !crate::security::narrow_thread("handshake", ThreadFilter::Handshake) {
+                    pending2.fetch_sub(1, Ordering::SeqCst);
+                    return;
+                }
                 match vet(tcp, peer, &vetting) {
                     Ok((mut stream, hello)) => {
                         if won

@@ -321,6 +321,13 @@ impl Prefaulter {
         let thread = std::thread::Builder::new()
             .name("prefault".into())
             .spawn(move || {
+                // Without its filter the receive thread faults pages in.
+                if !crate::security::narrow_thread(
+                    "prefault",
+                    crate::security::ThreadFilter::Prefault,
+                ) {
+                    return;
+                }
                 while let Ok((gpa, len)) = rx.recv() {
                     if !populate(&helper_mem, gpa, len) {
                         // No MADV_POPULATE_WRITE here (Linux < 5.14): the

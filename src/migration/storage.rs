@@ -390,17 +390,25 @@ impl StorageCopy {
             std::thread::Builder::new()
                 .name("storage-copy".into())
                 .spawn(move || {
-                    let result = copy_all(&targets, &progress, &pacer).and_then(|()| {
-                        for (name, bytes) in &extra {
-                            let f = share.create(name, bytes.len() as u64)?;
-                            f.write_at(0, bytes)?;
-                            f.sync()?;
-                        }
-                        // Commit the bulk of the copy now, while the guest
-                        // runs: the final commit, in the pause, then only
-                        // has what was mirrored since.
-                        targets.iter().try_for_each(|t| t.commit())
-                    });
+                    // Issue 10: narrowed before it reads a byte; its
+                    // workers inherit the list.
+                    let narrowed = crate::security::seccomp::narrow_when_confined(
+                        crate::security::ThreadFilter::StorageCopy,
+                    )
+                    .map_err(|e| StorageError::Start(std::io::Error::other(e.to_string())));
+                    let result = narrowed
+                        .and_then(|_| copy_all(&targets, &progress, &pacer))
+                        .and_then(|()| {
+                            for (name, bytes) in &extra {
+                                let f = share.create(name, bytes.len() as u64)?;
+                                f.write_at(0, bytes)?;
+                                f.sync()?;
+                            }
+                            // Commit the bulk of the copy now, while the guest
+                            // runs: the final commit, in the pause, then only
+                            // has what was mirrored since.
+                            targets.iter().try_for_each(|t| t.commit())
+                        });
                     match result {
                         Ok(()) => progress.copy_done.store(true, Ordering::SeqCst),
                         Err(why) => progress.fail(why),

@@ -781,7 +781,13 @@ impl<'a> Handshake<'a> {
                     if let Ok(n) = e.encode(&mut out) {
                         let _ = self.sock.write_all(&out[..n]);
                     }
-                    true
+                    // The alert is the one message a failure queues. Asking
+                    // rustls again would make it deframe the failed input
+                    // once more and queue a second fatal alert (a debug
+                    // assertion in rustls: random bytes sent to a receiver
+                    // panicked its handshake thread).
+                    self.rx.start += discard;
+                    return;
                 }
                 Ok(ConnectionState::TransmitTlsData(t)) => {
                     t.done();

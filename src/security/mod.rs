@@ -46,6 +46,7 @@ pub fn configure(settings: Settings) {
     invoking_uid();
     if settings.seccomp != SeccompMode::None {
         cap_malloc_arenas();
+        panic_without_backtrace();
     }
     if SETTINGS.set(settings).is_ok() {
         seccomp::precompile(settings.seccomp, settings.jail.is_none());
@@ -62,6 +63,21 @@ fn cap_malloc_arenas() {
     let arenas = i32::try_from(cpus.saturating_mul(8)).unwrap_or(i32::MAX);
     // SAFETY: mallopt only sets a malloc parameter.
     unsafe { libc::mallopt(libc::M_ARENA_MAX, arenas) };
+}
+
+/// A panic on a narrowed thread must still say what it was: std's hook,
+/// asked for a backtrace (`RUST_BACKTRACE`), resolves paths (`getcwd`) and
+/// reads the binary, which the lists do not allow, so the filter would
+/// kill the process naming `getcwd` instead. This hook only writes the
+/// thread's name and the panic's place and message to stderr.
+fn panic_without_backtrace() {
+    std::panic::set_hook(Box::new(|info| {
+        let thread = std::thread::current();
+        let name = thread.name().unwrap_or("<unnamed>");
+        eprintln!(
+            "thread '{name}' {info}\nnote: no backtrace under the seccomp filters (--seccomp none gives one)"
+        );
+    }));
 }
 
 /// The uid that started ferry, as it was before any `--uid` drop (recorded
@@ -162,4 +178,18 @@ pub fn jailed_path(path: &std::path::Path) -> std::path::PathBuf {
 /// process-wide one). Called by Ferry's own threads once set up.
 pub fn confine_thread(filter: ThreadFilter) -> Result<(), SecurityError> {
     seccomp::install_thread_filter(mode(), filter)
+}
+
+/// Narrows the calling thread to `filter`'s list once the process is
+/// confined (`seccomp::narrow_when_confined`: nothing before that, nothing
+/// more once narrowed). On failure it says so on stderr, naming `thread`,
+/// and returns false: the caller then stops rather than go on unconfined.
+pub fn narrow_thread(thread: &str, filter: ThreadFilter) -> bool {
+    match seccomp::narrow_when_confined(filter) {
+        Ok(_) => true,
+        Err(e) => {
+            eprintln!("ferry: {thread}: {e}; stopping this thread");
+            false
+        }
+    }
 }

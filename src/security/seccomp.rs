@@ -33,7 +33,10 @@ pub enum SeccompMode {
     None,
 }
 
-/// The narrower per-thread lists.
+/// The narrower per-thread lists. A thread inherits the filters of the
+/// thread that started it and may add its own on top (both must allow), so
+/// a list that starts threads holds everything those threads do; the
+/// unit tests check each such pair (`CHILDREN`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ThreadFilter {
     /// A vCPU thread: `KVM_RUN`, device emulation's writes, pausing.
@@ -45,14 +48,103 @@ pub enum ThreadFilter {
     /// it to the event loop over a channel, writes the answer. No files, no
     /// new sockets, no threads, no ioctls.
     ApiConnection,
+    /// The event loop (the main thread once the guest runs): device
+    /// queues, the console, API actions (snapshots, pause, starting a
+    /// migration). No listening sockets, no new guest memory, no taps.
+    EventLoop,
+    /// A drive's request thread (`blk-<id>`): guest requests on the open
+    /// image, and while mirroring, on the copy through the share's client
+    /// (TCP only). No opens, no KVM ioctls.
+    Block,
+    /// The source's migration thread: the channel, the dirty log and state
+    /// ioctls, the storage plan; it starts the lanes, copy and throttle.
+    Migration,
+    /// A source memory connection (`migration-lane<i>`): sends only.
+    LaneOut,
+    /// The storage copy (`storage-copy`, and the workers it starts): reads
+    /// the VM's own descriptors, writes the share (its client, or a
+    /// mounted path's files).
+    StorageCopy,
+    /// The source's vCPU throttle: sleeps and kicks this process's vCPUs.
+    Throttle,
+    /// The destination's accept threads (`ferry-accept`, `ferry-lanes`):
+    /// accept and start one thread per connection, which narrows itself.
+    Acceptor,
+    /// A destination's connection before it is a migration
+    /// (`ferry-handshake`): TLS handshake and Hello checks, read-only opens
+    /// of host facts, `KVM_GET_SUPPORTED_CPUID`. No sockets of its own.
+    Handshake,
+    /// A destination's extra memory connection (`ferry-lane`): its TLS
+    /// handshake, then frames into guest memory.
+    LaneIn,
+    /// The destination's memory prefaulting helper (`prefault`).
+    Prefault,
+    /// The share server's threads (`ferry-share`, `ferry-share-fs`): TLS
+    /// connections and the files of its own directory.
+    Share,
 }
 
+/// Every per-thread filter, in `ThreadPrograms` order.
+const THREAD_FILTERS: [ThreadFilter; 14] = [
+    ThreadFilter::Vcpu,
+    ThreadFilter::ApiAccept,
+    ThreadFilter::ApiConnection,
+    ThreadFilter::EventLoop,
+    ThreadFilter::Block,
+    ThreadFilter::Migration,
+    ThreadFilter::LaneOut,
+    ThreadFilter::StorageCopy,
+    ThreadFilter::Throttle,
+    ThreadFilter::Acceptor,
+    ThreadFilter::Handshake,
+    ThreadFilter::LaneIn,
+    ThreadFilter::Prefault,
+    ThreadFilter::Share,
+];
+
 impl ThreadFilter {
-    fn name(self) -> &'static str {
+    pub fn name(self) -> &'static str {
         match self {
             ThreadFilter::Vcpu => "vcpu",
             ThreadFilter::ApiAccept => "api",
             ThreadFilter::ApiConnection => "api-conn",
+            ThreadFilter::EventLoop => "event-loop",
+            ThreadFilter::Block => "blk",
+            ThreadFilter::Migration => "migration",
+            ThreadFilter::LaneOut => "lane-out",
+            ThreadFilter::StorageCopy => "storage-copy",
+            ThreadFilter::Throttle => "throttle",
+            ThreadFilter::Acceptor => "acceptor",
+            ThreadFilter::Handshake => "handshake",
+            ThreadFilter::LaneIn => "lane-in",
+            ThreadFilter::Prefault => "prefault",
+            ThreadFilter::Share => "share",
+        }
+    }
+
+    fn index(self) -> usize {
+        THREAD_FILTERS
+            .iter()
+            .position(|f| *f == self)
+            .unwrap_or_default()
+    }
+
+    fn rules(self) -> Result<Rules, SecurityError> {
+        match self {
+            ThreadFilter::Vcpu => vcpu_rules(),
+            ThreadFilter::ApiAccept => api_accept_rules(),
+            ThreadFilter::ApiConnection => api_conn_rules(),
+            ThreadFilter::EventLoop => event_loop_rules(),
+            ThreadFilter::Block => block_rules(),
+            ThreadFilter::Migration => migration_rules(),
+            ThreadFilter::LaneOut => lane_out_rules(),
+            ThreadFilter::StorageCopy => storage_copy_rules(),
+            ThreadFilter::Throttle => throttle_rules(),
+            ThreadFilter::Acceptor => acceptor_rules(),
+            ThreadFilter::Handshake => handshake_rules(),
+            ThreadFilter::LaneIn => lane_in_rules(),
+            ThreadFilter::Prefault => prefault_rules(),
+            ThreadFilter::Share => share_rules(),
         }
     }
 }
@@ -194,6 +286,10 @@ const VCPU_SYSCALLS: &[i64] = &[
     libc::SYS_rt_sigprocmask,
     libc::SYS_rt_sigreturn,
     libc::SYS_sched_yield,
+    // A SIGTERM or SIGINT may be delivered to a vCPU thread: the shutdown
+    // signals' handler wakes the event loop with a `sendto` on its socket
+    // pair (a trace showed a `ferry run` killed by its own filter there).
+    libc::SYS_sendto,
     libc::SYS_sigaltstack,
     libc::SYS_write,
     libc::SYS_writev,
@@ -353,6 +449,8 @@ fn with_thread_life(lists: &[&[i64]]) -> Rules {
 /// (`FIONBIO`); `prctl` only to name itself and for the SIGSYS handler.
 fn api_conn_rules() -> Result<Rules, SecurityError> {
     let mut rules = with_thread_life(&[API_CONN_SYSCALLS]);
+    rules.extend(plain(HANDLERS));
+    tgkill_own(&mut rules)?;
     rules.insert(libc::SYS_ioctl, any_of(1, &[libc::FIONBIO])?);
     // Read-only opens only: no write access, no creating, no truncating.
     let writes = (libc::O_ACCMODE | libc::O_CREAT | libc::O_TRUNC | libc::O_APPEND) as u64;
@@ -386,8 +484,333 @@ fn api_accept_rules() -> Result<Rules, SecurityError> {
 
 fn vcpu_rules() -> Result<Rules, SecurityError> {
     let mut rules = plain(VCPU_SYSCALLS);
+    rules.extend(plain(HANDLERS));
+    // An abort (a panic in release) raises SIGABRT on itself.
+    tgkill_own(&mut rules)?;
     rules.insert(libc::SYS_ioctl, any_of(1, &[KVM_RUN])?);
     rules.insert(libc::SYS_prctl, any_of(0, &[libc::PR_GET_NAME as u64])?);
+    Ok(rules)
+}
+
+/// What a narrowed thread may meet besides its own work: signal handlers
+/// run on whichever thread the kernel picks (the shutdown signals' wake is
+/// a `sendto`/`write` to their socket pair; the SIGSYS handler names the
+/// thread with `prctl(PR_GET_NAME)`, added by each list, and `write`s its
+/// line), and error lines on stderr.
+const HANDLERS: &[i64] = &[libc::SYS_write, libc::SYS_sendto, libc::SYS_getpid];
+
+/// A connected socket's I/O, TLS included (`getrandom`), with its
+/// timeouts (`setsockopt`, `poll`) and std's `try_clone` (`fcntl`).
+const SOCKET_IO: &[i64] = &[
+    libc::SYS_clock_nanosleep,
+    libc::SYS_close,
+    libc::SYS_fcntl,
+    libc::SYS_getpeername,
+    libc::SYS_getrandom,
+    libc::SYS_getsockname,
+    libc::SYS_getsockopt,
+    libc::SYS_nanosleep,
+    libc::SYS_poll,
+    libc::SYS_ppoll,
+    libc::SYS_read,
+    libc::SYS_readv,
+    libc::SYS_recvfrom,
+    libc::SYS_recvmsg,
+    libc::SYS_sendmsg,
+    libc::SYS_sendto,
+    libc::SYS_setsockopt,
+    libc::SYS_shutdown,
+    libc::SYS_write,
+    libc::SYS_writev,
+];
+
+/// tokio's reactor (the share's server and client): epoll and its waker;
+/// timers are epoll timeouts.
+const REACTOR: &[i64] = &[
+    libc::SYS_epoll_create1,
+    libc::SYS_epoll_ctl,
+    libc::SYS_epoll_pwait,
+    libc::SYS_epoll_wait,
+    libc::SYS_eventfd2,
+];
+
+/// Reading and writing files that are already open, and looking at them.
+const FILE_IO: &[i64] = &[
+    libc::SYS_fdatasync,
+    libc::SYS_fstat,
+    libc::SYS_fsync,
+    libc::SYS_ftruncate,
+    libc::SYS_lseek,
+    libc::SYS_newfstatat,
+    libc::SYS_pread64,
+    libc::SYS_preadv,
+    libc::SYS_pwrite64,
+    libc::SYS_pwritev,
+    libc::SYS_statx,
+];
+
+/// What the event loop may no longer do once the guest runs, of all the
+/// process list allows: listen for or accept connections (the control
+/// socket was bound during set-up, its own thread accepts), make guest
+/// memory (`memfd_create`), hard links, socket pairs or timers (made when
+/// the devices were built).
+const NOT_ON_THE_EVENT_LOOP: &[i64] = &[
+    libc::SYS_accept4,
+    libc::SYS_bind,
+    libc::SYS_linkat,
+    libc::SYS_listen,
+    libc::SYS_memfd_create,
+    libc::SYS_socketpair,
+    libc::SYS_timerfd_create,
+];
+
+/// The source's migration thread, beyond what its children do (below):
+/// the channel's `connect`; the dirty log, memory slots and the state of
+/// the vCPUs, VM and devices (KVM ioctls, added by the rules); pausing
+/// (`tgkill` of its own vCPUs); a mounted-path share's directory
+/// (`mkdir`, `openat`, listing and removing its files); a resumed net
+/// device's announcement timer; `sync_file_range` for the copy's files.
+const MIGRATION_SYSCALLS: &[i64] = &[
+    libc::SYS_connect,
+    libc::SYS_fstatfs,
+    libc::SYS_getcwd,
+    libc::SYS_getdents64,
+    libc::SYS_mkdir,
+    libc::SYS_mkdirat,
+    libc::SYS_openat,
+    libc::SYS_statfs,
+    libc::SYS_sync_file_range,
+    libc::SYS_timerfd_settime,
+    libc::SYS_unlink,
+    libc::SYS_unlinkat,
+];
+
+/// The storage copy: reads the VM's own descriptors, writes the share
+/// through its client (a new TCP connection when all are busy) or a
+/// mounted path's files (`openat`, created at their size).
+const STORAGE_COPY_SYSCALLS: &[i64] = &[libc::SYS_connect, libc::SYS_openat];
+
+/// A drive's request thread: the image (already open) and, while a storage
+/// migration mirrors it, the share client's connections (`connect`, one
+/// more when all are busy); the queue's eventfd (`poll`, `read`) and the
+/// interrupt's (`write`).
+const BLOCK_SYSCALLS: &[i64] = &[libc::SYS_connect];
+
+/// The throttle sleeps between kicks of this process's vCPUs.
+const THROTTLE_SYSCALLS: &[i64] = &[libc::SYS_clock_nanosleep, libc::SYS_nanosleep];
+
+/// A destination's connection before it is a migration: reading the
+/// host's facts for the Hello's checks (`/proc/meminfo`, cgroup limits:
+/// read-only opens, checked by the rules) besides its socket.
+const HANDSHAKE_SYSCALLS: &[i64] = &[libc::SYS_openat];
+
+/// The share server: accepting, and the files of its own directory
+/// (created, written, synced, written back early, listed, removed).
+const SHARE_SYSCALLS: &[i64] = &[
+    libc::SYS_accept4,
+    libc::SYS_fchmod,
+    libc::SYS_getdents64,
+    libc::SYS_openat,
+    libc::SYS_sched_yield,
+    libc::SYS_sync_file_range,
+    libc::SYS_unlink,
+    libc::SYS_unlinkat,
+];
+
+/// `_IOWR(KVMIO, 0x05, struct kvm_cpuid2)`: the Hello's CPU check.
+const KVM_GET_SUPPORTED_CPUID: u64 = 0xc008_ae05;
+
+/// `prctl` to name a thread and read the name (the SIGSYS handler);
+/// `PR_SET_NO_NEW_PRIVS` too where threads narrow themselves.
+fn prctl_rules(rules: &mut Rules, narrows: bool) -> Result<(), SecurityError> {
+    let mut prctls = vec![libc::PR_SET_NAME as u64, libc::PR_GET_NAME as u64];
+    if narrows {
+        prctls.push(libc::PR_SET_NO_NEW_PRIVS as u64);
+    }
+    rules.insert(libc::SYS_prctl, any_of(0, &prctls)?);
+    Ok(())
+}
+
+/// Starting threads: `clone` only with `CLONE_THREAD`; `clone3` allowed
+/// here so that the process filter's `ENOSYS` answer stands (a trap here
+/// would win over it); `seccomp` for the new thread to narrow itself.
+fn spawns_threads(rules: &mut Rules) -> Result<(), SecurityError> {
+    let thread = libc::CLONE_THREAD as u64;
+    rules.insert(
+        libc::SYS_clone,
+        vec![rule(vec![cond(
+            0,
+            SeccompCmpOp::MaskedEq(thread),
+            thread,
+        )?])?],
+    );
+    rules.insert(libc::SYS_clone3, Vec::new());
+    rules.insert(libc::SYS_seccomp, Vec::new());
+    prctl_rules(rules, true)
+}
+
+/// `socket` for TCP over IPv4 or IPv6 only (no Unix, UDP or raw sockets).
+fn tcp_sockets(rules: &mut Rules) -> Result<(), SecurityError> {
+    let mut socket = Vec::new();
+    for domain in [libc::AF_INET, libc::AF_INET6] {
+        socket.push(rule(vec![
+            cond(0, SeccompCmpOp::Eq, domain as u64)?,
+            cond(1, SeccompCmpOp::MaskedEq(0xf), libc::SOCK_STREAM as u64)?,
+        ])?);
+    }
+    rules.insert(libc::SYS_socket, socket);
+    Ok(())
+}
+
+/// `tgkill` of this process's own threads only (the vCPU kick).
+fn tgkill_own(rules: &mut Rules) -> Result<(), SecurityError> {
+    // SAFETY: getpid cannot fail. The filters are compiled in the process
+    // that installs them.
+    let pid = unsafe { libc::getpid() } as u64;
+    rules.insert(
+        libc::SYS_tgkill,
+        vec![rule(vec![cond(0, SeccompCmpOp::Eq, pid)?])?],
+    );
+    Ok(())
+}
+
+/// `ioctl` of KVM's type (`0xAE`) and the socket/terminal ones std needs.
+fn kvm_ioctls(rules: &mut Rules) -> Result<(), SecurityError> {
+    let mut ioctl = vec![rule(vec![cond(
+        1,
+        SeccompCmpOp::MaskedEq(0xff00),
+        KVMIO << 8,
+    )?])?];
+    ioctl.extend(any_of(
+        1,
+        &[libc::FIONBIO, libc::FIOCLEX, libc::TCGETS, libc::TIOCGWINSZ],
+    )?);
+    rules.insert(libc::SYS_ioctl, ioctl);
+    Ok(())
+}
+
+/// `openat` without write access, creating or truncating.
+fn read_only_opens(rules: &mut Rules) -> Result<(), SecurityError> {
+    let writes = (libc::O_ACCMODE | libc::O_CREAT | libc::O_TRUNC | libc::O_APPEND) as u64;
+    rules.insert(
+        libc::SYS_openat,
+        vec![rule(vec![cond(2, SeccompCmpOp::MaskedEq(writes), 0)?])?],
+    );
+    Ok(())
+}
+
+/// A list of `lists` plus a thread's life and the signal handlers', and
+/// what an abort takes (`tgkill` of this process only).
+fn narrowed(lists: &[&[i64]]) -> Result<Rules, SecurityError> {
+    let mut rules = with_thread_life(lists);
+    rules.extend(plain(HANDLERS));
+    tgkill_own(&mut rules)?;
+    Ok(rules)
+}
+
+fn event_loop_rules() -> Result<Rules, SecurityError> {
+    let mut rules = plain(PROCESS_SYSCALLS);
+    for nr in NOT_ON_THE_EVENT_LOOP {
+        rules.remove(nr);
+    }
+    // It starts the migration thread, whose list this must hold.
+    rules.extend(migration_rules()?);
+    kvm_ioctls(&mut rules)?;
+    tcp_sockets(&mut rules)?;
+    spawns_threads(&mut rules)?;
+    tgkill_own(&mut rules)?;
+    Ok(rules)
+}
+
+fn block_rules() -> Result<Rules, SecurityError> {
+    let mut rules = narrowed(&[SOCKET_IO, REACTOR, FILE_IO, BLOCK_SYSCALLS])?;
+    rules.insert(libc::SYS_ioctl, any_of(1, &[libc::FIONBIO])?);
+    tcp_sockets(&mut rules)?;
+    prctl_rules(&mut rules, false)?;
+    Ok(rules)
+}
+
+fn migration_rules() -> Result<Rules, SecurityError> {
+    let mut rules = narrowed(&[SOCKET_IO, REACTOR, FILE_IO, MIGRATION_SYSCALLS])?;
+    // Its children's lists: they inherit this filter.
+    for child in [lane_out_rules()?, storage_copy_rules()?, throttle_rules()?] {
+        rules.extend(child);
+    }
+    kvm_ioctls(&mut rules)?;
+    tcp_sockets(&mut rules)?;
+    spawns_threads(&mut rules)?;
+    tgkill_own(&mut rules)?;
+    Ok(rules)
+}
+
+fn lane_out_rules() -> Result<Rules, SecurityError> {
+    let mut rules = narrowed(&[SOCKET_IO])?;
+    prctl_rules(&mut rules, false)?;
+    Ok(rules)
+}
+
+fn storage_copy_rules() -> Result<Rules, SecurityError> {
+    let mut rules = narrowed(&[SOCKET_IO, REACTOR, FILE_IO, STORAGE_COPY_SYSCALLS])?;
+    rules.insert(libc::SYS_ioctl, any_of(1, &[libc::FIONBIO])?);
+    tcp_sockets(&mut rules)?;
+    // Its workers inherit this list and add nothing.
+    spawns_threads(&mut rules)?;
+    Ok(rules)
+}
+
+fn throttle_rules() -> Result<Rules, SecurityError> {
+    let mut rules = narrowed(&[THROTTLE_SYSCALLS])?;
+    tgkill_own(&mut rules)?;
+    prctl_rules(&mut rules, false)?;
+    Ok(rules)
+}
+
+fn handshake_rules() -> Result<Rules, SecurityError> {
+    let mut rules = narrowed(&[SOCKET_IO, FILE_IO, HANDSHAKE_SYSCALLS])?;
+    for nr in [libc::SYS_pwrite64, libc::SYS_pwritev, libc::SYS_ftruncate] {
+        rules.remove(&nr);
+    }
+    read_only_opens(&mut rules)?;
+    rules.insert(
+        libc::SYS_ioctl,
+        any_of(1, &[libc::FIONBIO, KVM_GET_SUPPORTED_CPUID])?,
+    );
+    prctl_rules(&mut rules, false)?;
+    Ok(rules)
+}
+
+fn lane_in_rules() -> Result<Rules, SecurityError> {
+    let mut rules = narrowed(&[SOCKET_IO])?;
+    rules.insert(libc::SYS_ioctl, any_of(1, &[libc::FIONBIO])?);
+    prctl_rules(&mut rules, false)?;
+    Ok(rules)
+}
+
+fn acceptor_rules() -> Result<Rules, SecurityError> {
+    // Its connection threads inherit this list and narrow themselves.
+    let mut rules = handshake_rules()?;
+    rules.extend(lane_in_rules()?);
+    rules.insert(libc::SYS_accept4, Vec::new());
+    spawns_threads(&mut rules)?;
+    rules.insert(
+        libc::SYS_ioctl,
+        any_of(1, &[libc::FIONBIO, KVM_GET_SUPPORTED_CPUID])?,
+    );
+    read_only_opens(&mut rules)?;
+    Ok(rules)
+}
+
+fn prefault_rules() -> Result<Rules, SecurityError> {
+    let mut rules = narrowed(&[])?;
+    prctl_rules(&mut rules, false)?;
+    Ok(rules)
+}
+
+fn share_rules() -> Result<Rules, SecurityError> {
+    let mut rules = narrowed(&[SOCKET_IO, REACTOR, FILE_IO, SHARE_SYSCALLS])?;
+    rules.insert(libc::SYS_ioctl, any_of(1, &[libc::FIONBIO, libc::FIOCLEX])?);
+    // The blocking pool's threads start from the workers.
+    spawns_threads(&mut rules)?;
     Ok(rules)
 }
 
@@ -414,30 +837,24 @@ fn mismatch_action(mode: SeccompMode) -> SeccompAction {
 }
 
 /// The compiled BPF of `filter` under `mode` (no SIGSYS handler, nothing
-/// installed): for tests and for installing.
+/// installed): for tests and for installing. `filter` is "process" or a
+/// [`ThreadFilter`]'s name.
 pub fn program(mode: SeccompMode, filter: &str) -> Result<BpfProgram, SecurityError> {
-    let rules = match filter {
-        "process" => return with_clone3_refused(mode),
-        "vcpu" => vcpu_rules()?,
-        "api" => api_accept_rules()?,
-        "api-conn" => api_conn_rules()?,
-        _ => {
-            return Err(SecurityError::Filter {
-                filter: "unknown",
-                why: format!("no filter named {filter}"),
-            })
-        }
-    };
-    let name = [
-        ThreadFilter::Vcpu,
-        ThreadFilter::ApiAccept,
-        ThreadFilter::ApiConnection,
-    ]
-    .into_iter()
-    .map(ThreadFilter::name)
-    .find(|n| *n == filter)
-    .unwrap_or("thread");
-    compile(name, rules, mismatch_action(mode), SeccompAction::Allow)
+    if filter == "process" {
+        return with_clone3_refused(mode);
+    }
+    match THREAD_FILTERS.into_iter().find(|f| f.name() == filter) {
+        Some(f) => compile(
+            f.name(),
+            f.rules()?,
+            mismatch_action(mode),
+            SeccompAction::Allow,
+        ),
+        None => Err(SecurityError::Filter {
+            filter: "unknown",
+            why: format!("no filter named {filter}"),
+        }),
+    }
 }
 
 /// The process program with `clone3` answered `ENOSYS` in front of its
@@ -491,30 +908,23 @@ struct Compiled {
     process: BpfProgram,
 }
 
-/// The per-thread programs, compiled with the process one.
-struct ThreadPrograms {
-    vcpu: BpfProgram,
-    api: BpfProgram,
-    api_conn: BpfProgram,
-}
+/// The per-thread programs, compiled with the process one, in
+/// `THREAD_FILTERS` order.
+struct ThreadPrograms(Vec<BpfProgram>);
 
 impl ThreadPrograms {
     fn get(&self, filter: ThreadFilter) -> &BpfProgram {
-        match filter {
-            ThreadFilter::Vcpu => &self.vcpu,
-            ThreadFilter::ApiAccept => &self.api,
-            ThreadFilter::ApiConnection => &self.api_conn,
-        }
+        &self.0[filter.index()]
     }
 }
 
 fn compile_all(mode: SeccompMode) -> Result<Compiled, SecurityError> {
+    let threads = THREAD_FILTERS
+        .into_iter()
+        .map(|f| program(mode, f.name()))
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(Compiled {
-        threads: ThreadPrograms {
-            vcpu: program(mode, "vcpu")?,
-            api: program(mode, "api")?,
-            api_conn: program(mode, "api-conn")?,
-        },
+        threads: ThreadPrograms(threads),
         process: with_clone3_refused(mode)?,
     })
 }
@@ -724,14 +1134,16 @@ extern "C" fn on_sigsys(_signal: libc::c_int, info: *mut libc::siginfo_t, _ctx: 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::security::names;
 
     #[test]
     fn every_filter_compiles_in_every_mode() {
         for mode in [SeccompMode::Kill, SeccompMode::Log] {
             assert!(!program(mode, "process").unwrap().is_empty());
-            assert!(!program(mode, "vcpu").unwrap().is_empty());
-            assert!(!program(mode, "api").unwrap().is_empty());
-            assert!(!program(mode, "api-conn").unwrap().is_empty());
+            for f in THREAD_FILTERS {
+                assert!(!program(mode, f.name()).unwrap().is_empty(), "{f:?}");
+                assert_eq!(THREAD_FILTERS[f.index()], f);
+            }
         }
         let merged = with_clone3_refused(SeccompMode::Kill).unwrap();
         assert_eq!(merged, program(SeccompMode::Kill, "process").unwrap());
@@ -758,6 +1170,140 @@ mod tests {
         }
         assert!(!vcpu_rules().unwrap().contains_key(&libc::SYS_clone));
         assert!(!api_conn_rules().unwrap().contains_key(&libc::SYS_clone));
+        for f in THREAD_FILTERS {
+            let rules = f.rules().unwrap();
+            for nr in [
+                libc::SYS_execve,
+                libc::SYS_execveat,
+                libc::SYS_fork,
+                libc::SYS_vfork,
+                libc::SYS_ptrace,
+                libc::SYS_process_vm_writev,
+                libc::SYS_setuid,
+                libc::SYS_mount,
+            ] {
+                assert!(!rules.contains_key(&nr), "{f:?}: {}", names::name(nr));
+            }
+        }
+    }
+
+    /// A thread inherits the filter of the thread that starts it: the
+    /// parent's list must allow all that the child's does (or the child
+    /// would be killed by the parent's filter), and every list lies within
+    /// the process list it is stacked on.
+    const CHILDREN: &[(ThreadFilter, ThreadFilter)] = &[
+        (ThreadFilter::ApiAccept, ThreadFilter::ApiConnection),
+        (ThreadFilter::EventLoop, ThreadFilter::Migration),
+        (ThreadFilter::Migration, ThreadFilter::LaneOut),
+        (ThreadFilter::Migration, ThreadFilter::StorageCopy),
+        (ThreadFilter::Migration, ThreadFilter::Throttle),
+        (ThreadFilter::Acceptor, ThreadFilter::Handshake),
+        (ThreadFilter::Acceptor, ThreadFilter::LaneIn),
+    ];
+
+    #[test]
+    fn a_childs_list_is_within_its_parents_and_the_process_list() {
+        let process = process_rules().unwrap();
+        for f in THREAD_FILTERS {
+            for nr in f.rules().unwrap().keys() {
+                assert!(process.contains_key(nr), "{f:?}: {}", names::name(*nr));
+            }
+        }
+        for (parent, child) in CHILDREN {
+            let parent_rules = parent.rules().unwrap();
+            for (nr, rules) in child.rules().unwrap() {
+                let Some(theirs) = parent_rules.get(&nr) else {
+                    panic!(
+                        "{child:?} makes {} but {parent:?} does not allow it",
+                        names::name(nr)
+                    );
+                };
+                // An unconditional allow in the child needs one in the parent.
+                assert!(
+                    !rules.is_empty() || theirs.is_empty(),
+                    "{child:?} may make {} with any arguments, {parent:?} only some",
+                    names::name(nr)
+                );
+            }
+        }
+        // Threads that start threads can: clone with CLONE_THREAD, clone3
+        // left to the process filter's ENOSYS, seccomp for the child.
+        for f in [
+            ThreadFilter::ApiAccept,
+            ThreadFilter::EventLoop,
+            ThreadFilter::Migration,
+            ThreadFilter::StorageCopy,
+            ThreadFilter::Acceptor,
+            ThreadFilter::Share,
+        ] {
+            let rules = f.rules().unwrap();
+            for nr in [libc::SYS_clone, libc::SYS_clone3, libc::SYS_seccomp] {
+                assert!(rules.contains_key(&nr), "{f:?}: {}", names::name(nr));
+            }
+        }
+    }
+
+    #[test]
+    fn every_list_lets_the_signal_handlers_run() {
+        // Process-directed signals land on any thread: the SIGSYS handler
+        // names the thread (prctl) and writes its line; the shutdown
+        // signals' handler sends a byte on its socket pair; a handler's
+        // end is rt_sigreturn, and the process may end from any thread.
+        for f in THREAD_FILTERS {
+            let rules = f.rules().unwrap();
+            for nr in [
+                libc::SYS_prctl,
+                libc::SYS_write,
+                libc::SYS_sendto,
+                libc::SYS_rt_sigreturn,
+                libc::SYS_exit_group,
+                // A panic's abort raises SIGABRT on the thread itself.
+                libc::SYS_tgkill,
+                libc::SYS_gettid,
+                libc::SYS_getpid,
+                libc::SYS_rt_sigprocmask,
+            ] {
+                assert!(rules.contains_key(&nr), "{f:?}: {}", names::name(nr));
+            }
+        }
+    }
+
+    #[test]
+    fn the_narrow_lists_keep_their_promises() {
+        let has = |f: ThreadFilter, nr: i64| f.rules().unwrap().contains_key(&nr);
+        // No thread but the set-up and the accept threads listens or accepts.
+        for f in THREAD_FILTERS {
+            assert!(
+                !has(f, libc::SYS_bind) && !has(f, libc::SYS_listen),
+                "{f:?}"
+            );
+            assert!(!has(f, libc::SYS_memfd_create), "{f:?}");
+        }
+        // What faces the guest or an unauthenticated peer opens no file for
+        // writing, makes no socket and starts no thread.
+        for f in [ThreadFilter::Handshake, ThreadFilter::LaneIn] {
+            assert!(
+                !has(f, libc::SYS_socket) && !has(f, libc::SYS_connect),
+                "{f:?}"
+            );
+            assert!(
+                !has(f, libc::SYS_clone) && !has(f, libc::SYS_pwrite64),
+                "{f:?}"
+            );
+        }
+        for f in [
+            ThreadFilter::Block,
+            ThreadFilter::LaneIn,
+            ThreadFilter::LaneOut,
+        ] {
+            assert!(
+                !has(f, libc::SYS_openat) && !has(f, libc::SYS_clone),
+                "{f:?}"
+            );
+        }
+        assert!(!has(ThreadFilter::Block, libc::SYS_unlink));
+        assert!(!has(ThreadFilter::Share, libc::SYS_connect));
+        assert!(!has(ThreadFilter::Share, libc::SYS_socket));
     }
 
     #[test]

@@ -382,16 +382,15 @@ impl Vmm {
     /// Runs the event loop until the guest or a request ends the VM, then
     /// stops the vCPUs and says how it ended.
     fn run(mut self) -> Result<VmExit, VmmError> {
-        let loop_result = loop {
-            let lingering = lock(&self.controller).linger_until.is_some();
-            let timeout = if lingering { 20 } else { -1 };
-            if let Err(e) = self.event_loop.run_with_timeout(timeout) {
-                break Err(VmmError::EventLoop(format!("{e:?}")));
-            }
-            let c = lock(&self.controller);
-            if c.done || c.linger_until.is_some_and(|t| Instant::now() >= t) {
-                break Ok(());
-            }
+        // Issue 10: the event loop narrows itself once set-up is done; it
+        // still starts the migration thread, whose list it holds.
+        let narrowed = crate::security::seccomp::narrow_when_confined(
+            crate::security::ThreadFilter::EventLoop,
+        );
+        let loop_result = if let Err(e) = narrowed {
+            Err(VmmError::Security(e))
+        } else {
+            self.turn_until_done()
         };
         let handles = std::mem::take(&mut lock(&self.controller).handles);
         let stop = self.control.stop(handles);
@@ -402,5 +401,20 @@ impl Vmm {
             .exit
             .reason()
             .unwrap_or_else(|| VmExit::Error("the VM stopped for no known reason".into())))
+    }
+
+    /// Turns the event loop until the guest or a request ends the VM.
+    fn turn_until_done(&mut self) -> Result<(), VmmError> {
+        loop {
+            let lingering = lock(&self.controller).linger_until.is_some();
+            let timeout = if lingering { 20 } else { -1 };
+            if let Err(e) = self.event_loop.run_with_timeout(timeout) {
+                break Err(VmmError::EventLoop(format!("{e:?}")));
+            }
+            let c = lock(&self.controller);
+            if c.done || c.linger_until.is_some_and(|t| Instant::now() >= t) {
+                break Ok(());
+            }
+        }
     }
 }

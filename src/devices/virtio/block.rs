@@ -800,9 +800,16 @@ impl Drop for BlockWorker {
     }
 }
 
+use crate::security::ThreadFilter;
+
 /// The worker's loop: wait for the queue event (or the stop), serve.
 fn serve(block: &Weak<Mutex<Block>>, evt: &EventFd, stop: &EventFd) {
     loop {
+        // Issue 10: narrowed before it serves a guest request (the worker
+        // may start before the process filter is in).
+        if !crate::security::narrow_thread("virtio-blk request thread", ThreadFilter::Block) {
+            return;
+        }
         let mut fds = [
             libc::pollfd {
                 fd: evt.as_raw_fd(),

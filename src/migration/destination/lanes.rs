@@ -15,6 +15,7 @@
 //! its own frames; the channel's `Seal` is taken only once every lane has
 //! sealed, and then every page must have been covered.
 
+use crate::security::ThreadFilter;
 use std::io::{BufReader, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -309,6 +310,11 @@ fn accept_lanes(
     check: Arc<JoinCheck>,
     deadline: Instant,
 ) {
+    // Without its filter it takes no connection: the lanes never join and
+    // the migration is refused at its Seal.
+    if !crate::security::narrow_thread("memory connections", ThreadFilter::Acceptor) {
+        return;
+    }
     loop {
         if hub.stop.load(Ordering::SeqCst) || hub.all_joined() {
             return;
@@ -359,6 +365,10 @@ fn accept_lanes(
         let spawned = std::thread::Builder::new()
             .name("ferry-lane".into())
             .spawn(move || {
+                if !crate::security::narrow_thread("memory connection", ThreadFilter::LaneIn) {
+                    lock(&h.state).pending -= 1;
+                    return;
+                }
                 let vetted = vet_lane(tcp, &h, &c);
                 lock(&h.state).pending -= 1;
                 match vetted {

@@ -275,10 +275,16 @@ impl Share for MountedShare {
             .open(&path)
             .map_err(|e| ShareError::io(what(), e))?;
         file.set_len(size).map_err(|e| ShareError::io(what(), e))?;
+        // Opened now, on the thread that creates the file: the first sync
+        // may come from a drive's request thread (a mirrored flush), whose
+        // seccomp list opens nothing.
+        let dir = File::open(&self.dir)
+            .map_err(|e| ShareError::io(format!("opening {}", self.dir.display()), e))?;
         Ok(Arc::new(MountedFile {
             file,
             path,
             dir: self.dir.clone(),
+            dir_file: dir,
             dir_synced: AtomicBool::new(false),
         }))
     }
@@ -320,6 +326,7 @@ struct MountedFile {
     file: File,
     path: PathBuf,
     dir: PathBuf,
+    dir_file: File,
     /// The directory entry is made durable once, on the first sync.
     dir_synced: AtomicBool,
 }
@@ -359,7 +366,7 @@ impl ShareFile for MountedFile {
             .sync_all()
             .map_err(|e| ShareError::io(format!("syncing {}", self.path.display()), e))?;
         if !self.dir_synced.load(Ordering::Acquire) {
-            match File::open(&self.dir).and_then(|d| d.sync_all()) {
+            match self.dir_file.sync_all() {
                 // Some network and FUSE file systems cannot fsync a
                 // directory; their entries are durable on their own terms.
                 Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EOPNOTSUPP)) => {}

@@ -27,6 +27,7 @@
 //! "/" the double slash, "nfs://HOST//disk.img", is needed. nfs-cp will not
 //! overwrite: libnfs creates exclusively and gets NFS3ERR_EXIST.)
 
+use crate::security::ThreadFilter;
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
 use std::fs::{File, FileTimes, Metadata, OpenOptions, Permissions};
@@ -166,6 +167,14 @@ impl NfsShareServer {
             .worker_threads(SERVER_WORKERS)
             .enable_all()
             .thread_name("ferry-share-fs")
+            // Issue 10: each worker and blocking-pool thread narrows itself
+            // before it runs a task. A thread that cannot stops the
+            // process: the share takes no connection unconfined.
+            .on_thread_start(|| {
+                if !crate::security::narrow_thread("share", ThreadFilter::Share) {
+                    std::process::abort();
+                }
+            })
             .max_blocking_threads(16)
             .build()
             .map_err(|e| ShareError::io(bind_what(), e))?;
@@ -198,6 +207,10 @@ impl NfsShareServer {
         let thread = std::thread::Builder::new()
             .name("ferry-share".into())
             .spawn(move || {
+                if !crate::security::narrow_thread("share", ThreadFilter::Share) {
+                    // Dropping the listener unserved: the source cannot mount.
+                    return;
+                }
                 runtime.block_on(serve(listener, context, allowed_peer, guard, stopped));
                 // Drops every connection; file operations already handed to
                 // the blocking pool get a moment to finish.

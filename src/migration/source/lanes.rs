@@ -254,6 +254,14 @@ impl Lane {
         let thread = std::thread::Builder::new()
             .name(format!("migration-lane{index}"))
             .spawn(move || {
+                // Without its filter it sends nothing: the session sees the
+                // lane gone and fails the migration.
+                if !crate::security::narrow_thread(
+                    "migration lane",
+                    crate::security::ThreadFilter::LaneOut,
+                ) {
+                    return;
+                }
                 while let Ok(job) = jobs.recv() {
                     let r = run_job(&mut w, &mem, &job, &pacer, &cancel, &wire);
                     let failed = r.is_err();

@@ -29,6 +29,12 @@ impl Throttle {
         let thread = std::thread::Builder::new()
             .name("throttle".into())
             .spawn(move || {
+                if !crate::security::narrow_thread(
+                    "throttle",
+                    crate::security::ThreadFilter::Throttle,
+                ) {
+                    return;
+                }
                 while !s.load(Ordering::SeqCst) {
                     let pct = p.load(Ordering::SeqCst);
                     if pct == 0 {
