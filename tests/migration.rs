@@ -2041,3 +2041,74 @@ fn a_stream_missing_a_frame_on_one_connection_is_refused() {
         );
     }
 }
+
+/// The source resolves the destination's name itself, on its migration
+/// thread before that thread narrows to its seccomp list: glibc's resolver
+/// asks nscd over a Unix socket, reads /etc/hosts, and sends DNS queries
+/// over UDP with `sendmmsg` (which killed the whole source, guest and all,
+/// before it was allowed). A name that does not resolve fails the
+/// migration clearly and the guest runs on; a name from /etc/hosts
+/// migrates.
+#[test]
+fn destinations_by_name_resolve_under_the_filters() {
+    if !kvm_available("destinations_by_name_resolve_under_the_filters") {
+        return;
+    }
+    let dir = tempdir();
+    let mut src = Ferry::run(
+        dir.path(),
+        &config(1, 128, "testkernel.workload=dirty testkernel.dirty_mib=8"),
+    );
+    src.wait_line(WAIT, |l| l == "testkernel: dirty pass=2 ok");
+    let (status, body) = send(
+        &src,
+        serde_json::json!({"destination": "no-such-host.invalid:7777", "insecure": true}),
+    );
+    assert_eq!(status, 200, "{body}");
+    let failed = wait_status(&src, |s| s["phase"] == "failed");
+    assert!(
+        failed["error"]
+            .as_str()
+            .unwrap()
+            .contains("cannot resolve no-such-host.invalid:7777"),
+        "{failed}"
+    );
+    assert!(src.running(), "{}", src.stderr());
+    assert_source_runs_on(&src);
+
+    // The receiver listens where "localhost" resolves first, as the
+    // source will connect.
+    let sock = dir.path().join("dst.sock");
+    let mut dst = Ferry::spawn(&[
+        "receive",
+        "--listen",
+        "localhost:0",
+        "--insecure",
+        "--shared-storage-root",
+        "/",
+        "--api-sock",
+        sock.to_str().unwrap(),
+    ]);
+    dst.api_sock = Some(sock);
+    let deadline = Instant::now() + WAIT;
+    let port = loop {
+        let err = dst.stderr();
+        if let Some(rest) = err.split("waiting for a migration on ").nth(1) {
+            let addr = rest.lines().next().unwrap();
+            break addr.rsplit(':').next().unwrap().trim().to_string();
+        }
+        assert!(Instant::now() < deadline && dst.running(), "{err}");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let (status, body) = send(
+        &src,
+        serde_json::json!({"destination": format!("localhost:{port}"), "insecure": true}),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert!(src.wait_exit(WAIT).success(), "{}", src.stderr());
+    let before = last_pass(&src);
+    dst.wait_line(WAIT, |l| pass_of(l).is_some_and(|p| p >= before + 2));
+    no_fail(&dst);
+    dst.api("PUT", "/vm/shutdown");
+    assert!(dst.wait_exit(WAIT).success());
+}

@@ -245,6 +245,11 @@ const PROCESS_SYSCALLS: &[i64] = &[
     libc::SYS_sched_yield,
     libc::SYS_seccomp,
     libc::SYS_sendmsg,
+    // glibc's resolver sends its A and AAAA queries in one sendmmsg (a
+    // migration to a name that needs DNS was killed here before).
+    libc::SYS_sendmmsg,
+    // ... and reads the host's name first (res_init).
+    libc::SYS_uname,
     libc::SYS_sendto,
     libc::SYS_set_robust_list,
     libc::SYS_setsockopt,
@@ -408,6 +413,8 @@ fn process_rules() -> Result<Rules, SecurityError> {
         &[
             libc::FIONBIO,
             libc::FIOCLEX,
+            // glibc's resolver: how much a DNS answer holds.
+            libc::FIONREAD,
             libc::TCGETS,
             libc::TIOCGWINSZ,
             // A receive builds its VM (and opens its taps) under the filter.
@@ -674,8 +681,9 @@ fn tgkill_own(rules: &mut Rules) -> Result<(), SecurityError> {
     Ok(())
 }
 
-/// `ioctl` of KVM's type (`0xAE`) and the socket/terminal ones std needs.
-fn kvm_ioctls(rules: &mut Rules) -> Result<(), SecurityError> {
+/// `ioctl` of KVM's type (`0xAE`), the socket/terminal ones std needs, and
+/// `extra`.
+fn kvm_ioctls(rules: &mut Rules, extra: &[u64]) -> Result<(), SecurityError> {
     let mut ioctl = vec![rule(vec![cond(
         1,
         SeccompCmpOp::MaskedEq(0xff00),
@@ -685,6 +693,7 @@ fn kvm_ioctls(rules: &mut Rules) -> Result<(), SecurityError> {
         1,
         &[libc::FIONBIO, libc::FIOCLEX, libc::TCGETS, libc::TIOCGWINSZ],
     )?);
+    ioctl.extend(any_of(1, extra)?);
     rules.insert(libc::SYS_ioctl, ioctl);
     Ok(())
 }
@@ -713,10 +722,14 @@ fn event_loop_rules() -> Result<Rules, SecurityError> {
     for nr in NOT_ON_THE_EVENT_LOOP {
         rules.remove(nr);
     }
-    // It starts the migration thread, whose list this must hold.
+    // It starts the migration thread, whose list this must hold; that
+    // thread resolves the destination's name before it narrows itself:
+    // glibc's resolver asks nscd over a Unix socket and DNS over UDP
+    // (`socket` as the process list allows it, `sendmmsg`, `FIONREAD`).
     rules.extend(migration_rules()?);
-    kvm_ioctls(&mut rules)?;
-    tcp_sockets(&mut rules)?;
+    kvm_ioctls(&mut rules, &[libc::FIONREAD])?;
+    let domains = [libc::AF_UNIX, libc::AF_INET, libc::AF_INET6].map(|d| d as u64);
+    rules.insert(libc::SYS_socket, any_of(0, &domains)?);
     spawns_threads(&mut rules)?;
     tgkill_own(&mut rules)?;
     Ok(rules)
@@ -736,7 +749,7 @@ fn migration_rules() -> Result<Rules, SecurityError> {
     for child in [lane_out_rules()?, storage_copy_rules()?, throttle_rules()?] {
         rules.extend(child);
     }
-    kvm_ioctls(&mut rules)?;
+    kvm_ioctls(&mut rules, &[])?;
     tcp_sockets(&mut rules)?;
     spawns_threads(&mut rules)?;
     tgkill_own(&mut rules)?;

@@ -243,13 +243,7 @@ impl Migration {
             .name("migration".into())
             .spawn(move || {
                 let started = Instant::now();
-                // Issue 10: the migration thread narrows itself before it
-                // connects; its lanes, copy and throttle inherit the list.
-                let result = crate::security::seccomp::narrow_when_confined(
-                    crate::security::ThreadFilter::Migration,
-                )
-                .map_err(SourceError::Confine)
-                .and_then(|_| session::run(&ctx, &req, &s, &c, &st, started));
+                let result = session::run(&ctx, &req, &s, &c, &st, started);
                 // The socket is shut by now; the clone must not keep it.
                 *lock(&st) = None;
                 let mut status = lock(&s);

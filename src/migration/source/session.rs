@@ -58,7 +58,14 @@ pub(super) fn run(
 ) -> Result<Duration, SourceError> {
     let security = req.security()?;
     let connections = req.connections();
-    let (stream, addr) = connect(&req.destination, &security)?;
+    let addr = resolve(&req.destination)?;
+    // Issue 10: the thread narrows itself once the name is resolved (glibc's
+    // resolver reads /etc/hosts, asks nscd over a Unix socket and DNS over
+    // UDP, which the migration list does not allow) and before it connects;
+    // its lanes, copy and throttle inherit the list.
+    crate::security::seccomp::narrow_when_confined(crate::security::ThreadFilter::Migration)
+        .map_err(SourceError::Confine)?;
+    let stream = connect(&req.destination, addr, &security)?;
     *lock(slot) = stream.tcp().try_clone().ok();
     let reader = stream.try_clone().map_err(ProtocolError::from)?;
     let pacer = Arc::new(Pacer::new(req.bandwidth_bytes_s()));
@@ -90,18 +97,21 @@ pub(super) fn run(
     result
 }
 
-fn connect(dest: &str, security: &Security) -> Result<(Channel, SocketAddr), SourceError> {
+/// The first address `dest` (HOST:PORT) names.
+fn resolve(dest: &str) -> Result<SocketAddr, SourceError> {
+    dest.to_socket_addrs()
+        .map_err(|_| SourceError::Resolve(dest.to_string()))?
+        .next()
+        .ok_or_else(|| SourceError::Resolve(dest.to_string()))
+}
+
+fn connect(dest: &str, addr: SocketAddr, security: &Security) -> Result<Channel, SourceError> {
     // Checked before connecting: a name no certificate can carry is the
     // request's fault, not the destination's.
     let name = match security {
         Security::Tls(_) => Some(transport::server_name(dest)?),
         Security::Insecure => None,
     };
-    let addr = dest
-        .to_socket_addrs()
-        .map_err(|_| SourceError::Resolve(dest.to_string()))?
-        .next()
-        .ok_or_else(|| SourceError::Resolve(dest.to_string()))?;
     let stream = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT).map_err(|source| {
         SourceError::Connect {
             dest: dest.to_string(),
@@ -125,7 +135,7 @@ fn connect(dest: &str, security: &Security) -> Result<(Channel, SocketAddr), Sou
     channel.set_read_timeout(Some(REPLY_TIMEOUT)).ok();
     // A link that stops taking data is a failure, not a wait.
     channel.set_write_timeout(Some(WRITE_TIMEOUT)).ok();
-    Ok((channel, addr))
+    Ok(channel)
 }
 
 /// Everything one migration works with, and where it stands.
