@@ -2112,3 +2112,96 @@ fn destinations_by_name_resolve_under_the_filters() {
     dst.api("PUT", "/vm/shutdown");
     assert!(dst.wait_exit(WAIT).success());
 }
+
+/// Removes a namespace's own /etc files (`ip netns exec` mounts
+/// /etc/netns/NS/* over /etc) when dropped, also when the test fails.
+struct NetnsEtc(std::path::PathBuf);
+
+impl Drop for NetnsEtc {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A name with several addresses: glibc sorts them (RFC 3484), which opens
+/// a netlink socket and binds it, and connects a UDP socket to each; the
+/// migration thread resolves before it narrows, under the event loop's
+/// list, which allows that (a name with an IPv6 and an IPv4 address was
+/// killed there before). The source then tries each address in turn: the
+/// source host's own ::1 refuses, the destination answers.
+#[test]
+fn a_destination_name_with_several_addresses_migrates_to_the_one_that_answers() {
+    if !kvm_available("a_destination_name_with_several_addresses") {
+        return;
+    }
+    let Some(hosts) = TwoHosts::create("a_destination_name_with_several_addresses") else {
+        return;
+    };
+    let etc = NetnsEtc(std::path::PathBuf::from(format!(
+        "/etc/netns/{}",
+        hosts.ns('a')
+    )));
+    std::fs::create_dir_all(&etc.0).unwrap();
+    std::fs::write(
+        etc.0.join("hosts"),
+        format!(
+            "127.0.0.1 localhost\n::1 ferry-dst\n{} ferry-dst\n",
+            hosts.ip_b
+        ),
+    )
+    .unwrap();
+    let dir = tempdir();
+    let dst_sock = dir.path().join("dst.sock");
+    let listen = format!("{}:7777", hosts.ip_b);
+    let mut dst = hosts.ferry(
+        'b',
+        &[
+            "receive",
+            "--listen",
+            &listen,
+            "--insecure",
+            "--shared-storage-root",
+            "/",
+            "--api-sock",
+            dst_sock.to_str().unwrap(),
+        ],
+    );
+    dst.api_sock = Some(dst_sock);
+    let deadline = Instant::now() + WAIT;
+    while !dst.stderr().contains("waiting for a migration") {
+        assert!(
+            Instant::now() < deadline && dst.running(),
+            "{}",
+            dst.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let cfg = write_config(
+        dir.path(),
+        &config(1, 128, "testkernel.workload=dirty testkernel.dirty_mib=8"),
+    );
+    let src_sock = dir.path().join("src.sock");
+    let mut src = hosts.ferry(
+        'a',
+        &[
+            "run",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--api-sock",
+            src_sock.to_str().unwrap(),
+        ],
+    );
+    src.api_sock = Some(src_sock);
+    src.wait_line(WAIT, |l| l == "testkernel: dirty pass=2 ok");
+    let (status, body) = send(
+        &src,
+        serde_json::json!({"destination": "ferry-dst:7777", "insecure": true, "storage": "shared"}),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert!(src.wait_exit(WAIT).success(), "{}", src.stderr());
+    let before = last_pass(&src);
+    dst.wait_line(WAIT, |l| pass_of(l).is_some_and(|p| p >= before + 2));
+    no_fail(&dst);
+    dst.api("PUT", "/vm/shutdown");
+    assert!(dst.wait_exit(WAIT).success());
+}

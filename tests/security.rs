@@ -784,3 +784,46 @@ fn a_shutdown_signal_on_any_thread_stops_the_vm_cleanly() {
         );
     }
 }
+
+/// A second shutdown signal ends the process by the signal (its handler
+/// restores the default action and raises it again: `rt_sigaction`, then
+/// `tgkill`), also when both land on a narrowed thread: never a kill by
+/// the filter.
+#[test]
+fn a_second_shutdown_signal_on_a_narrowed_thread_ends_the_process_by_the_signal() {
+    if !kvm_available("a_second_shutdown_signal_on_a_narrowed_thread") {
+        return;
+    }
+    use std::os::unix::process::ExitStatusExt;
+    for thread in ["blk-d0", "vcpu0"] {
+        let dir = tempdir();
+        let image = dir.path().join("d0.img");
+        std::fs::File::create(&image)
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
+        let mut cfg = config(1, 64, "testkernel.workload=idle");
+        cfg["drives"] = serde_json::json!([{ "id": "d0", "path": image }]);
+        let mut vm = Ferry::run(dir.path(), &cfg);
+        vm.wait_line(WAIT, |l| l == "testkernel: tick 1");
+        vm.wait_api(WAIT);
+        let tid = tid_of(vm.pid(), thread);
+        for _ in 0..2 {
+            // SAFETY: signalling our own child's thread.
+            let r = unsafe { libc::syscall(libc::SYS_tgkill, vm.pid() as i32, tid, libc::SIGTERM) };
+            assert_eq!(r, 0, "{thread}");
+        }
+        let status = vm.wait_exit(WAIT);
+        // The first may have stopped the VM before the second came.
+        assert!(
+            status.signal() == Some(libc::SIGTERM) || status.code() == Some(0),
+            "{thread}: {status:?}: {}",
+            vm.stderr()
+        );
+        assert!(
+            !vm.stderr().contains("seccomp"),
+            "{thread}: {}",
+            vm.stderr()
+        );
+    }
+}

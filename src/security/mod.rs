@@ -193,3 +193,36 @@ pub fn narrow_thread(thread: &str, filter: ThreadFilter) -> bool {
         }
     }
 }
+
+/// Starts a thread named `name` that narrows itself to `filter` before it
+/// runs `body`, and waits until it has: a filter that cannot go in is the
+/// caller's error (the thread is not left running unconfined, nor ended
+/// quietly with nothing serving its work).
+pub fn spawn_narrowed<T: Send + 'static>(
+    name: String,
+    filter: ThreadFilter,
+    body: impl FnOnce() -> T + Send + 'static,
+) -> std::io::Result<std::thread::JoinHandle<Option<T>>> {
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    let handle =
+        std::thread::Builder::new().name(name).spawn(
+            move || match seccomp::narrow_when_confined(filter) {
+                Ok(_) => {
+                    let _ = tx.send(Ok(()));
+                    Some(body())
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    None
+                }
+            },
+        )?;
+    match rx.recv() {
+        Ok(Ok(())) => Ok(handle),
+        Ok(Err(e)) => {
+            let _ = handle.join();
+            Err(std::io::Error::other(e.to_string()))
+        }
+        Err(_) => Err(std::io::Error::other("the thread ended before it started")),
+    }
+}

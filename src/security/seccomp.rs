@@ -262,6 +262,8 @@ const PROCESS_SYSCALLS: &[i64] = &[
     libc::SYS_tgkill,
     libc::SYS_unlink,
     libc::SYS_unlinkat,
+    // The share's SETATTR with times (`File::set_times`).
+    libc::SYS_utimensat,
     libc::SYS_write,
     libc::SYS_writev,
     // Threads: clone3 is answered ENOSYS ahead of the list (glibc then uses
@@ -424,8 +426,7 @@ fn process_rules() -> Result<Rules, SecurityError> {
         ],
     )?);
     rules.insert(libc::SYS_ioctl, ioctl);
-    let domains = [libc::AF_UNIX, libc::AF_INET, libc::AF_INET6].map(|d| d as u64);
-    rules.insert(libc::SYS_socket, any_of(0, &domains)?);
+    resolver_sockets(&mut rules)?;
     let thread = libc::CLONE_THREAD as u64;
     rules.insert(
         libc::SYS_clone,
@@ -504,7 +505,14 @@ fn vcpu_rules() -> Result<Rules, SecurityError> {
 /// a `sendto`/`write` to their socket pair; the SIGSYS handler names the
 /// thread with `prctl(PR_GET_NAME)`, added by each list, and `write`s its
 /// line), and error lines on stderr.
-const HANDLERS: &[i64] = &[libc::SYS_write, libc::SYS_sendto, libc::SYS_getpid];
+const HANDLERS: &[i64] = &[
+    libc::SYS_write,
+    libc::SYS_sendto,
+    libc::SYS_getpid,
+    // A second shutdown signal ends the process by the signal: its handler
+    // restores the default action and raises it again.
+    libc::SYS_rt_sigaction,
+];
 
 /// A connected socket's I/O, TLS included (`getrandom`), with its
 /// timeouts (`setsockopt`, `poll`) and std's `try_clone` (`fcntl`).
@@ -558,12 +566,12 @@ const FILE_IO: &[i64] = &[
 
 /// What the event loop may no longer do once the guest runs, of all the
 /// process list allows: listen for or accept connections (the control
-/// socket was bound during set-up, its own thread accepts), make guest
+/// socket was bound during set-up, its own thread accepts; `bind` stays,
+/// for the resolver's netlink socket), make guest
 /// memory (`memfd_create`), hard links, socket pairs or timers (made when
 /// the devices were built).
 const NOT_ON_THE_EVENT_LOOP: &[i64] = &[
     libc::SYS_accept4,
-    libc::SYS_bind,
     libc::SYS_linkat,
     libc::SYS_listen,
     libc::SYS_memfd_create,
@@ -615,6 +623,8 @@ const HANDSHAKE_SYSCALLS: &[i64] = &[libc::SYS_openat];
 /// (created, written, synced, written back early, listed, removed).
 const SHARE_SYSCALLS: &[i64] = &[
     libc::SYS_accept4,
+    // SETATTR with times (`File::set_times`).
+    libc::SYS_utimensat,
     libc::SYS_fchmod,
     libc::SYS_getdents64,
     libc::SYS_openat,
@@ -654,6 +664,21 @@ fn spawns_threads(rules: &mut Rules) -> Result<(), SecurityError> {
     rules.insert(libc::SYS_clone3, Vec::new());
     rules.insert(libc::SYS_seccomp, Vec::new());
     prctl_rules(rules, true)
+}
+
+/// `socket` for Unix and IP sockets, and the one netlink socket glibc's
+/// resolver opens (`NETLINK_ROUTE`, to learn this host's addresses when it
+/// sorts a name's several addresses, and `bind`s): what set-up and name
+/// resolution need.
+fn resolver_sockets(rules: &mut Rules) -> Result<(), SecurityError> {
+    let domains = [libc::AF_UNIX, libc::AF_INET, libc::AF_INET6].map(|d| d as u64);
+    let mut socket = any_of(0, &domains)?;
+    socket.push(rule(vec![
+        cond(0, SeccompCmpOp::Eq, libc::AF_NETLINK as u64)?,
+        cond(2, SeccompCmpOp::Eq, libc::NETLINK_ROUTE as u64)?,
+    ])?);
+    rules.insert(libc::SYS_socket, socket);
+    Ok(())
 }
 
 /// `socket` for TCP over IPv4 or IPv6 only (no Unix, UDP or raw sockets).
@@ -728,8 +753,7 @@ fn event_loop_rules() -> Result<Rules, SecurityError> {
     // (`socket` as the process list allows it, `sendmmsg`, `FIONREAD`).
     rules.extend(migration_rules()?);
     kvm_ioctls(&mut rules, &[libc::FIONREAD])?;
-    let domains = [libc::AF_UNIX, libc::AF_INET, libc::AF_INET6].map(|d| d as u64);
-    rules.insert(libc::SYS_socket, any_of(0, &domains)?);
+    resolver_sockets(&mut rules)?;
     spawns_threads(&mut rules)?;
     tgkill_own(&mut rules)?;
     Ok(rules)
@@ -1207,6 +1231,9 @@ mod tests {
     const CHILDREN: &[(ThreadFilter, ThreadFilter)] = &[
         (ThreadFilter::ApiAccept, ThreadFilter::ApiConnection),
         (ThreadFilter::EventLoop, ThreadFilter::Migration),
+        // A receive's main thread narrows before it starts the guest.
+        (ThreadFilter::EventLoop, ThreadFilter::Vcpu),
+        (ThreadFilter::EventLoop, ThreadFilter::Block),
         (ThreadFilter::Migration, ThreadFilter::LaneOut),
         (ThreadFilter::Migration, ThreadFilter::StorageCopy),
         (ThreadFilter::Migration, ThreadFilter::Throttle),
@@ -1269,6 +1296,7 @@ mod tests {
                 libc::SYS_write,
                 libc::SYS_sendto,
                 libc::SYS_rt_sigreturn,
+                libc::SYS_rt_sigaction,
                 libc::SYS_exit_group,
                 // A panic's abort raises SIGABRT on the thread itself.
                 libc::SYS_tgkill,
@@ -1284,13 +1312,13 @@ mod tests {
     #[test]
     fn the_narrow_lists_keep_their_promises() {
         let has = |f: ThreadFilter, nr: i64| f.rules().unwrap().contains_key(&nr);
-        // No thread but the set-up and the accept threads listens or accepts.
+        // No narrowed thread listens; only the event loop binds (the
+        // resolver's netlink socket); only the accept threads accept.
         for f in THREAD_FILTERS {
-            assert!(
-                !has(f, libc::SYS_bind) && !has(f, libc::SYS_listen),
-                "{f:?}"
-            );
+            assert!(!has(f, libc::SYS_listen), "{f:?}");
             assert!(!has(f, libc::SYS_memfd_create), "{f:?}");
+            let binds = f == ThreadFilter::EventLoop;
+            assert_eq!(has(f, libc::SYS_bind), binds, "{f:?}");
         }
         // What faces the guest or an unauthenticated peer opens no file for
         // writing, makes no socket and starts no thread.

@@ -208,6 +208,11 @@ pub fn receive(
             let c = lock(&vmm.controller);
             lock(&c.machine).announce();
         }
+        // Issue 10: the main thread is the guest's event loop from here on;
+        // it narrows itself before the source is told to let go, so that a
+        // list that cannot go in refuses the migration (the guest runs on
+        // at the source) rather than stop the guest once it is here.
+        crate::security::seccomp::narrow_when_confined(crate::security::ThreadFilter::EventLoop)?;
         Ok::<_, VmmError>(vmm)
     };
     let vmm = incoming.hand_over(build, Vmm::start)?;
@@ -382,8 +387,9 @@ impl Vmm {
     /// Runs the event loop until the guest or a request ends the VM, then
     /// stops the vCPUs and says how it ended.
     fn run(mut self) -> Result<VmExit, VmmError> {
-        // Issue 10: the event loop narrows itself once set-up is done; it
-        // still starts the migration thread, whose list it holds.
+        // Issue 10: the event loop narrows itself once set-up is done (a
+        // receive's already has, before its hand-over); it still starts the
+        // migration thread, whose list it holds.
         let narrowed = crate::security::seccomp::narrow_when_confined(
             crate::security::ThreadFilter::EventLoop,
         );

@@ -166,6 +166,8 @@ pub struct SourceContext {
 pub enum SourceError {
     #[error("confining the migration thread: {0}")]
     Confine(crate::security::SecurityError),
+    #[error("cannot start the vCPU throttle: {0}")]
+    Throttle(std::io::Error),
     #[error("cannot resolve {0}")]
     Resolve(String),
     #[error("cannot connect to {dest}: {source}")]

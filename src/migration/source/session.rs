@@ -58,14 +58,14 @@ pub(super) fn run(
 ) -> Result<Duration, SourceError> {
     let security = req.security()?;
     let connections = req.connections();
-    let addr = resolve(&req.destination)?;
+    let addrs = resolve(&req.destination)?;
     // Issue 10: the thread narrows itself once the name is resolved (glibc's
     // resolver reads /etc/hosts, asks nscd over a Unix socket and DNS over
     // UDP, which the migration list does not allow) and before it connects;
     // its lanes, copy and throttle inherit the list.
     crate::security::seccomp::narrow_when_confined(crate::security::ThreadFilter::Migration)
         .map_err(SourceError::Confine)?;
-    let stream = connect(&req.destination, addr, &security)?;
+    let (stream, addr) = connect(&req.destination, &addrs, &security)?;
     *lock(slot) = stream.tcp().try_clone().ok();
     let reader = stream.try_clone().map_err(ProtocolError::from)?;
     let pacer = Arc::new(Pacer::new(req.bandwidth_bytes_s()));
@@ -97,27 +97,53 @@ pub(super) fn run(
     result
 }
 
-/// The first address `dest` (HOST:PORT) names.
-fn resolve(dest: &str) -> Result<SocketAddr, SourceError> {
-    dest.to_socket_addrs()
+/// The addresses `dest` (HOST:PORT) names, in the resolver's order.
+fn resolve(dest: &str) -> Result<Vec<SocketAddr>, SourceError> {
+    let addrs: Vec<SocketAddr> = dest
+        .to_socket_addrs()
         .map_err(|_| SourceError::Resolve(dest.to_string()))?
-        .next()
-        .ok_or_else(|| SourceError::Resolve(dest.to_string()))
+        .take(MAX_ADDRESSES)
+        .collect();
+    if addrs.is_empty() {
+        return Err(SourceError::Resolve(dest.to_string()));
+    }
+    Ok(addrs)
 }
 
-fn connect(dest: &str, addr: SocketAddr, security: &Security) -> Result<Channel, SourceError> {
+/// At most this many of a name's addresses are tried, each within
+/// `CONNECT_TIMEOUT`.
+const MAX_ADDRESSES: usize = 4;
+
+/// Connects to the first of `addrs` that answers (a name may have an IPv6
+/// address first that this host cannot reach), then sets up the channel.
+fn connect(
+    dest: &str,
+    addrs: &[SocketAddr],
+    security: &Security,
+) -> Result<(Channel, SocketAddr), SourceError> {
     // Checked before connecting: a name no certificate can carry is the
     // request's fault, not the destination's.
     let name = match security {
         Security::Tls(_) => Some(transport::server_name(dest)?),
         Security::Insecure => None,
     };
-    let stream = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT).map_err(|source| {
-        SourceError::Connect {
-            dest: dest.to_string(),
-            source,
+    let mut failed = None;
+    let mut connected = None;
+    for addr in addrs {
+        match TcpStream::connect_timeout(addr, CONNECT_TIMEOUT) {
+            Ok(s) => {
+                connected = Some((s, *addr));
+                break;
+            }
+            Err(e) => failed = Some(e),
         }
-    })?;
+    }
+    let Some((stream, addr)) = connected else {
+        return Err(SourceError::Connect {
+            dest: dest.to_string(),
+            source: failed.unwrap_or_else(|| std::io::Error::other("no address")),
+        });
+    };
     stream.set_nodelay(true).ok();
     let channel = match (security, name) {
         (Security::Tls(id), Some(name)) => {
@@ -135,7 +161,7 @@ fn connect(dest: &str, addr: SocketAddr, security: &Security) -> Result<Channel,
     channel.set_read_timeout(Some(REPLY_TIMEOUT)).ok();
     // A link that stops taking data is a failure, not a wait.
     channel.set_write_timeout(Some(WRITE_TIMEOUT)).ok();
-    Ok(channel)
+    Ok((channel, addr))
 }
 
 /// Everything one migration works with, and where it stands.
@@ -179,7 +205,8 @@ impl MigrationContext<'_> {
         self.start_storage(&ack)?;
         start_dirty_tracking(&self.src.vm, &self.src.mem)?;
         self.tracking = true;
-        self.throttle = Some(Throttle::start(self.src.control.clone()));
+        self.throttle =
+            Some(Throttle::start(self.src.control.clone()).map_err(SourceError::Throttle)?);
         let pending = self.precopy()?;
         let paused_at = self.stop_and_copy(&pending)?;
         self.hand_over(paused_at)

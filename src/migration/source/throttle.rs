@@ -17,24 +17,22 @@ const PERIOD: Duration = Duration::from_millis(20);
 pub struct Throttle {
     percent: Arc<AtomicU32>,
     stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+    thread: Option<JoinHandle<Option<()>>>,
     control: Arc<VcpuControl>,
 }
 
 impl Throttle {
-    pub fn start(control: Arc<VcpuControl>) -> Throttle {
+    /// Starts the throttle thread, narrowed to its own seccomp list (a
+    /// list that cannot go in fails the migration: without a throttle it
+    /// might not converge).
+    pub fn start(control: Arc<VcpuControl>) -> std::io::Result<Throttle> {
         let percent = Arc::new(AtomicU32::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let (p, s, c) = (percent.clone(), stop.clone(), control.clone());
-        let thread = std::thread::Builder::new()
-            .name("throttle".into())
-            .spawn(move || {
-                if !crate::security::narrow_thread(
-                    "throttle",
-                    crate::security::ThreadFilter::Throttle,
-                ) {
-                    return;
-                }
+        let thread = crate::security::spawn_narrowed(
+            "throttle".into(),
+            crate::security::ThreadFilter::Throttle,
+            move || {
                 while !s.load(Ordering::SeqCst) {
                     let pct = p.load(Ordering::SeqCst);
                     if pct == 0 {
@@ -47,14 +45,14 @@ impl Throttle {
                     std::thread::sleep(PERIOD * (100 - pct) / 100);
                 }
                 c.set_throttled(false);
-            })
-            .ok();
-        Throttle {
+            },
+        )?;
+        Ok(Throttle {
             percent,
             stop,
-            thread,
+            thread: Some(thread),
             control,
-        }
+        })
     }
 
     pub fn set(&self, pct: u32) {
