@@ -1241,12 +1241,84 @@ mod tests {
         (ThreadFilter::Acceptor, ThreadFilter::LaneIn),
     ];
 
+    /// The conditions of a rule (all must hold), as their Debug text:
+    /// seccompiler keeps them private.
+    fn conditions(r: &SeccompRule) -> Vec<String> {
+        format!("{r:?}")
+            .split("SeccompCondition {")
+            .skip(1)
+            .map(|c| c.split('}').next().unwrap_or_default().trim().to_string())
+            .collect()
+    }
+
+    /// (argument, mask, value) of a condition `arg & mask == value` (an
+    /// `Eq` has the full mask), from its Debug text.
+    fn parsed(c: &str) -> (u64, u64, u64) {
+        let field = |name: &str| {
+            c.split(&format!("{name}: "))
+                .nth(1)
+                .and_then(|v| v.split([',', ' ']).next())
+                .unwrap_or_default()
+                .to_string()
+        };
+        let arg = field("arg_index").parse().unwrap();
+        let value = field("value").parse().unwrap();
+        let op = field("operator");
+        let mask = match op.strip_prefix("MaskedEq(") {
+            Some(m) => m.trim_end_matches(')').parse().unwrap(),
+            None if op == "Eq" => u64::MAX,
+            None => panic!("no implication rule for {op}"),
+        };
+        (arg, mask, value)
+    }
+
+    /// Whether rule `a` matching means rule `b` matches too: each of `b`'s
+    /// conditions follows from one of `a`'s on the same argument (the same
+    /// condition, or an `Eq` whose value passes `b`'s mask).
+    fn implies(a: &SeccompRule, b: &SeccompRule) -> bool {
+        let a: Vec<_> = conditions(a).iter().map(|c| parsed(c)).collect();
+        conditions(b).iter().all(|c| {
+            let (arg, mask, value) = parsed(c);
+            a.iter().any(|&(a_arg, a_mask, a_value)| {
+                a_arg == arg
+                    && ((a_mask, a_value) == (mask, value)
+                        || (a_mask == u64::MAX && a_value & mask == value))
+            })
+        })
+    }
+
+    #[test]
+    fn rule_implication_reads_the_conditions() {
+        let c = |arg, v| cond(arg, SeccompCmpOp::Eq, v).unwrap();
+        let inet_stream = rule(vec![c(0, 2), c(1, 1)]).unwrap();
+        let inet = rule(vec![c(0, 2)]).unwrap();
+        assert_eq!(conditions(&inet_stream).len(), 2);
+        assert!(implies(&inet_stream, &inet));
+        assert!(!implies(&inet, &inet_stream));
+        assert!(!implies(&inet, &rule(vec![c(0, 10)]).unwrap()));
+        let kvm_type = rule(vec![
+            cond(1, SeccompCmpOp::MaskedEq(0xff00), 0xae00).unwrap()
+        ])
+        .unwrap();
+        assert!(implies(&rule(vec![c(1, KVM_RUN)]).unwrap(), &kvm_type));
+        assert!(!implies(&rule(vec![c(1, 0x5421)]).unwrap(), &kvm_type));
+    }
+
     #[test]
     fn a_childs_list_is_within_its_parents_and_the_process_list() {
         let process = process_rules().unwrap();
         for f in THREAD_FILTERS {
-            for nr in f.rules().unwrap().keys() {
-                assert!(process.contains_key(nr), "{f:?}: {}", names::name(*nr));
+            for (nr, rules) in f.rules().unwrap() {
+                let Some(theirs) = process.get(&nr) else {
+                    panic!("{f:?}: {} is not in the process list", names::name(nr));
+                };
+                assert!(
+                    theirs.is_empty()
+                        || (!rules.is_empty()
+                            && rules.iter().all(|r| theirs.iter().any(|p| implies(r, p)))),
+                    "{f:?} allows {} with arguments the process list does not",
+                    names::name(nr)
+                );
             }
         }
         for (parent, child) in CHILDREN {
@@ -1258,12 +1330,21 @@ mod tests {
                         names::name(nr)
                     );
                 };
-                // An unconditional allow in the child needs one in the parent.
+                // An unconditional allow in the child needs one in the parent;
+                // each of the child's argument rules must be one of the
+                // parent's (or the parent allows any arguments).
                 assert!(
                     !rules.is_empty() || theirs.is_empty(),
                     "{child:?} may make {} with any arguments, {parent:?} only some",
                     names::name(nr)
                 );
+                for r in &rules {
+                    assert!(
+                        theirs.is_empty() || theirs.iter().any(|p| implies(r, p)),
+                        "{child:?} may make {} with {r:?}, which {parent:?} does not allow",
+                        names::name(nr)
+                    );
+                }
             }
         }
         // Threads that start threads can: clone with CLONE_THREAD, clone3
