@@ -189,6 +189,32 @@ fn open_socket() {
     unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
 }
 
+fn open_udp_socket() {
+    // SAFETY: creating a socket; the result does not matter.
+    unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) };
+}
+
+/// A TCP socket (allowed where TCP is), then `listen` on it.
+fn listen_socket() {
+    // SAFETY: creating a socket and listening on it; nothing is bound.
+    unsafe {
+        let s = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+        libc::listen(s, 1);
+    }
+}
+
+fn make_memfd() {
+    // SAFETY: a valid name; the result does not matter.
+    unsafe { libc::memfd_create(c"x".as_ptr(), 0) };
+}
+
+/// `KVM_CREATE_VM` (`_IO(0xAE, 0x01)`) on stdin: the filter traps it on
+/// its request number before any descriptor is looked at.
+fn kvm_create_vm() {
+    // SAFETY: an ioctl on fd 0; trapped, or failing with ENOTTY.
+    unsafe { libc::ioctl(0, 0xae01) };
+}
+
 /// A thread's clone (flags as glibc gives them); the filter traps it before
 /// the kernel sees it, which would refuse the NULL stack anyway.
 fn spawn_thread() {
@@ -270,6 +296,31 @@ fn a_syscall_outside_a_filter_kills_the_process_naming_it() {
         ("api-conn", open_socket, "socket (41)"),
         ("api-conn", spawn_thread, "clone (56)"),
         ("api-conn", getppid, "getppid (110)"),
+        // The guest-facing drive thread opens nothing, makes no UDP or
+        // Unix sockets, starts no threads, makes no KVM ioctl.
+        ("blk", open_file, "openat (257)"),
+        ("blk", open_udp_socket, "socket (41)"),
+        ("blk", spawn_thread, "clone (56)"),
+        ("blk", kvm_create_vm, "ioctl (16)"),
+        // Before a peer is authenticated: no sockets, no writable opens,
+        // no threads, no KVM ioctls but the CPUID query.
+        ("handshake", open_socket, "socket (41)"),
+        ("handshake", create_file, "openat (257)"),
+        ("handshake", spawn_thread, "clone (56)"),
+        ("handshake", kvm_create_vm, "ioctl (16)"),
+        ("lane-in", open_file, "openat (257)"),
+        ("lane-out", open_file, "openat (257)"),
+        ("share", open_socket, "socket (41)"),
+        ("share", kvm_create_vm, "ioctl (16)"),
+        ("storage-copy", kvm_create_vm, "ioctl (16)"),
+        ("throttle", open_file, "openat (257)"),
+        ("prefault", open_file, "openat (257)"),
+        ("acceptor", open_socket, "socket (41)"),
+        // The event loop listens for nothing and makes no guest memory.
+        ("event-loop", listen_socket, "listen (50)"),
+        ("event-loop", make_memfd, "memfd_create (319)"),
+        ("migration", listen_socket, "listen (50)"),
+        ("migration", open_udp_socket, "socket (41)"),
     ] {
         let (code, err) = run_filtered(filter, forbidden);
         assert!(code != 42);
