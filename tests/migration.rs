@@ -2205,3 +2205,123 @@ fn a_destination_name_with_several_addresses_migrates_to_the_one_that_answers() 
     dst.api("PUT", "/vm/shutdown");
     assert!(dst.wait_exit(WAIT).success());
 }
+
+/// A guest restored from a snapshot migrates, and a guest that arrived by
+/// migration migrates onward (a second hop): the state they carry holds
+/// the CPUID Ferry set, not what this host's KVM reads back (its PVM
+/// reports features, AVX among them, that it does not offer as supported,
+/// and the destination's CPU check refused them).
+#[test]
+fn a_restored_guest_and_a_received_guest_migrate_onward() {
+    if !kvm_available("a_restored_guest_and_a_received_guest_migrate_onward") {
+        return;
+    }
+    let dir = tempdir();
+    let tls = tls_dir(dir.path());
+    let sub = |name: &str| {
+        let p = dir.path().join(name);
+        std::fs::create_dir_all(&p).unwrap();
+        p
+    };
+    let mut first = Ferry::run(
+        &sub("first"),
+        &config(1, 128, "testkernel.workload=dirty testkernel.dirty_mib=8"),
+    );
+    first.wait_line(WAIT, |l| l == "testkernel: dirty pass=2 ok");
+    let snap = dir.path().join("snap");
+    let (code, body) = ferry::api::client::request(
+        first.api_sock.as_ref().unwrap(),
+        "PUT",
+        "/snapshot/create",
+        Some(&serde_json::json!({ "dir": snap })),
+    )
+    .unwrap();
+    assert_eq!(code, 200, "{body}");
+    first.api("PUT", "/vm/shutdown");
+    assert!(first.wait_exit(WAIT).success(), "{}", first.stderr());
+
+    let sock = sub("restored").join("api.sock");
+    let mut restored = Ferry::spawn(&[
+        "run",
+        "--restore",
+        snap.to_str().unwrap(),
+        "--api-sock",
+        sock.to_str().unwrap(),
+    ]);
+    restored.api_sock = Some(sock);
+    restored.wait_api(WAIT);
+    restored.api("PUT", "/vm/resume");
+    restored.wait_line(WAIT, |l| pass_of(l).is_some());
+
+    let mut hop = restored;
+    for name in ["hop1", "hop2"] {
+        let args = [
+            "--tls-dir",
+            tls.to_str().unwrap(),
+            "--shared-storage-root",
+            "/",
+        ];
+        let (dst, port) = receiver_with(&sub(name), &args);
+        let (status, body) = send(
+            &hop,
+            serde_json::json!({
+                "destination": format!("127.0.0.1:{port}"),
+                "tls_dir": tls,
+            }),
+        );
+        assert_eq!(status, 200, "{name}: {body}");
+        assert!(hop.wait_exit(WAIT).success(), "{name}: {}", hop.stderr());
+        let before = last_pass(&hop);
+        dst.wait_line(WAIT, |l| pass_of(l).is_some_and(|p| p >= before + 2));
+        no_fail(&dst);
+        hop = dst;
+    }
+    hop.api("PUT", "/vm/shutdown");
+    assert!(hop.wait_exit(WAIT).success(), "{}", hop.stderr());
+}
+
+/// A peer that opens many connections and stays silent fills only its own
+/// share of the pending handshakes: a real source from another address
+/// migrates while they are held open (32 of them from one address used to
+/// fill every slot).
+#[test]
+fn silent_connections_from_one_address_do_not_block_a_real_migration() {
+    if !kvm_available("silent_connections_from_one_address_do_not_block") {
+        return;
+    }
+    let dir = tempdir();
+    let (dst, port) = receiver(dir.path());
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    // From 127.0.0.2 (loopback takes any 127/8 source address).
+    let mut held = Vec::new();
+    for _ in 0..40 {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        let from: std::net::SocketAddr = "127.0.0.2:0".parse().unwrap();
+        s.bind(&from.into()).unwrap();
+        s.connect(&addr.into()).unwrap();
+        held.push(s);
+    }
+    let deadline = Instant::now() + WAIT;
+    while !dst
+        .stderr()
+        .contains("handshakes from 127.0.0.2 already pending")
+    {
+        assert!(Instant::now() < deadline, "{}", dst.stderr());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut src = Ferry::run(
+        dir.path(),
+        &config(1, 128, "testkernel.workload=dirty testkernel.dirty_mib=8"),
+    );
+    src.wait_line(WAIT, |l| l == "testkernel: dirty pass=2 ok");
+    let (status, body) = start_migration(&src, &addr.to_string(), None);
+    assert_eq!(status, 200, "{body}");
+    assert!(src.wait_exit(WAIT).success(), "{}", src.stderr());
+    let before = last_pass(&src);
+    dst.wait_line(WAIT, |l| pass_of(l).is_some_and(|p| p >= before + 2));
+    no_fail(&dst);
+    drop(held);
+    let mut dst = dst;
+    dst.api("PUT", "/vm/shutdown");
+    assert!(dst.wait_exit(WAIT).success());
+}

@@ -495,6 +495,13 @@ fn copy_through_an_already_mounted_share() {
     assert_eq!(entries.len(), 1, "{entries:?}");
     let copy = s.dst_dir.join(&entries[0]).join("drive0-d0.img");
     assert_eq!(sha256(&copy), sha256(&s.image));
+    // Guest data, written by the source through its mount: owner only.
+    for f in std::fs::read_dir(s.dst_dir.join(&entries[0])).unwrap() {
+        let f = f.unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        let mode = f.metadata().unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{:?}", f.path());
+    }
     dst.wait_api(WAIT);
     dst.api("PUT", "/vm/resume");
     let last = src.lines().iter().rev().find_map(|l| round_of(l)).unwrap();

@@ -50,6 +50,10 @@ pub const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
 /// Connections being vetted at once; more are closed unread, so that a
 /// flood costs a thread each for at most this many.
 const MAX_PENDING: usize = 32;
+/// Connections from one address being vetted at once: a peer that opens
+/// many and stays silent fills only its own share of `MAX_PENDING`, and a
+/// real source from another address still gets through.
+const MAX_PENDING_PER_PEER: usize = 4;
 /// Largest `Paused` payload: a MAC address for each of at most MAX_DRIVES
 /// net devices, with room to spare.
 const MAX_PAUSED: u64 = 4096;
@@ -612,6 +616,27 @@ impl Receiver {
     }
 }
 
+/// One connection being vetted, counted in the total and for its peer's
+/// address until dropped.
+struct PendingSlot {
+    total: Arc<AtomicUsize>,
+    per_peer: Arc<std::sync::Mutex<HashMap<IpAddr, usize>>>,
+    ip: IpAddr,
+}
+
+impl Drop for PendingSlot {
+    fn drop(&mut self) {
+        self.total.fetch_sub(1, Ordering::SeqCst);
+        let mut per_peer = lock(&self.per_peer);
+        if let Some(n) = per_peer.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                per_peer.remove(&self.ip);
+            }
+        }
+    }
+}
+
 fn accept_loop(
     listener: TcpListener,
     vetting: Arc<Vetting>,
@@ -622,6 +647,7 @@ fn accept_loop(
         return;
     }
     let pending = Arc::new(AtomicUsize::new(0));
+    let per_peer: Arc<std::sync::Mutex<HashMap<IpAddr, usize>>> = Arc::default();
     loop {
         let accepted = listener.accept();
         if won.load(Ordering::SeqCst) {
@@ -642,15 +668,32 @@ fn accept_loop(
             );
             continue;
         }
+        {
+            let mut per_peer = lock(&per_peer);
+            let n = per_peer.entry(peer.ip()).or_default();
+            if *n >= MAX_PENDING_PER_PEER {
+                eprintln!(
+                    "ferry: refused a connection from {peer}: {MAX_PENDING_PER_PEER} handshakes from {} already pending",
+                    peer.ip()
+                );
+                continue;
+            }
+            *n += 1;
+        }
         pending.fetch_add(1, Ordering::SeqCst);
-        let (vetting, won, tx, pending2) =
-            (vetting.clone(), won.clone(), tx.clone(), pending.clone());
+        // Counted down however the thread ends, or if it cannot start.
+        let slot = PendingSlot {
+            total: pending.clone(),
+            per_peer: per_peer.clone(),
+            ip: peer.ip(),
+        };
+        let (vetting, won, tx) = (vetting.clone(), won.clone(), tx.clone());
         let spawned = std::thread::Builder::new()
             .name("ferry-handshake".into())
             .spawn(move || {
+                let _slot = slot;
                 // Pre-authentication input meets the narrowest list.
                 if !crate::security::narrow_thread("handshake", ThreadFilter::Handshake) {
-                    pending2.fetch_sub(1, Ordering::SeqCst);
                     return;
                 }
                 match vet(tcp, peer, &vetting) {
@@ -670,10 +713,8 @@ fn accept_loop(
                     }
                     Err(e) => eprintln!("ferry: refused a connection from {peer}: {e}"),
                 }
-                pending2.fetch_sub(1, Ordering::SeqCst);
             });
         if spawned.is_err() {
-            pending.fetch_sub(1, Ordering::SeqCst);
             eprintln!("ferry: refused a connection from {peer}: cannot start a thread for it");
         }
     }

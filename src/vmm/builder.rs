@@ -78,8 +78,9 @@ pub struct BuiltVm {
     pub drives: Vec<Drive>,
     pub nets: Vec<NetDev>,
     pub vcpus: Vec<Vcpu>,
-    /// The CPUID vCPU 0 was given, which a migration destination checks.
-    pub guest_cpuid: Vec<kvm_bindings::kvm_cpuid_entry2>,
+    /// The CPUID each vCPU was given (vCPU 0's is what a migration
+    /// destination checks).
+    pub vcpu_cpuids: Vec<Vec<kvm_bindings::kvm_cpuid_entry2>>,
 }
 
 /// Builds the VM `config` describes, from its kernel or from saved state.
@@ -131,7 +132,7 @@ pub fn build(config: &VmConfig, boot: Boot) -> Result<BuiltVm, VmmError> {
         drives: devices.drives,
         nets: devices.nets,
         vcpus: devices.vcpus,
-        guest_cpuid: devices.guest_cpuid,
+        vcpu_cpuids: devices.vcpu_cpuids,
     })
 }
 
@@ -176,7 +177,7 @@ struct Devices {
     drives: Vec<Drive>,
     nets: Vec<NetDev>,
     vcpus: Vec<Vcpu>,
-    guest_cpuid: Vec<kvm_bindings::kvm_cpuid_entry2>,
+    vcpu_cpuids: Vec<Vec<kvm_bindings::kvm_cpuid_entry2>>,
 }
 
 fn build_devices(
@@ -211,7 +212,7 @@ fn build_devices(
     let nets = b.attach_net_devices()?;
     let entry = b.boot_state()?;
     startup::mark("boot-state");
-    let (vcpus, guest_cpuid) = b.create_vcpus(entry)?;
+    let (vcpus, vcpu_cpuids) = b.create_vcpus(entry)?;
     startup::mark("vcpus");
     Ok(Devices {
         serial_log: b.serial_log,
@@ -223,7 +224,7 @@ fn build_devices(
         drives,
         nets,
         vcpus,
-        guest_cpuid,
+        vcpu_cpuids,
     })
 }
 
@@ -532,18 +533,18 @@ impl Builder<'_> {
     }
 
     /// Creates every vCPU, set for boot at `entry` or restored from state.
-    /// Returns them with the CPUID vCPU 0 sees.
+    /// Returns them with the CPUID each was set.
     fn create_vcpus(
         &mut self,
         entry: Option<u64>,
-    ) -> Result<(Vec<Vcpu>, Vec<kvm_bindings::kvm_cpuid_entry2>), VmmError> {
+    ) -> Result<(Vec<Vcpu>, Vec<Vec<kvm_bindings::kvm_cpuid_entry2>>), VmmError> {
         let supported = match self.supported_cpuid.take() {
             Some(c) => c,
             None => self.vm.supported_cpuid()?,
         };
         let count = self.config.vcpus;
         let mut vcpus = Vec::with_capacity(count as usize);
-        let mut guest_cpuid = Vec::new();
+        let mut cpuids = Vec::with_capacity(count as usize);
         for index in 0..count {
             let fd = self
                 .vm
@@ -559,12 +560,10 @@ impl Builder<'_> {
                     ))
                 }
             };
-            if index == 0 {
-                guest_cpuid = cpuid;
-            }
+            cpuids.push(cpuid);
             vcpus.push(Vcpu::new(index, fd));
         }
-        Ok((vcpus, guest_cpuid))
+        Ok((vcpus, cpuids))
     }
 }
 

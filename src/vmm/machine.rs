@@ -29,6 +29,8 @@ pub struct Machine {
     pub memfd: Option<Arc<File>>,
     /// The CPUID vCPU 0 was given, which a migration destination checks.
     pub guest_cpuid: Vec<kvm_bindings::kvm_cpuid_entry2>,
+    /// The CPUID set on each vCPU (what a snapshot saves).
+    pub vcpu_cpuids: Vec<Vec<kvm_bindings::kvm_cpuid_entry2>>,
     pub vcpus: Vec<Arc<Mutex<kvm_ioctls::VcpuFd>>>,
     pub serial: Arc<Mutex<SerialDevice>>,
     pub drives: Vec<Drive>,
@@ -145,7 +147,10 @@ impl Machine {
             .vcpus
             .iter()
             .enumerate()
-            .map(|(i, fd)| state::save_vcpu(i as u8, &lock(fd), &msrs))
+            .map(|(i, fd)| {
+                let cpuid = self.vcpu_cpuids.get(i).map_or(&[][..], Vec::as_slice);
+                state::save_vcpu(i as u8, &lock(fd), cpuid, &msrs)
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let mut serial = lock(&self.serial);
         serial.flush();

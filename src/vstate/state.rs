@@ -90,7 +90,16 @@ pub fn saveable_msrs(kvm: &Kvm, vcpu: &VcpuFd) -> Result<Vec<u32>, StateError> {
     Ok(good)
 }
 
-pub fn save_vcpu(index: u8, fd: &VcpuFd, msr_indices: &[u32]) -> Result<VcpuState, StateError> {
+/// Saves a vCPU. `cpuid` is the CPUID the VMM set on it: saved as set, not
+/// as `KVM_GET_CPUID2` reads it back, because some KVMs (this host's PVM)
+/// report bits there that `KVM_GET_SUPPORTED_CPUID` does not offer, and a
+/// saved state carrying them could never migrate to a host like this one.
+pub fn save_vcpu(
+    index: u8,
+    fd: &VcpuFd,
+    cpuid: &[kvm_bindings::kvm_cpuid_entry2],
+    msr_indices: &[u32],
+) -> Result<VcpuState, StateError> {
     let entries: Vec<kvm_msr_entry> = msr_indices
         .iter()
         .map(|&index| kvm_msr_entry {
@@ -101,12 +110,9 @@ pub fn save_vcpu(index: u8, fd: &VcpuFd, msr_indices: &[u32]) -> Result<VcpuStat
     let mut msrs = Msrs::from_entries(&entries).map_err(|_| StateError::MsrList(entries.len()))?;
     let n = fd.get_msrs(&mut msrs).map_err(kerr("get", "MSRs"))?;
     let msrs = msrs.as_slice()[..n].to_vec();
-    let cpuid = fd
-        .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-        .map_err(kerr("get", "CPUID"))?;
     Ok(VcpuState {
         index,
-        cpuid: cpuid.as_slice().to_vec(),
+        cpuid: cpuid.to_vec(),
         mp_state: fd.get_mp_state().map_err(kerr("get", "MP state"))?,
         regs: fd.get_regs().map_err(kerr("get", "registers"))?,
         sregs: fd.get_sregs().map_err(kerr("get", "special registers"))?,

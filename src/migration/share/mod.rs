@@ -270,7 +270,8 @@ impl Share for MountedShare {
             .write(true)
             .create(true)
             .truncate(true)
-            .mode(0o644)
+            // Guest data: the owner's only, as the NFS share's copies are.
+            .mode(0o600)
             .custom_flags(libc::O_NOFOLLOW)
             .open(&path)
             .map_err(|e| ShareError::io(what(), e))?;
