@@ -498,9 +498,16 @@ fn a_vm_started_with_uid_runs_unprivileged() {
         !other.status.success() && other.stdout.is_empty(),
         "a uid {NOBODY} client was answered: {other:?}"
     );
-    assert!(vm
+    // ferry writes the line before it closes the connection, but the test
+    // reads ferry's stderr on a thread of its own: wait (bounded) for it.
+    let deadline = std::time::Instant::now() + WAIT;
+    while !vm
         .stderr()
-        .contains("refused a client running as uid 65534"));
+        .contains("refused a client running as uid 65534")
+    {
+        assert!(std::time::Instant::now() < deadline, "{}", vm.stderr());
+        std::thread::sleep(Duration::from_millis(5));
+    }
     let (code, _) = vm.api("GET", "/vm");
     assert_eq!(code, 200);
     // A snapshot goes where the user may write, and is refused clearly
