@@ -230,15 +230,7 @@ fn the_control_socket_threads_narrow_themselves_below_the_process_filter() {
         return;
     }
     let dir = tempdir();
-    let image = dir.path().join("d0.img");
-    std::fs::File::create(&image)
-        .unwrap()
-        .set_len(1 << 20)
-        .unwrap();
-    let mut cfg = config(1, 64, "testkernel.workload=idle");
-    cfg["drives"] = serde_json::json!([{ "id": "d0", "path": image }]);
-    let mut vm = Ferry::run(dir.path(), &cfg);
-    vm.wait_line(WAIT, |l| l == "testkernel: tick 1");
+    let mut vm = idle_vm_with_a_drive(dir.path());
     // A request has gone through: the accept thread has narrowed itself.
     vm.wait_api(WAIT);
     // A connection that sends nothing keeps its thread waiting for the
@@ -819,16 +811,7 @@ fn a_shutdown_signal_on_any_thread_stops_the_vm_cleanly() {
     }
     for thread in ["vcpu0", "blk-d0", "ferry-api", "ferry"] {
         let dir = tempdir();
-        let image = dir.path().join("d0.img");
-        std::fs::File::create(&image)
-            .unwrap()
-            .set_len(1 << 20)
-            .unwrap();
-        let mut cfg = config(1, 64, "testkernel.workload=idle");
-        cfg["drives"] = serde_json::json!([{ "id": "d0", "path": image }]);
-        let mut vm = Ferry::run(dir.path(), &cfg);
-        vm.wait_line(WAIT, |l| l == "testkernel: tick 1");
-        vm.wait_api(WAIT);
+        let mut vm = idle_vm_with_a_drive(dir.path());
         let tid = tid_of(vm.pid(), thread);
         // SAFETY: signalling our own child's thread.
         let r = unsafe { libc::syscall(libc::SYS_tgkill, vm.pid() as i32, tid, libc::SIGTERM) };
@@ -855,16 +838,7 @@ fn a_second_shutdown_signal_on_a_narrowed_thread_ends_the_process_by_the_signal(
     use std::os::unix::process::ExitStatusExt;
     for thread in ["blk-d0", "vcpu0"] {
         let dir = tempdir();
-        let image = dir.path().join("d0.img");
-        std::fs::File::create(&image)
-            .unwrap()
-            .set_len(1 << 20)
-            .unwrap();
-        let mut cfg = config(1, 64, "testkernel.workload=idle");
-        cfg["drives"] = serde_json::json!([{ "id": "d0", "path": image }]);
-        let mut vm = Ferry::run(dir.path(), &cfg);
-        vm.wait_line(WAIT, |l| l == "testkernel: tick 1");
-        vm.wait_api(WAIT);
+        let mut vm = idle_vm_with_a_drive(dir.path());
         let tid = tid_of(vm.pid(), thread);
         for _ in 0..2 {
             // SAFETY: signalling our own child's thread.
@@ -884,4 +858,19 @@ fn a_second_shutdown_signal_on_a_narrowed_thread_ends_the_process_by_the_signal(
             vm.stderr()
         );
     }
+}
+
+/// An idle guest with one drive (`d0`, 1 MiB), booted and serving.
+fn idle_vm_with_a_drive(dir: &Path) -> Ferry {
+    let image = dir.join("d0.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let mut cfg = config(1, 64, "testkernel.workload=idle");
+    cfg["drives"] = serde_json::json!([{ "id": "d0", "path": image }]);
+    let vm = Ferry::run(dir, &cfg);
+    vm.wait_line(WAIT, |l| l == "testkernel: tick 1");
+    vm.wait_api(WAIT);
+    vm
 }

@@ -427,21 +427,7 @@ fn process_rules() -> Result<Rules, SecurityError> {
     )?);
     rules.insert(libc::SYS_ioctl, ioctl);
     resolver_sockets(&mut rules)?;
-    let thread = libc::CLONE_THREAD as u64;
-    rules.insert(
-        libc::SYS_clone,
-        vec![rule(vec![cond(
-            0,
-            SeccompCmpOp::MaskedEq(thread),
-            thread,
-        )?])?],
-    );
-    let prctls = [
-        libc::PR_SET_NAME,
-        libc::PR_GET_NAME,
-        libc::PR_SET_NO_NEW_PRIVS,
-    ];
-    rules.insert(libc::SYS_prctl, any_of(0, &prctls.map(|p| p as u64))?);
+    spawns_threads(&mut rules)?;
     Ok(rules)
 }
 
@@ -478,15 +464,7 @@ fn api_conn_rules() -> Result<Rules, SecurityError> {
 fn api_accept_rules() -> Result<Rules, SecurityError> {
     let mut rules = api_conn_rules()?;
     rules.extend(plain(API_ACCEPT_SYSCALLS));
-    let thread = libc::CLONE_THREAD as u64;
-    rules.insert(
-        libc::SYS_clone,
-        vec![rule(vec![cond(
-            0,
-            SeccompCmpOp::MaskedEq(thread),
-            thread,
-        )?])?],
-    );
+    spawns_threads(&mut rules)?;
     Ok(rules)
 }
 
