@@ -329,11 +329,13 @@ impl Builder<'_> {
         let (out, log) = serial_output(&self.config.serial, self.saved.is_some());
         self.serial_log = log;
         let serial = match self.saved {
-            None => SerialDevice::new(irq, out),
+            None => SerialDevice::new(irq, out)?,
             Some(st) => SerialDevice::restore(SerialArgs { irq, out }, &st.serial)?,
         };
         let serial = Arc::new(Mutex::new(serial));
         self.pio.insert(serial.clone(), SERIAL_PORT, 8)?;
+        // Its timer writes out a line the guest has not finished.
+        self.event_loop.add_subscriber(serial.clone());
         Ok(serial)
     }
 
