@@ -388,6 +388,8 @@ impl Vmm {
     /// Runs the event loop until the guest or a request ends the VM, then
     /// stops the vCPUs and says how it ended.
     fn run(mut self) -> Result<VmExit, VmmError> {
+        crate::startup::mark("event-loop-runs");
+        crate::startup::report();
         // Issue 10: the event loop narrows itself once set-up is done (a
         // receive's already has, before its hand-over); it still starts the
         // migration thread, whose list it holds.
