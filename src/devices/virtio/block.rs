@@ -746,11 +746,7 @@ impl Block {
                 .map_err(BlockError::UsedRing)?;
             completed = true;
         }
-        if completed
-            && queue
-                .needs_notification(mem)
-                .map_err(BlockError::UsedRing)?
-        {
+        if completed && super::needs_interrupt(queue, mem).map_err(BlockError::UsedRing)? {
             self.irq
                 .trigger(VIRTIO_INT_VRING)
                 .map_err(BlockError::Interrupt)?;
@@ -1609,6 +1605,30 @@ mod tests {
         assert_eq!(vq.used().idx().load(), 2);
         assert_eq!(irq.status(), VIRTIO_INT_VRING);
         // One interrupt for the batch.
+        assert_eq!(irq.evt().read().unwrap(), 1);
+    }
+
+    #[test]
+    fn no_interrupt_for_a_driver_that_asks_for_none() {
+        let img = image(DISK_SECTORS);
+        let mem = test_mem();
+        let vq = MockSplitQueue::new(&mem, 16);
+        let mut block = activated(&mem, &vq, img.path(), false);
+        let irq = block.interrupt().clone();
+        let mut next = 0;
+        // A polling driver: VRING_AVAIL_F_NO_INTERRUPT in the avail ring.
+        mem.write_obj(1u16, vq.avail_addr()).unwrap();
+        add_request(&mem, &vq, &mut next, VIRTIO_BLK_T_FLUSH, 0, None);
+        assert!(block.process_queue().unwrap());
+        assert_eq!(vq.used().idx().load(), 1);
+        assert_eq!(status(&mem), VIRTIO_BLK_S_OK);
+        assert_eq!(irq.status(), 0);
+        assert!(irq.evt().read().is_err(), "an interrupt the driver refused");
+        // It clears the flag: the next completion interrupts again.
+        mem.write_obj(0u16, vq.avail_addr()).unwrap();
+        add_request(&mem, &vq, &mut next, VIRTIO_BLK_T_FLUSH, 0, None);
+        assert!(block.process_queue().unwrap());
+        assert_eq!(irq.status(), VIRTIO_INT_VRING);
         assert_eq!(irq.evt().read().unwrap(), 1);
     }
 

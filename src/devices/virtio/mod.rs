@@ -37,6 +37,34 @@ pub use net::{Net, NetArgs, NetError, NetState, Tap};
 
 pub use crate::vstate::memory::GuestMemoryMmap;
 
+/// Whether the driver wants an interrupt for what was just put in the used
+/// ring of `queue`. virtio-queue 0.18 decides only with EVENT_IDX (it says
+/// "VRING_AVAIL_F_NO_INTERRUPT isn't supported yet" and otherwise always
+/// answers yes); without EVENT_IDX this honours the driver's NO_INTERRUPT
+/// flag in the avail ring, which virtio 1.x (2.7.7.2) says the device
+/// should: a polling driver (ours, or Linux's NAPI with the flag set) then
+/// gets no interrupt, and the VMM makes no irqfd write, per request.
+pub fn needs_interrupt(
+    queue: &mut virtio_queue::Queue,
+    mem: &GuestMemoryMmap,
+) -> Result<bool, virtio_queue::Error> {
+    use virtio_queue::QueueT;
+    use vm_memory::{Bytes, GuestAddress};
+    if queue.event_idx_enabled() {
+        return queue.needs_notification(mem);
+    }
+    // The used ring's index is written: read the flag after it (the driver
+    // clears the flag before it looks at the used index again).
+    std::sync::atomic::fence(Ordering::SeqCst);
+    let flags: u16 = mem
+        .read_obj(GuestAddress(queue.avail_ring()))
+        .map_err(virtio_queue::Error::GuestMemory)?;
+    Ok(u16::from_le(flags) & VRING_AVAIL_F_NO_INTERRUPT == 0)
+}
+
+/// The avail ring's flag by which a driver asks for no interrupts.
+const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
+
 /// Feature bit: the device complies with virtio 1.0+ (required here: the
 /// transport only speaks the modern interface).
 pub const VIRTIO_F_VERSION_1: u32 = virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;

@@ -608,7 +608,7 @@ impl Net {
         let (Some(mem), Some(q)) = (self.mem.as_ref(), self.queues.get_mut(queue)) else {
             return Ok(());
         };
-        if q.needs_notification(mem).map_err(NetError::UsedRing)? {
+        if super::needs_interrupt(q, mem).map_err(NetError::UsedRing)? {
             self.irq
                 .trigger(VIRTIO_INT_VRING)
                 .map_err(NetError::Interrupt)?;
