@@ -468,10 +468,18 @@ struct Jobs {
     targets: Vec<(usize, std::vec::IntoIter<(u64, u64)>)>,
     /// The extent being cut into chunks: (target, next chunk, extent).
     current: Option<(usize, u64, (u64, u64))>,
+    /// `next` has answered None: every chunk is handed out.
+    exhausted: bool,
 }
 
 impl Jobs {
     fn next(&mut self) -> Option<Job> {
+        let job = self.cut();
+        self.exhausted = job.is_none();
+        job
+    }
+
+    fn cut(&mut self) -> Option<Job> {
         loop {
             if let Some((target, chunk, (start, end))) = self.current {
                 if chunk * CHUNK < end {
@@ -524,6 +532,7 @@ fn copy_all(
     let jobs = Mutex::new(Jobs {
         targets: plan,
         current: None,
+        exhausted: false,
     });
     let first_error = Mutex::new(None);
     let stop = AtomicBool::new(false);
@@ -573,7 +582,13 @@ fn copy_worker(
         // While the guest writes, one chunk at a time is in flight, not a
         // window of them: its mirrored writes do not queue behind the
         // copy's at the destination. (Between chunks, not holding a lock.)
+        // A worker standing aside still ends once every chunk is handed
+        // out: a guest that never stops writing must not keep the copy
+        // from completing.
         if index > 0 && progress.guest_active() {
+            if lock(jobs).exhausted {
+                return Ok(());
+            }
             std::thread::sleep(GUEST_ROOM);
             continue;
         }
@@ -652,6 +667,7 @@ mod tests {
                 ),
             ],
             current: None,
+            exhausted: false,
         };
         let mut got = Vec::new();
         while let Some(j) = jobs.next() {
@@ -746,6 +762,78 @@ mod tests {
         let allocated = std::fs::metadata(share_dir.join("d.img")).unwrap().blocks() * 512;
         // 8 MiB of data plus what the guest wrote, nowhere near 64 MiB.
         assert!(allocated < 24 << 20, "{allocated}");
+    }
+
+    /// A guest that writes without pause for the whole copy (a database, a
+    /// build) must not hold the copy back for ever: the workers that stand
+    /// aside while it writes end once the last chunk is handed out.
+    #[test]
+    fn copy_completes_while_the_guest_never_stops_writing() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("disk.img");
+        let size = 16 << 20;
+        image(&src, size, &[(0, 6 << 20), (10 << 20, 1 << 20)]);
+        let share_dir = dir.path().join("share");
+        std::fs::create_dir(&share_dir).unwrap();
+        let share: Arc<dyn Share> = Arc::new(MountedShare::new(&share_dir).unwrap());
+        let (mut copy, mirrors) = StorageCopy::prepare(
+            share,
+            vec![CopyItem {
+                name: "d.img".into(),
+                source: src.clone(),
+                file: None,
+                mirrored: true,
+            }],
+            vec![],
+        )
+        .unwrap();
+        let mirror = mirrors[0].clone();
+        let done = Arc::new(AtomicBool::new(false));
+        let writer = {
+            let (src, done) = (src.clone(), done.clone());
+            std::thread::spawn(move || {
+                let local = std::fs::OpenOptions::new().write(true).open(&src).unwrap();
+                let mut n = 0u64;
+                while !done.load(Ordering::SeqCst) {
+                    let off = (n * 7919 % (size / 4096)) * 4096;
+                    let data = [(n % 250 + 1) as u8; 4096];
+                    local.write_all_at(&data, off).unwrap();
+                    mirror.write(off, &data);
+                    n += 1;
+                    std::thread::sleep(std::time::Duration::from_micros(200));
+                }
+                n
+            })
+        };
+        // The guest is writing before the copy starts and all through it.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        copy.start_copy(Arc::new(Pacer::new(None))).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        let completed = loop {
+            if copy.progress.copy_done.load(Ordering::SeqCst) {
+                break true;
+            }
+            assert!(copy.progress.failure().is_none());
+            if std::time::Instant::now() > deadline {
+                break false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        };
+        done.store(true, Ordering::SeqCst);
+        let writes = writer.join().unwrap();
+        assert!(
+            completed,
+            "the copy never completed while the guest kept writing ({} of {} bytes copied)",
+            copy.progress.copied_bytes.load(Ordering::SeqCst),
+            copy.progress.total_bytes
+        );
+        copy.finish().unwrap();
+        assert!(writes > 0);
+        assert_eq!(
+            std::fs::read(share_dir.join("d.img")).unwrap(),
+            std::fs::read(&src).unwrap(),
+            "the copy diverged from the image"
+        );
     }
 
     /// A VMM that dropped its privileges copies through the descriptors it
