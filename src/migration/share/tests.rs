@@ -592,6 +592,96 @@ fn oversized_rpc_records_end_the_connection() {
     assert!(share.list().unwrap().is_empty());
 }
 
+/// WRITE's arguments are read in place from the received record (the
+/// vendored nfs3_server's copy-free path): a length that overruns the
+/// record, bytes after the data, or a count that disagrees with the data
+/// are refused, nothing is written, and the connection goes on serving.
+#[test]
+fn malformed_write_arguments_are_refused_in_place() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let server = NfsShareServer::start_for(
+        dir.path(),
+        LOCALHOST,
+        EXPORT,
+        None,
+        ShareGuard::open(),
+        vec![],
+    )
+    .unwrap();
+    let mut s = std::net::TcpStream::connect((LOCALHOST, server.port())).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let be32 = |v: u32| v.to_be_bytes().to_vec();
+    // A call with AUTH_NULL credentials: xid, CALL, RPC 2, NFS 3, `proc`.
+    let call = |xid: u32, proc: u32, args: &[u8]| {
+        let body = [
+            be32(xid),
+            be32(0),
+            be32(2),
+            be32(100_003),
+            be32(3),
+            be32(proc),
+            vec![0; 16],
+            args.to_vec(),
+        ]
+        .concat();
+        [be32(0x8000_0000 | body.len() as u32), body].concat()
+    };
+    // The reply's accept_stat and, when SUCCESS, the NFS status after it.
+    let mut r = s.try_clone().unwrap();
+    let mut reply = |xid: u32| -> (u32, Option<u32>) {
+        let mut mark = [0u8; 4];
+        r.read_exact(&mut mark).unwrap();
+        let len = (u32::from_be_bytes(mark) & 0x7fff_ffff) as usize;
+        let mut body = vec![0u8; len];
+        r.read_exact(&mut body).unwrap();
+        let word = |i: usize| u32::from_be_bytes(body[4 * i..4 * i + 4].try_into().unwrap());
+        assert_eq!(word(0), xid, "a reply to another call");
+        assert_eq!((word(1), word(2)), (1, 0), "not an accepted reply");
+        (word(5), (len > 24).then(|| word(6)))
+    };
+    // WRITE3args: a 16-byte handle, offset, count, stable, then the data.
+    let write_args = |count: u32, claimed: u32, data: &[u8]| {
+        [
+            be32(16),
+            vec![7; 16],
+            0u64.to_be_bytes().to_vec(),
+            be32(count),
+            be32(0),
+            be32(claimed),
+            data.to_vec(),
+        ]
+        .concat()
+    };
+    const GARBAGE_ARGS: u32 = 4;
+    // The data's length claims more than the record holds.
+    s.write_all(&call(1, 7, &write_args(4096, 4096, &[1; 8])))
+        .unwrap();
+    assert_eq!(reply(1).0, GARBAGE_ARGS);
+    // A length near 2^32: no overflow, no allocation, refused.
+    s.write_all(&call(2, 7, &write_args(8, u32::MAX, &[1; 8])))
+        .unwrap();
+    assert_eq!(reply(2).0, GARBAGE_ARGS);
+    // Bytes after the (padded) data.
+    s.write_all(&call(3, 7, &write_args(5, 5, &[1; 12]))).unwrap();
+    assert_eq!(reply(3).0, GARBAGE_ARGS);
+    // Cut off inside the handle.
+    s.write_all(&call(4, 7, &[0, 0, 0, 16, 1, 2])).unwrap();
+    assert_eq!(reply(4).0, GARBAGE_ARGS);
+    // Well formed, but the count disagrees with the data: NFS3ERR_INVAL.
+    s.write_all(&call(5, 7, &write_args(9, 8, &[1; 8]))).unwrap();
+    assert_eq!(reply(5), (0, Some(22)));
+    // Well formed, a handle the server never gave: refused, not written.
+    s.write_all(&call(6, 7, &write_args(8, 8, &[1; 8]))).unwrap();
+    let (accepted, status) = reply(6);
+    assert_eq!(accepted, 0);
+    assert_ne!(status, Some(0), "a write through a made-up handle succeeded");
+    // The same connection still answers: NULL.
+    s.write_all(&call(7, 0, &[])).unwrap();
+    assert_eq!(reply(7), (0, None));
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+}
+
 #[test]
 fn record_limit_follows_fragments_across_reads() {
     let mut r = server::RecordLimit::new((), 100, u32::MAX);
