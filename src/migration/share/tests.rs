@@ -663,19 +663,26 @@ fn malformed_write_arguments_are_refused_in_place() {
         .unwrap();
     assert_eq!(reply(2).0, GARBAGE_ARGS);
     // Bytes after the (padded) data.
-    s.write_all(&call(3, 7, &write_args(5, 5, &[1; 12]))).unwrap();
+    s.write_all(&call(3, 7, &write_args(5, 5, &[1; 12])))
+        .unwrap();
     assert_eq!(reply(3).0, GARBAGE_ARGS);
     // Cut off inside the handle.
     s.write_all(&call(4, 7, &[0, 0, 0, 16, 1, 2])).unwrap();
     assert_eq!(reply(4).0, GARBAGE_ARGS);
     // Well formed, but the count disagrees with the data: NFS3ERR_INVAL.
-    s.write_all(&call(5, 7, &write_args(9, 8, &[1; 8]))).unwrap();
+    s.write_all(&call(5, 7, &write_args(9, 8, &[1; 8])))
+        .unwrap();
     assert_eq!(reply(5), (0, Some(22)));
     // Well formed, a handle the server never gave: refused, not written.
-    s.write_all(&call(6, 7, &write_args(8, 8, &[1; 8]))).unwrap();
+    s.write_all(&call(6, 7, &write_args(8, 8, &[1; 8])))
+        .unwrap();
     let (accepted, status) = reply(6);
     assert_eq!(accepted, 0);
-    assert_ne!(status, Some(0), "a write through a made-up handle succeeded");
+    assert_ne!(
+        status,
+        Some(0),
+        "a write through a made-up handle succeeded"
+    );
     // The same connection still answers: NULL.
     s.write_all(&call(7, 0, &[])).unwrap();
     assert_eq!(reply(7), (0, None));
