@@ -68,6 +68,11 @@ const ROOT_ID: u64 = 1;
 /// The share server's runtime threads.
 const SERVER_WORKERS: usize = 2;
 
+/// WRITEs from this size on are bulk copy: their writeback starts at once
+/// and they run off the worker. Smaller ones (mirrored guest writes) do
+/// neither.
+const EARLY_WRITEBACK_MIN: usize = 64 << 10;
+
 /// How long dropping the server waits for file operations still running.
 const SHUTDOWN_WAIT: Duration = Duration::from_secs(2);
 
@@ -955,11 +960,16 @@ impl FsInner {
         }
         let file = self.file(id)?;
         file.write_all_at(data, offset).map_err(|e| io_status(&e))?;
-        // UNSTABLE data is not waited for until COMMIT, but its writeback
-        // starts now: the final COMMIT then finds little left to flush.
+        // UNSTABLE data is not waited for until COMMIT, but a bulk write's
+        // writeback starts now: the final COMMIT then finds little left to
+        // flush. A small one (a mirrored guest write) is left to COMMIT:
+        // starting writeback does the file system's block allocation on
+        // the spot, in the guest's write latency.
         match stable {
             stable_how::UNSTABLE => {
-                start_writeback(&file, offset, data.len());
+                if data.len() >= EARLY_WRITEBACK_MIN {
+                    start_writeback(&file, offset, data.len());
+                }
                 Ok(())
             }
             stable_how::DATA_SYNC => file.sync_data(),
@@ -1338,9 +1348,16 @@ impl NfsFileSystem for DirFs {
         stable: stable_how,
     ) -> Result<(fattr3, stable_how), nfsstat3> {
         // On this worker, without copying the payload for the blocking
-        // pool: the runtime moves the worker's other tasks elsewhere meanwhile.
+        // pool: for a bulk write the runtime moves the worker's other tasks
+        // elsewhere meanwhile. A small write (a mirrored guest write: a
+        // pwrite into the page cache and an fstat, microseconds) runs in
+        // place, as getattr does: handing the worker over costs more than
+        // the write, and the guest waits for it.
         let id = id.as_u64();
         let write = || self.inner.write(id, offset, data, stable);
+        if data.len() < EARLY_WRITEBACK_MIN && stable == stable_how::UNSTABLE {
+            return write();
+        }
         match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
             Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(write),
             // block_in_place would panic on any other runtime (the server's

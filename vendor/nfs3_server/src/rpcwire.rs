@@ -139,6 +139,9 @@ fn lock_transaction(
     }
 }
 
+/// Replies up to this size go out with their record mark in one write.
+const SMALL_REPLY: usize = 64 * 1024;
+
 #[allow(clippy::cast_possible_truncation)]
 pub async fn write_fragment<IO: tokio::io::AsyncWrite + Unpin>(
     socket: &mut IO,
@@ -149,8 +152,17 @@ pub async fn write_fragment<IO: tokio::io::AsyncWrite + Unpin>(
     assert!(buf.len() < (1 << 31));
     let fragment_header = fragment_header::new(buf.len() as u32, true);
     let header_buf = fragment_header.into_xdr_buf();
-    socket.write_all(&header_buf).await?;
     trace!("Writing fragment length: {}", buf.len());
+    if buf.len() <= SMALL_REPLY {
+        // One write for a small reply: two made two segments on a
+        // TCP_NODELAY socket, and two records and flushes over TLS.
+        let mut whole = Vec::with_capacity(header_buf.len() + buf.len());
+        whole.extend_from_slice(&header_buf);
+        whole.extend_from_slice(&buf);
+        socket.write_all(&whole).await?;
+        return Ok(());
+    }
+    socket.write_all(&header_buf).await?;
     socket.write_all(&buf).await?;
     Ok(())
 }
