@@ -460,8 +460,10 @@ fn refuse(mut ch: Channel, why: &str) {
 /// migration (the channel's loop notices) and closes the lane.
 fn run_lane(hub: &LaneHub, sink: &MemorySink, ch: Channel, index: u32, nonce: &str) {
     let result = (|| {
-        let mut reader =
-            BufReader::with_capacity(1 << 20, ch.try_clone().map_err(ProtocolError::from)?);
+        let mut reader = BufReader::with_capacity(
+            super::RECEIVE_BUFFER,
+            ch.try_clone().map_err(ProtocolError::from)?,
+        );
         let mut digest = StreamDigest::new(&lane_nonce(nonce, index));
         loop {
             if hub.stop.load(Ordering::SeqCst) {
