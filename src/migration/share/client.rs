@@ -57,7 +57,15 @@ type Conn = Nfs3Client<Stream>;
 /// offers MOUNT and NFS on one port).
 pub struct NfsShare {
     client: Arc<Client>,
+    /// Small writes (mirrored guest writes, which the guest waits for) go
+    /// through a client of their own: its own reactor and connections. On
+    /// the shared one, a reply could wait for whichever copy worker held
+    /// the reactor to finish sealing its 1 MiB WRITE before it was noticed.
+    urgent: Arc<Client>,
 }
+
+/// Writes up to this size go through [`NfsShare::urgent`].
+const URGENT_MAX: usize = 64 << 10;
 
 struct Client {
     // Declared before the runtime: connections go before their reactor.
@@ -108,6 +116,21 @@ impl NfsShare {
             Some((rtmax, wtmax)) => (io_size(rtmax), io_size(wtmax)),
             None => (FALLBACK_IO, FALLBACK_IO),
         };
+        let urgent = Client {
+            idle: Mutex::new(Vec::new()),
+            runtime: tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| ShareError::io(format!("starting the client for {describe}"), e))?,
+            addr,
+            access: access.clone(),
+            describe: describe.clone(),
+            root: root.clone(),
+            rtmax,
+            wtmax,
+        };
+        // Its first connection now, not in the guest's first write.
+        urgent.give_back(urgent.connection()?);
         Ok(NfsShare {
             client: Arc::new(Client {
                 idle: Mutex::new(vec![conn]),
@@ -119,6 +142,7 @@ impl NfsShare {
                 rtmax,
                 wtmax,
             }),
+            urgent: Arc::new(urgent),
         })
     }
 
@@ -502,6 +526,7 @@ impl Share for NfsShare {
         }
         Ok(Arc::new(NfsFile {
             client: client.clone(),
+            urgent: self.urgent.clone(),
             fh,
             name: name.to_string(),
             verf: Mutex::new(None),
@@ -673,6 +698,7 @@ async fn join_all<F: Future>(futures: Vec<F>) -> Vec<F::Output> {
 
 struct NfsFile {
     client: Arc<Client>,
+    urgent: Arc<Client>,
     fh: nfs_fh3,
     name: String,
     /// The server's write verifier as of the first unstable write: if it
@@ -712,7 +738,11 @@ impl NfsFile {
 
 impl ShareFile for NfsFile {
     fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), ShareError> {
-        let client = &self.client;
+        let client = if data.len() <= URGENT_MAX {
+            &self.urgent
+        } else {
+            &self.client
+        };
         check_range(
             || format!("writing {} bytes at {offset} to {}", data.len(), self.name),
             offset,
