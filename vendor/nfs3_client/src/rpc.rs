@@ -11,6 +11,10 @@ use nfs3_types::xdr_codec::{Pack, Unpack};
 use crate::RpcError;
 use crate::io::{AsyncRead, AsyncWrite};
 
+/// Payloads up to this size are copied into the call and sent with it in
+/// one write; larger ones are written from where they lie.
+const SMALL_PAYLOAD: usize = 64 * 1024;
+
 /// RPC client
 pub struct RpcClient<IO> {
     io: IO,
@@ -134,7 +138,7 @@ where
             u32::try_from(total_len).map_err(|_| RpcError::WrongLength)?,
             true,
         );
-        let mut head = Vec::with_capacity(head_len + 4);
+        let mut head = Vec::with_capacity(head_len + 4 + payload.len().min(SMALL_PAYLOAD) + 3);
         fragment_header.pack(&mut head)?;
         msg.pack(&mut head)?;
         args.pack(&mut head)?;
@@ -142,9 +146,16 @@ where
         if head.len() - 4 != head_len {
             return Err(RpcError::WrongLength);
         }
-        self.io.async_write_all(&head).await?;
-        self.io.async_write_all(payload).await?;
-        self.io.async_write_all(&[0u8; 3][..padding]).await?;
+        if payload.len() <= SMALL_PAYLOAD {
+            // A small call goes out in one write, as `call` sends it.
+            head.extend_from_slice(payload);
+            head.extend_from_slice(&[0u8; 3][..padding]);
+            self.io.async_write_all(&head).await?;
+        } else {
+            self.io.async_write_all(&head).await?;
+            self.io.async_write_all(payload).await?;
+            self.io.async_write_all(&[0u8; 3][..padding]).await?;
+        }
         Self::recv_reply::<R>(&mut self.io, msg.xid).await
     }
 
