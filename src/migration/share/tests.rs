@@ -689,6 +689,48 @@ fn malformed_write_arguments_are_refused_in_place() {
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
 }
 
+/// A client that pipelines far more calls than the server reads ahead
+/// (`MAX_IN_FLIGHT`) gets every answer: the reading half waits for replies
+/// that the writing half sends, and the two never wait for each other.
+#[test]
+fn pipelined_calls_past_the_in_flight_limit_are_all_answered() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let server = NfsShareServer::start_for(
+        dir.path(),
+        LOCALHOST,
+        EXPORT,
+        None,
+        ShareGuard::open(),
+        vec![],
+    )
+    .unwrap();
+    let mut s = std::net::TcpStream::connect((LOCALHOST, server.port())).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let calls = 4 * server::MAX_IN_FLIGHT;
+    let mut all = Vec::new();
+    for xid in 0..calls {
+        // NULL to NFS 3, AUTH_NULL.
+        let body: Vec<u8> = [xid, 0, 2, 100_003, 3, 0, 0, 0, 0, 0]
+            .iter()
+            .flat_map(|w| w.to_be_bytes())
+            .collect();
+        all.extend((0x8000_0000u32 | body.len() as u32).to_be_bytes());
+        all.extend(body);
+    }
+    s.write_all(&all).unwrap();
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..calls {
+        let mut mark = [0u8; 4];
+        s.read_exact(&mut mark).expect("a reply never came");
+        let mut body = vec![0u8; (u32::from_be_bytes(mark) & 0x7fff_ffff) as usize];
+        s.read_exact(&mut body).unwrap();
+        let xid = u32::from_be_bytes(body[0..4].try_into().unwrap());
+        assert!(seen.insert(xid), "call {xid} answered twice");
+    }
+    assert_eq!(seen.len() as u32, calls);
+}
+
 #[test]
 fn record_limit_follows_fragments_across_reads() {
     let mut r = server::RecordLimit::new((), 100, u32::MAX);
