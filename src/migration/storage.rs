@@ -183,7 +183,7 @@ impl WriteMirror for Mirror {
         let _guard = self
             .locks
             .lock(offset / CHUNK, (offset + data.len() as u64 - 1) / CHUNK);
-        match self.file.write_at(offset, data) {
+        match self.file.write_mirrored(offset, data) {
             Ok(()) => {
                 self.progress
                     .mirrored_writes

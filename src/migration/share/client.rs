@@ -57,15 +57,12 @@ type Conn = Nfs3Client<Stream>;
 /// offers MOUNT and NFS on one port).
 pub struct NfsShare {
     client: Arc<Client>,
-    /// Small writes (mirrored guest writes, which the guest waits for) go
-    /// through a client of their own: its own reactor and connections. On
-    /// the shared one, a reply could wait for whichever copy worker held
-    /// the reactor to finish sealing its 1 MiB WRITE before it was noticed.
+    /// Mirrored guest writes, which the guest waits for, go through a
+    /// client of their own: its own reactor and connections. On the shared
+    /// one, a reply could wait for whichever copy worker held the reactor
+    /// to finish sealing its 1 MiB WRITE before it was noticed.
     urgent: Arc<Client>,
 }
-
-/// Writes up to this size go through [`NfsShare::urgent`].
-const URGENT_MAX: usize = 64 << 10;
 
 struct Client {
     // Declared before the runtime: connections go before their reactor.
@@ -707,42 +704,8 @@ struct NfsFile {
 }
 
 impl NfsFile {
-    /// Size of a regular file, None for anything else.
-    fn size_of(client: &Client, fh: &nfs_fh3) -> Result<Option<u64>, ShareError> {
-        let args = nfs3_client::nfs3_types::nfs3::GETATTR3args { object: fh.clone() };
-        match client.call("GETATTR", RPC_TIMEOUT, async |c| c.getattr(&args).await)? {
-            Nfs3Result::Ok(ok) => {
-                Ok((ok.obj_attributes.type_ == ftype3::NF3REG).then_some(ok.obj_attributes.size))
-            }
-            Nfs3Result::Err((status, _)) => {
-                Err(client.status_error("reading attributes".into(), status))
-            }
-        }
-    }
-
-    fn check_verf(&self, verf: writeverf3) -> Result<(), ShareError> {
-        let mut known = self.verf.lock().unwrap_or_else(|p| p.into_inner());
-        match *known {
-            None => {
-                *known = Some(verf);
-                Ok(())
-            }
-            Some(v) if v == verf => Ok(()),
-            Some(_) => Err(self.client.protocol(format!(
-                "the server restarted: data written to {} but not yet committed was lost",
-                self.name
-            ))),
-        }
-    }
-}
-
-impl ShareFile for NfsFile {
-    fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), ShareError> {
-        let client = if data.len() <= URGENT_MAX {
-            &self.urgent
-        } else {
-            &self.client
-        };
+    /// Writes all of `data` at `offset` through `client`.
+    fn write_through(&self, client: &Client, offset: u64, data: &[u8]) -> Result<(), ShareError> {
         check_range(
             || format!("writing {} bytes at {offset} to {}", data.len(), self.name),
             offset,
@@ -778,6 +741,44 @@ impl ShareFile for NfsFile {
             base += window.len();
         }
         Ok(())
+    }
+
+    /// Size of a regular file, None for anything else.
+    fn size_of(client: &Client, fh: &nfs_fh3) -> Result<Option<u64>, ShareError> {
+        let args = nfs3_client::nfs3_types::nfs3::GETATTR3args { object: fh.clone() };
+        match client.call("GETATTR", RPC_TIMEOUT, async |c| c.getattr(&args).await)? {
+            Nfs3Result::Ok(ok) => {
+                Ok((ok.obj_attributes.type_ == ftype3::NF3REG).then_some(ok.obj_attributes.size))
+            }
+            Nfs3Result::Err((status, _)) => {
+                Err(client.status_error("reading attributes".into(), status))
+            }
+        }
+    }
+
+    fn check_verf(&self, verf: writeverf3) -> Result<(), ShareError> {
+        let mut known = self.verf.lock().unwrap_or_else(|p| p.into_inner());
+        match *known {
+            None => {
+                *known = Some(verf);
+                Ok(())
+            }
+            Some(v) if v == verf => Ok(()),
+            Some(_) => Err(self.client.protocol(format!(
+                "the server restarted: data written to {} but not yet committed was lost",
+                self.name
+            ))),
+        }
+    }
+}
+
+impl ShareFile for NfsFile {
+    fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), ShareError> {
+        self.write_through(&self.client, offset, data)
+    }
+
+    fn write_mirrored(&self, offset: u64, data: &[u8]) -> Result<(), ShareError> {
+        self.write_through(&self.urgent, offset, data)
     }
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<usize, ShareError> {

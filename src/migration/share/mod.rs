@@ -191,6 +191,11 @@ pub trait Share: Send + Sync {
 pub trait ShareFile: Send + Sync {
     /// Writes all of `data` at `offset`.
     fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), ShareError>;
+    /// As `write_at`, for a write the guest waits for (a mirrored guest
+    /// write): kept apart from the bulk copy's traffic where the share can.
+    fn write_mirrored(&self, offset: u64, data: &[u8]) -> Result<(), ShareError> {
+        self.write_at(offset, data)
+    }
     /// Reads up to `buf.len()` bytes at `offset`; fewer only at end of file.
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<usize, ShareError>;
     /// Makes everything written so far durable on the destination.

@@ -138,7 +138,8 @@ where
             u32::try_from(total_len).map_err(|_| RpcError::WrongLength)?,
             true,
         );
-        let mut head = Vec::with_capacity(head_len + 4 + payload.len().min(SMALL_PAYLOAD) + 3);
+        let small = payload.len() <= SMALL_PAYLOAD;
+        let mut head = Vec::with_capacity(head_len + 4 + if small { payload.len() + 3 } else { 0 });
         fragment_header.pack(&mut head)?;
         msg.pack(&mut head)?;
         args.pack(&mut head)?;
@@ -146,7 +147,7 @@ where
         if head.len() - 4 != head_len {
             return Err(RpcError::WrongLength);
         }
-        if payload.len() <= SMALL_PAYLOAD {
+        if small {
             // A small call goes out in one write, as `call` sends it.
             head.extend_from_slice(payload);
             head.extend_from_slice(&[0u8; 3][..padding]);

@@ -46,7 +46,7 @@ impl IncompleteRpcMessage {
         let end = self.0.len() + fragment_length;
         // Read straight into the spare capacity: zero-filling a buffer that
         // is about to be overwritten costs as much as the copy itself.
-        self.0.reserve_exact(fragment_length);
+        self.0.reserve(fragment_length);
         while self.0.len() < end {
             let want = (end - self.0.len()) as u64;
             let n = (&mut *input).take(want).read_buf(&mut self.0).await?;
