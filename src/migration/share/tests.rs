@@ -542,21 +542,48 @@ fn a_migration_share_takes_only_the_announced_files_up_to_their_sizes() {
     );
 }
 
+/// A share server open to any peer (no TLS, no secret), for raw RPC.
+fn open_server(dir: &Path) -> NfsShareServer {
+    NfsShareServer::start_for(dir, LOCALHOST, EXPORT, None, ShareGuard::open(), vec![]).unwrap()
+}
+
+/// A plain TCP connection to `server`, reads timing out after 10 s.
+fn raw_connection(server: &NfsShareServer) -> std::net::TcpStream {
+    let s = std::net::TcpStream::connect((LOCALHOST, server.port())).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s
+}
+
+/// One RPC record: a call to NFS 3 procedure `proc` with AUTH_NULL
+/// credentials and `args`.
+fn nfs_call(xid: u32, proc: u32, args: &[u8]) -> Vec<u8> {
+    let mut body: Vec<u8> = [xid, 0, 2, 100_003, 3, proc, 0, 0, 0, 0]
+        .iter()
+        .flat_map(|w| w.to_be_bytes())
+        .collect();
+    body.extend_from_slice(args);
+    let mut record = (0x8000_0000u32 | body.len() as u32).to_be_bytes().to_vec();
+    record.extend(body);
+    record
+}
+
+/// Reads one single-fragment RPC record; returns its body.
+fn read_record(s: &mut std::net::TcpStream) -> Vec<u8> {
+    use std::io::Read;
+    let mut mark = [0u8; 4];
+    s.read_exact(&mut mark).expect("a reply never came");
+    let mut body = vec![0u8; (u32::from_be_bytes(mark) & 0x7fff_ffff) as usize];
+    s.read_exact(&mut body).unwrap();
+    body
+}
+
 /// A record marker that claims more than the limit ends the connection
 /// before the server reads (or allocates for) the record.
 #[test]
 fn oversized_rpc_records_end_the_connection() {
     use std::io::{Read, Write};
     let dir = tempfile::tempdir().unwrap();
-    let server = NfsShareServer::start_for(
-        dir.path(),
-        LOCALHOST,
-        EXPORT,
-        None,
-        ShareGuard::open(),
-        vec![],
-    )
-    .unwrap();
+    let server = open_server(dir.path());
     for claim in [
         // One fragment of 1 GiB, last.
         vec![0xc0u8, 0, 0, 0],
@@ -598,43 +625,16 @@ fn oversized_rpc_records_end_the_connection() {
 /// are refused, nothing is written, and the connection goes on serving.
 #[test]
 fn malformed_write_arguments_are_refused_in_place() {
-    use std::io::{Read, Write};
+    use std::io::Write;
     let dir = tempfile::tempdir().unwrap();
-    let server = NfsShareServer::start_for(
-        dir.path(),
-        LOCALHOST,
-        EXPORT,
-        None,
-        ShareGuard::open(),
-        vec![],
-    )
-    .unwrap();
-    let mut s = std::net::TcpStream::connect((LOCALHOST, server.port())).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let server = open_server(dir.path());
+    let mut s = raw_connection(&server);
     let be32 = |v: u32| v.to_be_bytes().to_vec();
-    // A call with AUTH_NULL credentials: xid, CALL, RPC 2, NFS 3, `proc`.
-    let call = |xid: u32, proc: u32, args: &[u8]| {
-        let body = [
-            be32(xid),
-            be32(0),
-            be32(2),
-            be32(100_003),
-            be32(3),
-            be32(proc),
-            vec![0; 16],
-            args.to_vec(),
-        ]
-        .concat();
-        [be32(0x8000_0000 | body.len() as u32), body].concat()
-    };
     // The reply's accept_stat and, when SUCCESS, the NFS status after it.
     let mut r = s.try_clone().unwrap();
     let mut reply = |xid: u32| -> (u32, Option<u32>) {
-        let mut mark = [0u8; 4];
-        r.read_exact(&mut mark).unwrap();
-        let len = (u32::from_be_bytes(mark) & 0x7fff_ffff) as usize;
-        let mut body = vec![0u8; len];
-        r.read_exact(&mut body).unwrap();
+        let body = read_record(&mut r);
+        let len = body.len();
         let word = |i: usize| u32::from_be_bytes(body[4 * i..4 * i + 4].try_into().unwrap());
         assert_eq!(word(0), xid, "a reply to another call");
         assert_eq!((word(1), word(2)), (1, 0), "not an accepted reply");
@@ -655,26 +655,26 @@ fn malformed_write_arguments_are_refused_in_place() {
     };
     const GARBAGE_ARGS: u32 = 4;
     // The data's length claims more than the record holds.
-    s.write_all(&call(1, 7, &write_args(4096, 4096, &[1; 8])))
+    s.write_all(&nfs_call(1, 7, &write_args(4096, 4096, &[1; 8])))
         .unwrap();
     assert_eq!(reply(1).0, GARBAGE_ARGS);
     // A length near 2^32: no overflow, no allocation, refused.
-    s.write_all(&call(2, 7, &write_args(8, u32::MAX, &[1; 8])))
+    s.write_all(&nfs_call(2, 7, &write_args(8, u32::MAX, &[1; 8])))
         .unwrap();
     assert_eq!(reply(2).0, GARBAGE_ARGS);
     // Bytes after the (padded) data.
-    s.write_all(&call(3, 7, &write_args(5, 5, &[1; 12])))
+    s.write_all(&nfs_call(3, 7, &write_args(5, 5, &[1; 12])))
         .unwrap();
     assert_eq!(reply(3).0, GARBAGE_ARGS);
     // Cut off inside the handle.
-    s.write_all(&call(4, 7, &[0, 0, 0, 16, 1, 2])).unwrap();
+    s.write_all(&nfs_call(4, 7, &[0, 0, 0, 16, 1, 2])).unwrap();
     assert_eq!(reply(4).0, GARBAGE_ARGS);
     // Well formed, but the count disagrees with the data: NFS3ERR_INVAL.
-    s.write_all(&call(5, 7, &write_args(9, 8, &[1; 8])))
+    s.write_all(&nfs_call(5, 7, &write_args(9, 8, &[1; 8])))
         .unwrap();
     assert_eq!(reply(5), (0, Some(22)));
     // Well formed, a handle the server never gave: refused, not written.
-    s.write_all(&call(6, 7, &write_args(8, 8, &[1; 8])))
+    s.write_all(&nfs_call(6, 7, &write_args(8, 8, &[1; 8])))
         .unwrap();
     let (accepted, status) = reply(6);
     assert_eq!(accepted, 0);
@@ -684,7 +684,7 @@ fn malformed_write_arguments_are_refused_in_place() {
         "a write through a made-up handle succeeded"
     );
     // The same connection still answers: NULL.
-    s.write_all(&call(7, 0, &[])).unwrap();
+    s.write_all(&nfs_call(7, 0, &[])).unwrap();
     assert_eq!(reply(7), (0, None));
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
 }
@@ -694,37 +694,20 @@ fn malformed_write_arguments_are_refused_in_place() {
 /// that the writing half sends, and the two never wait for each other.
 #[test]
 fn pipelined_calls_past_the_in_flight_limit_are_all_answered() {
-    use std::io::{Read, Write};
+    use std::io::Write;
     let dir = tempfile::tempdir().unwrap();
-    let server = NfsShareServer::start_for(
-        dir.path(),
-        LOCALHOST,
-        EXPORT,
-        None,
-        ShareGuard::open(),
-        vec![],
-    )
-    .unwrap();
-    let mut s = std::net::TcpStream::connect((LOCALHOST, server.port())).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let server = open_server(dir.path());
+    let mut s = raw_connection(&server);
     let calls = 4 * server::MAX_IN_FLIGHT;
     let mut all = Vec::new();
     for xid in 0..calls {
-        // NULL to NFS 3, AUTH_NULL.
-        let body: Vec<u8> = [xid, 0, 2, 100_003, 3, 0, 0, 0, 0, 0]
-            .iter()
-            .flat_map(|w| w.to_be_bytes())
-            .collect();
-        all.extend((0x8000_0000u32 | body.len() as u32).to_be_bytes());
-        all.extend(body);
+        // NULL.
+        all.extend(nfs_call(xid, 0, &[]));
     }
     s.write_all(&all).unwrap();
     let mut seen = std::collections::HashSet::new();
     for _ in 0..calls {
-        let mut mark = [0u8; 4];
-        s.read_exact(&mut mark).expect("a reply never came");
-        let mut body = vec![0u8; (u32::from_be_bytes(mark) & 0x7fff_ffff) as usize];
-        s.read_exact(&mut body).unwrap();
+        let body = read_record(&mut s);
         let xid = u32::from_be_bytes(body[0..4].try_into().unwrap());
         assert!(seen.insert(xid), "call {xid} answered twice");
     }
